@@ -1,0 +1,9 @@
+"""nst-lightning: Gatys-style neural style transfer as a PyTorch Lightning training loop."""
+
+from nst_lightning.callbacks import ImageWriter
+from nst_lightning.data import StyleTransferDataModule
+from nst_lightning.features import FeatureExtractor
+from nst_lightning.module import StyleTransfer
+
+__all__ = ["FeatureExtractor", "ImageWriter", "StyleTransfer", "StyleTransferDataModule"]
+__version__ = "0.1.0"

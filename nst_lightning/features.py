@@ -1,0 +1,201 @@
+"""The frozen feature extractor: a torchvision backbone that returns ``{layer_name: activation}``.
+
+Layer names (``conv1_1``, ``relu1_1``, ``pool1``, ...) are derived by walking the network, the
+network is cut after the deepest layer in use, and the ImageNet input normalisation lives inside as
+buffers, so the rest of the code feeds images in [0, 1].
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import VGG16_Weights, VGG19_Weights, vgg
+
+from nst_lightning.errors import ConfigError, WeightsError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """How to build one backbone: an un-initialised ``nn.Sequential`` whose state dict matches the
+    torchvision weights (after ``prefix`` is stripped), and the torchvision weights enum."""
+
+    build: Callable[[], nn.Sequential]
+    weights: object  # a torchvision WeightsEnum member
+    prefix: str = "features."
+
+
+def _vgg(cfg: str) -> Callable[[], nn.Sequential]:
+    return lambda: vgg.make_layers(vgg.cfgs[cfg], batch_norm=False)
+
+
+# Adding a backbone: one entry here, whose ``build`` yields a Sequential of convolutions, ReLUs and
+# poolings (``layer_names`` then names its layers).
+BACKBONES: dict[str, Backbone] = {
+    "vgg19": Backbone(_vgg("E"), VGG19_Weights.IMAGENET1K_V1),
+    "vgg16": Backbone(_vgg("D"), VGG16_Weights.IMAGENET1K_V1),
+}
+
+
+def layer_names(layers: Iterable[nn.Module]) -> list[str]:
+    """Caffe-style names for a VGG-like stack: ``conv{block}_{i}``, ``relu{block}_{i}``, ``pool{block}``."""
+    names, block, index = [], 1, 1
+    for layer in layers:
+        if isinstance(layer, nn.Conv2d):
+            names.append(f"conv{block}_{index}")
+        elif isinstance(layer, nn.ReLU):
+            names.append(f"relu{block}_{index}")
+            index += 1
+        elif isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d)):
+            names.append(f"pool{block}")
+            block, index = block + 1, 1
+        else:
+            raise TypeError(f"cannot name layer {layer!r}: only Conv2d, ReLU and pooling are known")
+    return names
+
+
+def hub_cache_file(backbone: str) -> Path:
+    """Where torch.hub keeps (or would keep) the ImageNet weights of ``backbone``."""
+    url = BACKBONES[backbone].weights.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
+def _imagenet_state_dict(backbone: str) -> dict:
+    weights = BACKBONES[backbone].weights
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError; a bad hash a RuntimeError
+        raise WeightsError(
+            f"cannot get the ImageNet weights of {backbone} ({err}); offline, download {weights.url} "
+            f"elsewhere and pass --model.weights /path/to/{Path(urlparse(weights.url).path).name} "
+            f"or place it at {hub_cache_file(backbone)}"
+        ) from None
+
+
+def _file_state_dict(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise WeightsError(
+            f"weights file not found: {file} (model.weights takes 'imagenet', 'random' or the path of a "
+            "torchvision state dict)"
+        )
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise WeightsError(
+            f"cannot load weights file {file}: {first} (it must be a torch state dict saved with torch.save)"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise WeightsError(f"{file} does not hold a state dict (a mapping of parameter names to tensors)")
+    return state
+
+
+def load_backbone(backbone: str, weights: str = "imagenet") -> nn.Sequential:
+    """Build ``backbone`` and load its weights: ``imagenet``, ``random`` or a file path.
+
+    A file holds a torchvision state dict of the whole model (``features.0.weight``, ...) or of its
+    ``features`` alone (``0.weight``, ...); it is read with ``weights_only=True``.
+    """
+    if backbone not in BACKBONES:
+        raise ConfigError(f"unknown backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
+    spec = BACKBONES[backbone]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # random weights are the same in every run
+        features = spec.build()
+    if weights == "random":
+        warnings.warn(
+            "model.weights is 'random': the extractor is untrained, so the output is no stylisation "
+            "(use this for tests and dry runs only)",
+            stacklevel=2,
+        )
+        return features
+    state = _imagenet_state_dict(backbone) if weights == "imagenet" else _file_state_dict(weights)
+    if any(key.startswith(spec.prefix) for key in state):
+        state = {k[len(spec.prefix) :]: v for k, v in state.items() if k.startswith(spec.prefix)}
+    try:
+        features.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())
+        raise WeightsError(
+            f"the weights in {weights} do not fit {backbone}: {detail[:300]} (is it a {backbone} state dict?)"
+        ) from None
+    return features
+
+
+class FeatureExtractor(nn.Module):
+    """A frozen backbone that maps an RGB image in [0, 1] to ``{layer_name: activation}``.
+
+    Args:
+        layers: names of the layers whose activations are returned (``conv4_2``, ``relu3_1``...).
+        backbone: one of :data:`BACKBONES`.
+        weights: ``imagenet``, ``random`` or the path of a torchvision state dict.
+        pooling: ``max`` (as the network was trained) or ``avg`` (as Gatys et al. recommend).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[str],
+        backbone: str = "vgg19",
+        weights: str = "imagenet",
+        pooling: str = "max",
+    ) -> None:
+        super().__init__()
+        if pooling not in ("max", "avg"):
+            raise ConfigError(f"unknown pooling {pooling!r}: choose 'max' or 'avg'")
+        wanted = list(dict.fromkeys(layers))
+        if not wanted:
+            raise ConfigError("no layers requested: give at least one content or style layer")
+        features = load_backbone(backbone, weights)
+        names = layer_names(features)
+        unknown = [name for name in wanted if name not in names]
+        if unknown:
+            raise ConfigError(
+                f"unknown layer name(s) {', '.join(unknown)} for {backbone}: choose from {', '.join(names)}"
+            )
+        deepest = max(names.index(name) for name in wanted)
+        body: OrderedDict[str, nn.Module] = OrderedDict()
+        for position, (name, layer) in enumerate(zip(names[: deepest + 1], features, strict=False)):
+            if isinstance(layer, nn.MaxPool2d) and pooling == "avg":
+                layer = nn.AvgPool2d(kernel_size=2, stride=2)
+            elif isinstance(layer, nn.ReLU):
+                # In-place ReLU would overwrite a convolution output that we return.
+                layer = nn.ReLU(inplace=names[position - 1] not in wanted)
+            body[name] = layer
+        self.body = nn.Sequential(body)
+        self.layers = tuple(wanted)
+        self.backbone = backbone
+        # Departure from the paper: Caffe's VGG took BGR input in [0, 255] minus the mean;
+        # torchvision's weights take RGB in [0, 1] normalised by the ImageNet mean and std.
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        """Always stays in eval mode: the extractor is frozen."""
+        return super().train(False)
+
+    @property
+    def min_image_side(self) -> int:
+        """The shortest image side (pixels) for which every requested layer is at least 1x1."""
+        pools = sum(isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d)) for layer in self.body)
+        return 2**pools
+
+    def forward(self, image: Tensor) -> dict[str, Tensor]:
+        x = (image - self.mean) / self.std
+        out: dict[str, Tensor] = {}
+        for name, layer in self.body.named_children():
+            x = layer(x)
+            if name in self.layers:
+                out[name] = x
+        return out

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny images, weight files and configs made by the tests themselves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from nst_lightning.features import load_backbone
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_image(path: Path, width: int, height: int, seed: int = 0, mode: str = "RGB") -> Path:
+    """A small textured RGB image (smooth gradient plus noise), saved in the format of ``path``."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x / max(width - 1, 1), y / max(height - 1, 1), (x + y) / (width + height)], axis=-1)
+    pixels = np.clip(base * 200 + rng.integers(0, 55, size=(height, width, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels, "RGB").convert(mode).save(path)
+    return path
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> dict[str, Path]:
+    """A 40x30 content PNG and a 32x32 style JPEG."""
+    return {
+        "content": make_image(tmp_path / "content.png", 40, 30, seed=1),
+        "style": make_image(tmp_path / "style.jpg", 32, 32, seed=2),
+    }
+
+
+@pytest.fixture(scope="session")
+def vgg19_features_state() -> dict[str, torch.Tensor]:
+    """The state dict of a randomly initialised VGG-19 ``features`` block."""
+    with pytest.warns(UserWarning, match="random"):
+        return load_backbone("vgg19", "random").state_dict()
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory, vgg19_features_state) -> Path:
+    """A VGG-19 weights file in torchvision's whole-model layout (``features.N.*`` plus a classifier)."""
+    state = {f"features.{k}": v for k, v in vgg19_features_state.items()}
+    state["classifier.0.weight"] = torch.zeros(2, 2)  # stands in for the classifier, which is ignored
+    path = tmp_path_factory.mktemp("weights") / "vgg19-random.pth"
+    torch.save(state, path)
+    return path
+
+
+def write_config(tmp_path: Path, images: dict[str, Path], **overrides) -> Path:
+    """A shrunken config (CPU, 32 px, random weights, a few steps) written to ``tmp_path``."""
+    config = {
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 4,
+            "default_root_dir": str(tmp_path / "runs"),
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+        },
+        "model": {"weights": "random", "init": "noise"},
+        "data": {"content": str(images["content"]), "style": str(images["style"]), "image_size": 32},
+        "output": {
+            "path": str(tmp_path / "out" / "result.png"),
+            "snapshot_every_n_steps": 2,
+            "log_image_every_n_steps": 2,
+        },
+    }
+    for section, values in overrides.items():
+        config.setdefault(section, {}).update(values)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

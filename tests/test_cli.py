@@ -1,0 +1,156 @@
+"""The real entry point on a shrunken config (CPU, 32 px, random weights, a few steps)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from nst_lightning.cli import cli_main
+from tests.conftest import REPO, write_config
+
+
+@pytest.fixture(autouse=True)
+def plain_argv(monkeypatch):
+    # cli_main(args) stands for the command line: pytest's own arguments must not leak into it.
+    monkeypatch.setattr(sys, "argv", ["cli.py"])
+
+
+def run_cli(*args: str) -> None:
+    cli_main(["fit", *args])
+
+
+def version_dir(tmp_path: Path, n: int = 0) -> Path:
+    return tmp_path / "runs" / "lightning_logs" / f"version_{n}"
+
+
+def scalars(run: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+def test_fit_writes_output_checkpoint_and_tensorboard(tmp_path, images):
+    config = write_config(tmp_path, images, trainer={"max_steps": 8})
+    run_cli("--config", str(config))
+
+    output = tmp_path / "out" / "result.png"
+    assert Image.open(output).size == (32, 24)
+    run = version_dir(tmp_path)
+    assert list((run / "checkpoints").glob("*step=8.ckpt"))
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == [f"step_00000{i}.png" for i in (2, 4, 6, 8)]
+    assert (run / "config.yaml").exists()
+
+    acc = scalars(run)
+    tags = acc.Tags()["scalars"]
+    for tag in ("loss", "loss/content", "loss/style", "loss/style_conv1_1", "loss/style_conv5_1", "loss/tv"):
+        assert tag in tags, tag
+    losses = [event.value for event in acc.Scalars("loss")]
+    assert len(losses) == 8, "one scalar per step"
+    assert losses[-1] < losses[0]
+    assert "image" in acc.Tags()["images"]
+    hparams = (run / "hparams.yaml").read_text()
+    assert "style_weight" in hparams and "image_size" in hparams
+
+
+def test_resume_from_checkpoint_continues_the_run(tmp_path, images):
+    config = write_config(tmp_path, images, trainer={"max_steps": 3})
+    run_cli("--config", str(config))
+    ckpt = next((version_dir(tmp_path, 0) / "checkpoints").glob("*.ckpt"))
+    saved = torch.load(ckpt, weights_only=True)["state_dict"]["image"]
+    run_cli("--config", str(config), "--trainer.max_steps", "6", "--ckpt_path", str(ckpt))
+    resumed = version_dir(tmp_path, 1)
+    assert list((resumed / "checkpoints").glob("*step=6.ckpt"))
+    steps = [event.step for event in scalars(resumed).Scalars("loss")]
+    assert steps[0] >= 3, "the resumed run continues the step count"
+    # The loss logged at the resumed run's first step is the loss of the saved image.
+    resumed_first = scalars(resumed).Scalars("loss")[0].value
+    from nst_lightning.module import StyleTransfer
+
+    module = StyleTransfer(weights="random", init="noise")
+    module.set_targets(*_tiny_tensors(images))
+    with torch.no_grad():
+        assert float(module(saved)["total"]) == pytest.approx(resumed_first, rel=1e-4)
+
+
+def _tiny_tensors(images):
+    from nst_lightning.image_io import load_image
+
+    return load_image(images["content"], 32), load_image(images["style"], 32)
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_shipped_config_parses(config, capsys):
+    overlay = [] if config == "default.yaml" else ["--config", str(REPO / "configs" / config)]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("--config", str(REPO / "configs" / "default.yaml"), *overlay, "--print_config")
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "max_steps" in printed and "style_weight" in printed
+
+
+def test_default_config_holds_the_seed_defaults(capsys):
+    with pytest.raises(SystemExit):
+        run_cli("--config", str(REPO / "configs" / "default.yaml"), "--print_config")
+    import yaml
+
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["trainer"]["max_steps"] == 300
+    assert config["trainer"]["accelerator"] == "auto"
+    assert config["model"]["backbone"] == "vgg19" and config["model"]["weights"] == "imagenet"
+    assert config["model"]["content_weight"] == 1.0 and config["model"]["style_weight"] == 1e6
+    assert config["model"]["optimizer"] == "lbfgs"
+    assert config["data"]["image_size"] == 512
+    for key in ("content", "style"):
+        assert (REPO / config["data"][key]).is_file()
+
+
+def _expect_one_line_error(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(*args)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("nst-lightning: error:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert not (tmp_path / "out" / "result.png").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--data.content", "/no/such/image.png"], "image not found"),
+        (["--model.content_layers", "[conv4_9]"], "unknown layer name"),
+        (["--data.image_size", "8"], "at least 16 px"),
+        (["--model.weights", "/no/such/vgg19.pth"], "weights file not found"),
+        (["--output.path", "/proc/forbidden/out.png"], "cannot write"),
+        (["--model.style_weight", "-5"], "style_weight must be"),
+    ],
+)
+def test_bad_input_gets_one_clear_line(tmp_path, images, capsys, override, message):
+    config = write_config(tmp_path, images)
+    _expect_one_line_error(tmp_path, capsys, ["--config", str(config), *override], message)
+
+
+def test_a_file_that_is_not_an_image(tmp_path, images, capsys):
+    fake = tmp_path / "fake.png"
+    fake.write_text("hello")
+    config = write_config(tmp_path, images)
+    _expect_one_line_error(tmp_path, capsys, ["--config", str(config), "--data.style", str(fake)], "not an image")
+
+
+def test_real_process_reports_bad_input_without_traceback(tmp_path, images):
+    config = write_config(tmp_path, images, data={"content": str(tmp_path / "missing.jpg")})
+    result = subprocess.run(
+        [sys.executable, str(REPO / "cli.py"), "fit", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "nst-lightning: error: image not found" in result.stderr

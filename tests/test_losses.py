@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from nst_lightning.losses import content_loss, gram_matrix, style_loss, total_variation
+
+
+def test_gram_matrix_by_hand():
+    # Two channels of two pixels: F = [[1, 2], [3, 4]], F F^T = [[5, 11], [11, 25]], over C*H*W = 4.
+    features = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 2, 1, 2)
+    expected = torch.tensor([[5.0, 11.0], [11.0, 25.0]]) / 4
+    torch.testing.assert_close(gram_matrix(features), expected.unsqueeze(0))
+
+
+def test_gram_matrix_is_batched_and_symmetric():
+    features = torch.randn(3, 4, 5, 6)
+    gram = gram_matrix(features)
+    assert gram.shape == (3, 4, 4)
+    torch.testing.assert_close(gram, gram.transpose(1, 2))
+    torch.testing.assert_close(gram[1], gram_matrix(features[1:2])[0])
+
+
+def test_gram_matrix_rejects_wrong_rank():
+    with pytest.raises(ValueError, match="4-D"):
+        gram_matrix(torch.randn(4, 5, 6))
+
+
+def test_losses_stay_float32_under_autocast():
+    features = torch.randn(1, 8, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = features.to(torch.bfloat16)
+        assert gram_matrix(half).dtype == torch.float32
+        assert content_loss(half, features).dtype == torch.float32
+        assert style_loss(gram_matrix(half), gram_matrix(features)).dtype == torch.float32
+        assert total_variation(half).dtype == torch.float32
+
+
+def test_content_loss_is_mean_squared_error():
+    a = torch.tensor([0.0, 1.0, 2.0, 3.0]).view(1, 1, 2, 2)
+    b = torch.tensor([1.0, 1.0, 0.0, 3.0]).view(1, 1, 2, 2)
+    assert content_loss(a, b).item() == pytest.approx((1 + 0 + 4 + 0) / 4)
+
+
+def test_style_loss_is_zero_for_equal_grams_and_positive_otherwise():
+    x = torch.randn(1, 3, 4, 4)
+    assert style_loss(gram_matrix(x), gram_matrix(x)).item() == 0.0
+    assert style_loss(gram_matrix(x), gram_matrix(2 * x)).item() > 0.0
+
+
+def test_total_variation_by_hand():
+    # [[0, 1], [2, 3]]: vertical |2-0| + |3-1| = 4, horizontal |1-0| + |3-2| = 2; over C*H*W = 4.
+    image = torch.tensor([[0.0, 1.0], [2.0, 3.0]]).view(1, 1, 2, 2)
+    assert total_variation(image).item() == pytest.approx(6 / 4)
+
+
+def test_total_variation_is_zero_for_flat_image_and_grows_with_noise():
+    flat = torch.full((1, 3, 8, 8), 0.5)
+    assert total_variation(flat).item() == 0.0
+    noisy = flat + 0.1 * torch.randn(1, 3, 8, 8)
+    assert total_variation(noisy).item() > total_variation(flat + 0.01 * torch.randn(1, 3, 8, 8)).item()

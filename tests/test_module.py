@@ -1,0 +1,232 @@
+import warnings
+
+import pytest
+import torch
+from lightning import Callback, Trainer
+from lightning.pytorch.plugins.precision import MixedPrecision
+
+from nst_lightning.data import StyleTransferDataModule
+from nst_lightning.errors import ConfigError
+from nst_lightning.module import StyleTransfer
+
+
+def make_module(**kwargs) -> StyleTransfer:
+    kwargs.setdefault("weights", "random")
+    kwargs.setdefault("init", "noise")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return StyleTransfer(**kwargs)
+
+
+def make_trainer(tmp_path, steps: int = 5, **kwargs) -> Trainer:
+    kwargs.setdefault("logger", False)
+    kwargs.setdefault("enable_checkpointing", False)
+    return Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+def datamodule(images, size: int = 32) -> StyleTransferDataModule:
+    return StyleTransferDataModule(str(images["content"]), str(images["style"]), image_size=size)
+
+
+class LossRecorder(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def total_loss(module: StyleTransfer) -> float:
+    with torch.no_grad():
+        return float(module(module.image)["total"])
+
+
+def test_lbfgs_steps_lower_the_loss_and_only_the_image_learns(tmp_path, images):
+    module = make_module()
+    dm = datamodule(images)
+    trainer = make_trainer(tmp_path, steps=1)
+    trainer.fit(module, datamodule=dm)
+    start_image = module.image.detach().clone()
+    before = total_loss(module)
+    trainer = make_trainer(tmp_path, steps=8)
+    trainer.fit(module, datamodule=dm)
+    assert total_loss(module) < before
+    assert not torch.equal(module.image.detach(), start_image)
+    assert [name for name, p in module.named_parameters() if p.requires_grad] == ["image"]
+    assert all(p.grad is None for p in module.extractor.parameters())
+
+
+def test_adam_also_lowers_the_loss(tmp_path, images):
+    module = make_module(optimizer="adam", lr=0.05)
+    recorder = LossRecorder()
+    make_trainer(tmp_path, steps=10, callbacks=[recorder]).fit(module, datamodule=datamodule(images))
+    assert recorder.losses[-1] < recorder.losses[0]
+
+
+def test_targets_are_buffers_computed_once(tmp_path, images):
+    module = make_module(style_layers=["conv1_1", "conv2_1"])
+    dm = datamodule(images)
+    make_trainer(tmp_path, steps=2).fit(module, datamodule=dm)
+    buffers = dict(module.named_buffers())
+    assert buffers["target_content_conv4_2"].shape[1] == 512
+    assert buffers["target_gram_conv1_1"].shape == (1, 64, 64)
+    assert buffers["target_gram_conv2_1"].shape == (1, 128, 128)
+    # The targets are those of the data, whatever the optimisation did since.
+    with torch.no_grad():
+        fresh = module.extractor(dm.content_image)["conv4_2"]
+    torch.testing.assert_close(buffers["target_content_conv4_2"], fresh)
+
+
+def test_init_options(tmp_path, images):
+    dm = datamodule(images)
+    dm.setup("fit")
+    a, b = make_module(init="noise", seed=3), make_module(init="noise", seed=3)
+    for module in (a, b):
+        make_trainer(tmp_path, steps=0).fit(module, datamodule=dm)
+    torch.testing.assert_close(a.image, b.image)
+    content = make_module(init="content")
+    make_trainer(tmp_path, steps=0).fit(content, datamodule=dm)
+    torch.testing.assert_close(content.image.detach(), dm.content_image)
+    style = make_module(init="style")
+    make_trainer(tmp_path, steps=0).fit(style, datamodule=dm)
+    assert style.image.shape == dm.content_image.shape
+
+
+def test_style_layer_weights_weigh_the_style_terms(tmp_path, images):
+    dm = datamodule(images)
+    module = make_module(style_layers=["conv1_1", "conv2_1"], style_layer_weights=[2.0, 0.0])
+    make_trainer(tmp_path, steps=0).fit(module, datamodule=dm)
+    with torch.no_grad():
+        losses = module(module.image)
+    torch.testing.assert_close(losses["style"], 2.0 * losses["style_conv1_1"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"style_layer_weights": [1.0]}, "one weight per style layer"),
+        ({"style_weight": -1.0}, "style_weight must be a finite number >= 0"),
+        ({"content_weight": float("nan")}, "content_weight"),
+        ({"content_layers": ["conv4_9"]}, "unknown layer name"),
+        ({"backbone": "resnet1000"}, "unknown backbone"),
+        ({"lr": 0.0}, "lr must be a positive"),
+        ({"init": "cloud"}, "unknown init"),
+    ],
+)
+def test_bad_configuration_is_refused(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        make_module(**kwargs)
+
+
+def test_image_too_small_for_the_deepest_layer(tmp_path, images):
+    with pytest.raises(ConfigError, match="at least 16 px"):
+        make_trainer(tmp_path, steps=1).fit(make_module(), datamodule=datamodule(images, size=12))
+    # Shallow layers work at that size.
+    make_trainer(tmp_path, steps=1).fit(
+        make_module(content_layers=["conv2_1"], style_layers=["conv1_1"]), datamodule=datamodule(images, size=12)
+    )
+
+
+def test_checkpoint_holds_image_and_targets_but_not_the_extractor(tmp_path, images):
+    module = make_module()
+    trainer = make_trainer(tmp_path, steps=2)
+    trainer.fit(module, datamodule=datamodule(images))
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    state = torch.load(tmp_path / "a.ckpt", weights_only=True)["state_dict"]
+    assert "image" in state and "target_gram_conv5_1" in state
+    assert not [k for k in state if k.startswith("extractor.")]
+
+
+class ImageAtStart(Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.image = pl_module.image.detach().clone()
+        self.step = trainer.global_step
+
+
+def test_resume_continues_from_the_saved_image(tmp_path, images):
+    module = make_module()
+    trainer = make_trainer(tmp_path, steps=3)
+    trainer.fit(module, datamodule=datamodule(images))
+    ckpt = tmp_path / "run.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = module.image.detach().clone()
+
+    start = ImageAtStart()
+    resumed = make_module()
+    make_trainer(tmp_path, steps=5, callbacks=[start]).fit(resumed, datamodule=datamodule(images), ckpt_path=ckpt)
+    assert start.step == 3
+    torch.testing.assert_close(start.image, saved)
+    assert resumed.trainer.global_step == 5
+    # L-BFGS history came back too.
+    assert resumed.optimizers().optimizer.state[resumed.image]["n_iter"] == 5
+
+
+def test_resume_with_another_image_size_is_refused(tmp_path, images):
+    module = make_module()
+    trainer = make_trainer(tmp_path, steps=1)
+    trainer.fit(module, datamodule=datamodule(images))
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    with pytest.raises(ConfigError, match="same data.image_size"):
+        make_trainer(tmp_path, steps=2).fit(
+            make_module(), datamodule=datamodule(images, size=24), ckpt_path=tmp_path / "run.ckpt"
+        )
+
+
+def _run_precision(tmp_path, images, **trainer_kwargs):
+    recorder = LossRecorder()
+    module = make_module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(tmp_path, steps=10, callbacks=[recorder], **trainer_kwargs).fit(
+            module, datamodule=datamodule(images, size=32)
+        )
+    return module, recorder.losses
+
+
+def test_bf16_mixed_runs_with_lbfgs(tmp_path, images):
+    module, losses = _run_precision(tmp_path, images, precision="bf16-mixed")
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    assert module.image.dtype == torch.float32
+
+
+def test_bf16_on_a_cpu_without_native_support_warns(tmp_path, images, monkeypatch):
+    monkeypatch.setattr("nst_lightning.module._bf16_is_native_on_cpu", lambda: False)
+    with pytest.warns(UserWarning, match="no native bfloat16"):
+        make_trainer(tmp_path, steps=0, precision="bf16-mixed").fit(make_module(), datamodule=datamodule(images))
+
+
+def test_16_mixed_with_lbfgs_scales_the_loss_in_the_closure(tmp_path, images):
+    # Lightning's own 16-mixed plugin holds a GradScaler that refuses L-BFGS; the module takes it out
+    # and scales the loss itself. On CPU the Trainer flag maps to bf16, so the plugin is built here to
+    # run real float16 autocast.
+    plugin = MixedPrecision("16-mixed", "cpu")
+    assert plugin.scaler is not None
+    module, losses = _run_precision(tmp_path, images, plugins=[plugin])
+    assert plugin.scaler is None
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+
+
+def test_16_mixed_recovers_from_gradient_overflow(tmp_path, images):
+    module = make_module(style_layers=["conv1_1"], content_layers=["conv1_1"])
+    module.loss_scale.fill_(2.0**40)  # overflows float16 at once: the closure must back off and retry
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(tmp_path, steps=2, plugins=[MixedPrecision("16-mixed", "cpu")]).fit(
+            module, datamodule=datamodule(images, size=16)
+        )
+    assert float(module.loss_scale) < 2.0**40
+    assert torch.isfinite(module.image).all()
+
+
+def test_true_half_precision_is_refused(tmp_path, images):
+    with pytest.raises(ConfigError, match="half precision"):
+        make_trainer(tmp_path, steps=1, precision="bf16-true").fit(make_module(), datamodule=datamodule(images))
