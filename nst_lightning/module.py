@@ -187,10 +187,9 @@ class StyleTransfer(L.LightningModule):
         need = self.extractor.min_image_side
         height, width = image.shape[-2:]
         if min(height, width) < need:
-            deepest = self.extractor.layers[-1] if self.extractor.layers else "?"
+            deepest = list(self.extractor.body.named_children())[-1][0]
             raise ConfigError(
-                f"the {which} image is {width}x{height} px after resizing, too small for the layers in use "
-                f"(up to {list(self.extractor.body.named_children())[-1][0]}, deepest requested {deepest}): "
+                f"the {which} image is {width}x{height} px after resizing, too small for layer {deepest}: "
                 f"its shorter side must be at least {need} px; raise data.image_size or use shallower layers"
             )
 
