@@ -44,7 +44,7 @@ class ImageWriter(L.Callback):
     def _log_image(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                image = pl_module.image.detach()[0].float().clamp(0, 1).cpu()
+                image = pl_module.output_image()[0].cpu()
                 logger.experiment.add_image("image", image, global_step=trainer.global_step)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -60,12 +60,12 @@ class ImageWriter(L.Callback):
         if self._due(step, self.log_image_every_n_steps):
             self._log_image(trainer, pl_module)
         if self._due(step, self.snapshot_every_n_steps) and trainer.log_dir is not None:
-            save_image(pl_module.image, Path(trainer.log_dir) / "snapshots" / f"step_{step:06d}.png")
+            save_image(pl_module.output_image(), Path(trainer.log_dir) / "snapshots" / f"step_{step:06d}.png")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         if self.log_image_every_n_steps > 0 and not self._due(trainer.global_step, self.log_image_every_n_steps):
             self._log_image(trainer, pl_module)
-        save_image(pl_module.image, self.path)
+        save_image(pl_module.output_image(), self.path)
         rank_zero_info(f"Wrote the stylised image to {self.path} (step {trainer.global_step})")

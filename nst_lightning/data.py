@@ -1,13 +1,31 @@
-"""The data side: content and style images in, tensors out, and a loader that paces the steps."""
+"""The data side: content, style and mask images in, tensors out, and a loader that paces the steps."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import lightning as L
-import torch
+from PIL import Image
+from torch import Tensor
 from torch.utils.data import DataLoader
 
-from nst_lightning.errors import ConfigError
-from nst_lightning.image_io import load_image
+from nst_lightning.errors import ConfigError, ImageError
+from nst_lightning.image_io import fit_size, open_mask, open_rgb, pil_to_float
+
+
+@dataclass
+class Inputs:
+    """The images of one optimisation at one size, as float tensors in [0, 1]."""
+
+    content: Tensor
+    """(1, 3, H, W), longest side the requested size."""
+    styles: list[Tensor]
+    """One (1, 3, h, w) tensor per style image, longest side ``style_scale`` x the size."""
+    blend: list[float]
+    """One weight per style, summing to 1."""
+    masks: list[Tensor] | None
+    """None, or one (1, 1, H, W) mask per style at the content's size."""
 
 
 class _PacingLoader(DataLoader):
@@ -22,30 +40,90 @@ class _PacingLoader(DataLoader):
 
 
 class StyleTransferDataModule(L.LightningDataModule):
-    """Loads the content and style images and paces the optimisation.
+    """Loads the content, style and mask images and paces the optimisation.
 
     Args:
         content: path of the content image (the photo whose layout is kept).
-        style: path of the style image (the painting whose textures and colours are taken).
+        style: path of the style image, or a list of paths to blend several styles.
         image_size: pixels on the longest side of the output; the content's aspect ratio is kept.
+        style_blend_weights: one weight per style image (normalised to sum 1; default: equal).
+        style_scale: the style images are resized to style_scale x image_size on their longest side
+            (smaller values give larger brush strokes relative to the output, larger values finer).
+        style_masks: one mask image per style (the content image's size, white where that style
+            applies); pixels outside every mask get the content loss only.
     """
 
-    def __init__(self, content: str, style: str, image_size: int = 512) -> None:
+    def __init__(
+        self,
+        content: str,
+        style: str | list[str],
+        image_size: int = 512,
+        style_blend_weights: list[float] | None = None,
+        style_scale: float = 1.0,
+        style_masks: list[str] | None = None,
+    ) -> None:
         super().__init__()
+        styles = [style] if isinstance(style, str) else list(style)
+        if not styles:
+            raise ConfigError("data.style is empty: give at least one style image")
         if image_size < 1:
             raise ConfigError(f"data.image_size must be a positive number of pixels, got {image_size}")
+        if not (math.isfinite(style_scale) and style_scale > 0):
+            raise ConfigError(f"data.style_scale must be a positive number, got {style_scale}")
+        blend = [1.0] * len(styles) if style_blend_weights is None else [float(w) for w in style_blend_weights]
+        if len(blend) != len(styles):
+            raise ConfigError(
+                f"data.style_blend_weights has {len(blend)} values for {len(styles)} style images: "
+                "give one weight per style"
+            )
+        if any(not math.isfinite(w) or w < 0 for w in blend) or sum(blend) <= 0:
+            raise ConfigError(
+                f"data.style_blend_weights must be numbers >= 0 with a positive sum, got {style_blend_weights}"
+            )
+        if style_masks is not None and len(style_masks) != len(styles):
+            raise ConfigError(
+                f"data.style_masks has {len(style_masks)} masks for {len(styles)} style images: give one mask per style"
+            )
         self.save_hyperparameters()
         self.content = content
-        self.style = style
+        self.styles = styles
         self.image_size = image_size
-        self.content_image: torch.Tensor | None = None
-        self.style_image: torch.Tensor | None = None
+        self.blend = [w / sum(blend) for w in blend]
+        self.style_scale = style_scale
+        self.mask_paths = style_masks
+        self._content: Image.Image | None = None
+        self._styles: list[Image.Image] = []
+        self._masks: list[Image.Image] = []
 
     def setup(self, stage: str) -> None:
-        """Reads both images once: (1, 3, H, W) float tensors in [0, 1], longest side ``image_size``."""
-        if self.content_image is None:
-            self.content_image = load_image(self.content, self.image_size)
-            self.style_image = load_image(self.style, self.image_size)
+        """Reads every image once (the tensors for a size come from :meth:`inputs`)."""
+        if self._content is not None:
+            return
+        self._content = open_rgb(self.content)
+        self._styles = [open_rgb(path) for path in self.styles]
+        self._masks = [open_mask(path) for path in self.mask_paths or []]
+        for path, mask in zip(self.mask_paths or [], self._masks, strict=True):
+            if mask.size != self._content.size:
+                raise ImageError(
+                    f"mask {path} is {mask.size[0]}x{mask.size[1]} px but the content image is "
+                    f"{self._content.size[0]}x{self._content.size[1]}: give masks of the content image's size"
+                )
+
+    def inputs(self, size: int | None = None) -> Inputs:
+        """The images for an output whose longest side is ``size`` (default: ``image_size``)."""
+        if self._content is None:
+            self.setup("fit")
+        size = size or self.image_size
+        content_size = fit_size(*self._content.size, size)
+        style_side = max(1, round(self.style_scale * size))
+        styles = [pil_to_float(_resize(img, fit_size(*img.size, style_side))) for img in self._styles]
+        masks = [pil_to_float(_resize(mask, content_size)) for mask in self._masks] or None
+        return Inputs(pil_to_float(_resize(self._content, content_size)), styles, self.blend, masks)
+
+    @property
+    def content_image(self) -> Tensor:
+        """The content image at ``image_size``, (1, 3, H, W)."""
+        return self.inputs().content
 
     def train_dataloader(self) -> DataLoader:
         """One item per optimisation step: the image is the model, so the loader only paces the loop.
@@ -54,3 +132,7 @@ class StyleTransferDataModule(L.LightningDataModule):
         """
         max_steps = self.trainer.max_steps if self.trainer is not None else -1
         return _PacingLoader(range(max(max_steps, 1)), batch_size=None)
+
+
+def _resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    return img if img.size == size else img.resize(size, Image.Resampling.LANCZOS)

@@ -7,6 +7,7 @@ buffers, so the rest of the code feeds images in [0, 1].
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -16,7 +17,7 @@ from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import VGG16_Weights, VGG19_Weights, vgg
+from torchvision.models import ResNet18_Weights, VGG16_Weights, VGG19_Weights, resnet, vgg
 
 from nst_lightning.errors import ConfigError, WeightsError
 
@@ -26,23 +27,46 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class Backbone:
-    """How to build one backbone: an un-initialised ``nn.Sequential`` whose state dict matches the
-    torchvision weights (after ``prefix`` is stripped), and the torchvision weights enum."""
+    """How to build one backbone.
+
+    ``build`` returns an un-initialised ``nn.Sequential`` of the feature layers; ``names`` names its
+    children; ``prefix`` is what those layers' keys start with in a whole-model torchvision state
+    dict, and ``head`` the prefixes of the classifier keys that the extractor ignores.
+    """
 
     build: Callable[[], nn.Sequential]
+    names: Callable[[nn.Sequential], list[str]]
     weights: object  # a torchvision WeightsEnum member
-    prefix: str = "features."
+    prefix: str
+    head: tuple[str, ...]
 
 
 def _vgg(cfg: str) -> Callable[[], nn.Sequential]:
     return lambda: vgg.make_layers(vgg.cfgs[cfg], batch_norm=False)
 
 
-# Adding a backbone: one entry here, whose ``build`` yields a Sequential of convolutions, ReLUs and
-# poolings (``layer_names`` then names its layers).
+def _resnet18() -> nn.Sequential:
+    model = resnet.resnet18()
+    # Everything before the global pooling, under torchvision's own child names.
+    return nn.Sequential(
+        OrderedDict((name, child) for name, child in model.named_children() if name not in ("avgpool", "fc"))
+    )
+
+
+def _child_names(sequential: nn.Sequential) -> list[str]:
+    return [name for name, _ in sequential.named_children()]
+
+
+# Adding a backbone: one entry here.
 BACKBONES: dict[str, Backbone] = {
-    "vgg19": Backbone(_vgg("E"), VGG19_Weights.IMAGENET1K_V1),
-    "vgg16": Backbone(_vgg("D"), VGG16_Weights.IMAGENET1K_V1),
+    "vgg19": Backbone(
+        _vgg("E"), lambda seq: layer_names(seq), VGG19_Weights.IMAGENET1K_V1, "features.", ("classifier.",)
+    ),
+    "vgg16": Backbone(
+        _vgg("D"), lambda seq: layer_names(seq), VGG16_Weights.IMAGENET1K_V1, "features.", ("classifier.",)
+    ),
+    # Layers: conv1, bn1, relu, maxpool, layer1 ... layer4 (torchvision's names).
+    "resnet18": Backbone(_resnet18, _child_names, ResNet18_Weights.IMAGENET1K_V1, "", ("fc.",)),
 }
 
 
@@ -120,7 +144,8 @@ def load_backbone(backbone: str, weights: str = "imagenet") -> nn.Sequential:
         )
         return features
     state = _imagenet_state_dict(backbone) if weights == "imagenet" else _file_state_dict(weights)
-    if any(key.startswith(spec.prefix) for key in state):
+    state = {k: v for k, v in state.items() if not k.startswith(spec.head)}
+    if spec.prefix and any(key.startswith(spec.prefix) for key in state):
         state = {k[len(spec.prefix) :]: v for k, v in state.items() if k.startswith(spec.prefix)}
     try:
         features.load_state_dict(state, strict=True)
@@ -156,7 +181,7 @@ class FeatureExtractor(nn.Module):
         if not wanted:
             raise ConfigError("no layers requested: give at least one content or style layer")
         features = load_backbone(backbone, weights)
-        names = layer_names(features)
+        names = BACKBONES[backbone].names(features)
         unknown = [name for name in wanted if name not in names]
         if unknown:
             raise ConfigError(
@@ -166,7 +191,7 @@ class FeatureExtractor(nn.Module):
         body: OrderedDict[str, nn.Module] = OrderedDict()
         for position, (name, layer) in enumerate(zip(names[: deepest + 1], features, strict=False)):
             if isinstance(layer, nn.MaxPool2d) and pooling == "avg":
-                layer = nn.AvgPool2d(kernel_size=2, stride=2)
+                layer = nn.AvgPool2d(layer.kernel_size, layer.stride, layer.padding, ceil_mode=layer.ceil_mode)
             elif isinstance(layer, nn.ReLU):
                 # In-place ReLU would overwrite a convolution output that we return.
                 layer = nn.ReLU(inplace=names[position - 1] not in wanted)
@@ -180,16 +205,18 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
+        self.min_image_side = self._downsampling()
+        """The shortest image side (pixels) for which every requested layer is at least 1x1."""
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         """Always stays in eval mode: the extractor is frozen."""
         return super().train(False)
 
-    @property
-    def min_image_side(self) -> int:
-        """The shortest image side (pixels) for which every requested layer is at least 1x1."""
-        pools = sum(isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d)) for layer in self.body)
-        return 2**pools
+    def _downsampling(self, probe: int = 64) -> int:
+        """How many input pixels one pixel of the deepest layer spans (measured on a probe image)."""
+        with torch.no_grad():
+            out = self.body(torch.zeros(1, 3, probe, probe))
+        return max(1, math.ceil(probe / out.shape[-1]))
 
     def forward(self, image: Tensor) -> dict[str, Tensor]:
         x = (image - self.mean) / self.std

@@ -71,6 +71,16 @@ def fit_size(width: int, height: int, longest_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def open_mask(path: str | os.PathLike) -> Image.Image:
+    """Read a mask image as 8-bit greyscale (white: 1, black: 0); colour masks use their luminance."""
+    return open_rgb(path).convert("L")
+
+
+def pil_to_float(img: Image.Image) -> torch.Tensor:
+    """A Pillow image as a contiguous float tensor (1, C, H, W) in [0, 1]."""
+    return pil_to_tensor(img).unsqueeze(0).float().div_(255.0).contiguous()
+
+
 def load_image(path: str | os.PathLike, longest_side: int | None = None) -> torch.Tensor:
     """Read an image as a float tensor of shape (1, 3, H, W) in [0, 1].
 
@@ -79,7 +89,7 @@ def load_image(path: str | os.PathLike, longest_side: int | None = None) -> torc
     img = open_rgb(path)
     if longest_side is not None and max(img.size) != longest_side:
         img = img.resize(fit_size(*img.size, longest_side), Image.Resampling.LANCZOS)
-    return pil_to_tensor(img).unsqueeze(0).float().div_(255.0).contiguous()
+    return pil_to_float(img)
 
 
 def image_format(path: str | os.PathLike) -> str:

@@ -16,8 +16,11 @@ def _fp32(x: Tensor) -> Tensor:
     return x.float() if x.dtype != torch.float32 else x
 
 
-def gram_matrix(features: Tensor) -> Tensor:
+def gram_matrix(features: Tensor, mask: Tensor | None = None) -> Tensor:
     """Gram matrices of feature maps: (B, C, H, W) -> (B, C, C), divided by C*H*W.
+
+    With a ``mask`` of shape (B or 1, 1, H, W), each position counts with its mask value and the
+    product is divided by C * sum(mask) instead: the Gram matrix of the masked region alone.
 
     Departure from the paper: Gatys et al. use the raw sum and weight each layer by
     1 / (4 N^2 M^2). Dividing by C*H*W (as the PyTorch tutorial does) keeps the style loss of every
@@ -28,7 +31,54 @@ def gram_matrix(features: Tensor) -> Tensor:
     b, c, h, w = features.shape
     with torch.autocast(device_type=features.device.type, enabled=False):
         flat = _fp32(features).reshape(b, c, h * w)
-        return torch.bmm(flat, flat.transpose(1, 2)).div_(c * h * w)
+        if mask is None:
+            return torch.bmm(flat, flat.transpose(1, 2)).div_(c * h * w)
+        weights = _fp32(mask).reshape(-1, 1, h * w)
+        area = weights.sum(dim=-1, keepdim=True).clamp_min(1e-8)
+        return torch.bmm(flat * weights, flat.transpose(1, 2)) / (c * area)
+
+
+def mean_covariance(features: Tensor, mask: Tensor | None = None, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """Mean (B, C) and covariance (B, C, C) of the feature vectors of each map, over the (masked)
+    positions; ``eps`` is added to the covariance's diagonal so that it stays positive definite."""
+    b, c, h, w = features.shape
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        flat = _fp32(features).reshape(b, c, h * w)
+        weights = torch.ones_like(flat[:, :1]) if mask is None else _fp32(mask).reshape(-1, 1, h * w)
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-8)
+        mean = (flat * weights).sum(dim=-1)
+        centred = flat - mean.unsqueeze(-1)
+        cov = torch.bmm(centred * weights, centred.transpose(1, 2))
+        return mean, cov + eps * torch.eye(c, device=cov.device, dtype=cov.dtype)
+
+
+def sqrtm_psd(matrix: Tensor) -> Tensor:
+    """The symmetric square root of symmetric positive semi-definite matrices (..., C, C)."""
+    with torch.autocast(device_type=matrix.device.type, enabled=False):
+        values, vectors = torch.linalg.eigh(_fp32(matrix))
+        return (vectors * values.clamp_min(0).sqrt().unsqueeze(-2)) @ vectors.transpose(-1, -2)
+
+
+def wasserstein2_gaussian(
+    mean: Tensor, cov: Tensor, target_mean: Tensor, target_cov: Tensor, target_cov_sqrt: Tensor
+) -> Tensor:
+    """Squared 2-Wasserstein distance between the Gaussians N(mean, cov) and N(target_mean,
+    target_cov), divided by the number of channels and averaged over the batch:
+
+        |m - m_t|^2 + tr(S) + tr(S_t) - 2 tr((S_t^1/2 S S_t^1/2)^1/2)
+
+    This is the mean-and-covariance style loss of crowsonkb/style-transfer-pytorch (a departure
+    from Gatys et al., whose Gram matrices are uncentred second moments). ``target_cov_sqrt`` is
+    precomputed once with :func:`sqrtm_psd`.
+    """
+    with torch.autocast(device_type=mean.device.type, enabled=False):
+        mean, cov = _fp32(mean), _fp32(cov)
+        inner = target_cov_sqrt @ cov @ target_cov_sqrt
+        # tr(sqrtm(inner)) from the eigenvalues; clamping keeps the gradient finite at zero.
+        cross = torch.linalg.eigvalsh(inner).clamp_min(1e-8).sqrt().sum(dim=-1)
+        trace = cov.diagonal(dim1=-2, dim2=-1).sum(-1) + target_cov.diagonal(dim1=-2, dim2=-1).sum(-1)
+        distance = (mean - target_mean).pow(2).sum(-1) + trace - 2 * cross
+        return (distance / mean.shape[-1]).mean()
 
 
 def content_loss(features: Tensor, target: Tensor) -> Tensor:

@@ -1,9 +1,9 @@
 """``StyleTransfer``: Gatys et al.'s optimisation as a LightningModule.
 
-The stylised image is the only trainable tensor. The targets (content activations and style Gram
-matrices) are computed once in ``setup`` and kept as buffers, so they live on the module's device
-and in its checkpoints. Optimisation is manual: L-BFGS (or Adam) calls a closure that runs the
-extractor, the losses and the backward pass.
+The stylised image is the only trainable tensor. The targets (content activations and style
+statistics) are computed once per scale and kept as buffers of small target modules, so they live
+on the module's device and in its checkpoints. Optimisation is manual: L-BFGS (or Adam) calls a
+closure that runs the extractor, the losses and the backward pass.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -19,9 +20,13 @@ import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 
+from nst_lightning.color import combine_luminance, grey_rgb, luminance, match_color, match_luminance
+from nst_lightning.data import Inputs
 from nst_lightning.errors import ConfigError, NumericalError
 from nst_lightning.features import BACKBONES, FeatureExtractor
-from nst_lightning.losses import content_loss, gram_matrix, style_loss, total_variation
+from nst_lightning.image_io import load_image
+from nst_lightning.losses import total_variation
+from nst_lightning.targets import STYLE_TARGETS, ContentTarget, resize_mask
 
 INITS = ("content", "style", "noise")
 
@@ -36,26 +41,96 @@ def _bf16_is_native_on_cpu() -> bool:
         return False
 
 
+def _validate(
+    *,
+    content_layers,
+    style_layers,
+    style_layer_weights,
+    content_weight,
+    style_weight,
+    tv_weight,
+    style_loss,
+    preserve_color,
+    backbone,
+    init,
+    optimizer,
+    lr,
+    history,
+    scales,
+    scale_steps,
+) -> None:
+    """Refuses configurations that cannot work, with the fix, before anything heavy loads."""
+    if backbone not in BACKBONES:
+        raise ConfigError(f"unknown backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
+    if not content_layers and not style_layers:
+        raise ConfigError("no content_layers and no style_layers: give at least one layer")
+    if len(style_layer_weights) != len(style_layers):
+        raise ConfigError(
+            f"model.style_layer_weights has {len(style_layer_weights)} values but model.style_layers has "
+            f"{len(style_layers)} layers: give one weight per style layer"
+        )
+    named = {"content_weight": content_weight, "style_weight": style_weight, "tv_weight": tv_weight}
+    named.update({f"style_layer_weights[{i}]": w for i, w in enumerate(style_layer_weights)})
+    for name, value in named.items():
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"model.{name} must be a finite number >= 0, got {value}")
+    if style_loss not in STYLE_TARGETS:
+        raise ConfigError(f"unknown style_loss {style_loss!r}: choose one of {', '.join(STYLE_TARGETS)}")
+    if preserve_color not in ("none", "luminance", "histogram"):
+        raise ConfigError(f"unknown preserve_color {preserve_color!r}: choose none, luminance or histogram")
+    if init not in INITS and not Path(init).is_file():
+        raise ConfigError(
+            f"model.init {init!r} is neither {', '.join(INITS)} nor an existing image file: "
+            "choose one of those or give the path of an image"
+        )
+    if optimizer not in ("lbfgs", "adam"):
+        raise ConfigError(f"unknown optimizer {optimizer!r}: choose lbfgs or adam")
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"model.lr must be a positive number, got {lr}")
+    if history < 1:
+        raise ConfigError(f"model.lbfgs_history_size must be at least 1, got {history}")
+    if (scales is None) != (scale_steps is None):
+        raise ConfigError("model.scales and model.scale_steps go together: give both or neither")
+    if scales is not None:
+        if not scales or len(scales) != len(scale_steps):
+            raise ConfigError(
+                f"model.scales has {len(scales)} sizes but model.scale_steps {len(scale_steps)} values: "
+                "give one number of iterations per scale"
+            )
+        if any(s < 1 for s in scales) or any(b <= a for a, b in zip(scales, scales[1:], strict=False)):
+            raise ConfigError(f"model.scales must be positive sizes in ascending order, got {list(scales)}")
+        if any(n < 1 for n in scale_steps):
+            raise ConfigError(f"model.scale_steps must be at least 1 each, got {list(scale_steps)}")
+
+
 class StyleTransfer(L.LightningModule):
     """Neural style transfer after Gatys et al. (2016): the image is the model.
 
     Args:
         content_layers: layers whose activations must match the content image's.
-        style_layers: layers whose Gram matrices must match the style image's.
+        style_layers: layers whose style statistics must match the style images'.
         style_layer_weights: one weight per style layer (default: 1 for each, summed).
         content_weight: weight of the content loss (alpha in the paper).
         style_weight: weight of the style loss (beta in the paper).
         tv_weight: weight of the total-variation loss (0 turns it off).
-        backbone: feature network: vgg19 or vgg16.
+        style_loss: 'gram' (Gatys et al.: MSE of Gram matrices) or 'mean_cov' (2-Wasserstein
+            distance between the features' Gaussians, as crowsonkb/style-transfer-pytorch).
+        preserve_color: keep the content's colours: 'none', 'luminance' (transfer on luminance
+            only, Gatys et al. 2017) or 'histogram' (recolour the style images to the content's
+            colour distribution before optimising).
+        backbone: feature network: vgg19, vgg16 or resnet18.
         weights: backbone weights: 'imagenet' (torchvision, via the torch hub cache), 'random'
             (tests and dry runs only) or the path of a torchvision state dict.
         pooling: 'max' (as the backbone was trained) or 'avg' (as Gatys et al. recommend).
-        init: the image the optimisation starts from: content, style or noise.
+        init: the image the optimisation starts from: content, style, noise or the path of an image.
         seed: seed of the noise init.
         optimizer: lbfgs (one training step = one L-BFGS iteration) or adam.
         lr: learning rate (default: 1.0 for lbfgs, 0.02 for adam).
         lbfgs_history_size: L-BFGS memory (number of past updates kept).
         lbfgs_line_search: None (one function evaluation per step) or strong_wolfe.
+        scales: coarse-to-fine sizes (longest side, ascending, the last one data.image_size), e.g.
+            [256, 362, 512]; None optimises at data.image_size only.
+        scale_steps: iterations at each of ``scales``; they must add up to trainer.max_steps.
     """
 
     def __init__(
@@ -66,15 +141,19 @@ class StyleTransfer(L.LightningModule):
         content_weight: float = 1.0,
         style_weight: float = 1e6,
         tv_weight: float = 0.0,
+        style_loss: Literal["gram", "mean_cov"] = "gram",
+        preserve_color: Literal["none", "luminance", "histogram"] = "none",
         backbone: str = "vgg19",
         weights: str = "imagenet",
         pooling: Literal["max", "avg"] = "max",
-        init: Literal["content", "style", "noise"] = "content",
+        init: str = "content",
         seed: int = 0,
         optimizer: Literal["lbfgs", "adam"] = "lbfgs",
         lr: float | None = None,
         lbfgs_history_size: int = 100,
         lbfgs_line_search: Literal["strong_wolfe"] | None = None,
+        scales: Sequence[int] | None = None,
+        scale_steps: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -82,18 +161,22 @@ class StyleTransfer(L.LightningModule):
         if style_layer_weights is None:
             style_layer_weights = [1.0] * len(style_layers)
         style_layer_weights = [float(w) for w in style_layer_weights]
-        self._validate(
-            content_layers,
-            style_layers,
-            style_layer_weights,
-            content_weight,
-            style_weight,
-            tv_weight,
-            backbone,
-            init,
-            optimizer,
-            lr,
-            lbfgs_history_size,
+        _validate(
+            content_layers=content_layers,
+            style_layers=style_layers,
+            style_layer_weights=style_layer_weights,
+            content_weight=content_weight,
+            style_weight=style_weight,
+            tv_weight=tv_weight,
+            style_loss=style_loss,
+            preserve_color=preserve_color,
+            backbone=backbone,
+            init=init,
+            optimizer=optimizer,
+            lr=lr,
+            history=lbfgs_history_size,
+            scales=scales,
+            scale_steps=scale_steps,
         )
         self.save_hyperparameters()
         self.content_layers = content_layers
@@ -103,43 +186,8 @@ class StyleTransfer(L.LightningModule):
         self.register_parameter("image", None)  # made in setup(), once the content image is known
         self.register_buffer("loss_scale", torch.tensor(_SCALE_START))
         self._finite_steps = 0
-
-    @staticmethod
-    def _validate(
-        content_layers,
-        style_layers,
-        style_layer_weights,
-        content_weight,
-        style_weight,
-        tv_weight,
-        backbone,
-        init,
-        optimizer,
-        lr,
-        history,
-    ) -> None:
-        if backbone not in BACKBONES:
-            raise ConfigError(f"unknown backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
-        if not content_layers and not style_layers:
-            raise ConfigError("no content_layers and no style_layers: give at least one layer")
-        if len(style_layer_weights) != len(style_layers):
-            raise ConfigError(
-                f"model.style_layer_weights has {len(style_layer_weights)} values but model.style_layers has "
-                f"{len(style_layers)} layers: give one weight per style layer"
-            )
-        named = {"content_weight": content_weight, "style_weight": style_weight, "tv_weight": tv_weight}
-        named.update({f"style_layer_weights[{i}]": w for i, w in enumerate(style_layer_weights)})
-        for name, value in named.items():
-            if not math.isfinite(value) or value < 0:
-                raise ConfigError(f"model.{name} must be a finite number >= 0, got {value}")
-        if init not in INITS:
-            raise ConfigError(f"unknown init {init!r}: choose one of {', '.join(INITS)}")
-        if optimizer not in ("lbfgs", "adam"):
-            raise ConfigError(f"unknown optimizer {optimizer!r}: choose lbfgs or adam")
-        if lr is not None and not (math.isfinite(lr) and lr > 0):
-            raise ConfigError(f"model.lr must be a positive number, got {lr}")
-        if history < 1:
-            raise ConfigError(f"model.lbfgs_history_size must be at least 1, got {history}")
+        self._scale = 0  # index into the sizes of a coarse-to-fine run
+        self._style_group_weights: list[float] = []
 
     # ------------------------------------------------------------------ set-up
 
@@ -147,41 +195,127 @@ class StyleTransfer(L.LightningModule):
         """Builds the image parameter and the targets from the datamodule's images (once)."""
         if self.image is not None:
             return
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or getattr(datamodule, "content_image", None) is None:
-            raise ConfigError("StyleTransfer needs a StyleTransferDataModule (the data: section of the config)")
         self._check_precision()
-        content, style = datamodule.content_image, datamodule.style_image
-        self._check_size(content, "content")
-        self._check_size(style, "style")
+        sizes = self._sizes()
+        inputs = self.datamodule.inputs(sizes[0])
+        self._check_size(inputs.content, "content")
+        for style in inputs.styles:
+            self._check_size(style, "style")
         # setup() runs before Lightning moves the module, so compute the targets where the
         # optimisation will run rather than on the CPU.
         device = self.trainer.strategy.root_device
         self.extractor.to(device)
         with torch.no_grad():
-            self.set_targets(content.to(device), style.to(device))
+            self.set_targets(inputs, device)
         # L-BFGS flattens the gradient with view(): the image must be contiguous.
-        self.image = nn.Parameter(self._initial_image(content, style).to(device).contiguous())
+        self.image = nn.Parameter(self._initial_image(inputs).to(device).contiguous())
+        self._scale = 0
 
-    def set_targets(self, content: Tensor, style: Tensor) -> None:
-        """Computes content activations and style Gram matrices once, as buffers."""
+    @property
+    def datamodule(self):
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "inputs"):
+            raise ConfigError("StyleTransfer needs a StyleTransferDataModule (the data: section of the config)")
+        return datamodule
+
+    def _sizes(self) -> list[int]:
+        """The longest side of the image at each scale; checks the schedule against the run."""
+        image_size = self.datamodule.image_size
+        if self.hparams.scales is None:
+            return [image_size]
+        scales, steps = list(self.hparams.scales), list(self.hparams.scale_steps)
+        if scales[-1] != image_size:
+            raise ConfigError(
+                f"model.scales ends at {scales[-1]} but data.image_size is {image_size}: "
+                f"make the last scale {image_size}"
+            )
+        max_steps = self.trainer.max_steps
+        if sum(steps) != max_steps:
+            raise ConfigError(
+                f"model.scale_steps add up to {sum(steps)} but trainer.max_steps is {max_steps}: "
+                f"set --trainer.max_steps {sum(steps)}"
+            )
+        return scales
+
+    def _scale_at(self, step: int) -> int:
+        if self.hparams.scales is None:
+            return 0
+        bounds = torch.tensor(self.hparams.scale_steps).cumsum(0)
+        return min(int((bounds <= step).sum()), len(bounds) - 1)
+
+    def _prepare(self, inputs: Inputs) -> tuple[Tensor, list[Tensor]]:
+        """The content and style images as the optimisation sees them (colour control)."""
+        content, styles = inputs.content, inputs.styles
+        if self.hparams.preserve_color == "histogram":
+            styles = [match_color(style, content) for style in styles]
+        elif self.hparams.preserve_color == "luminance":
+            content_y = luminance(content)
+            styles = [grey_rgb(match_luminance(luminance(style), content_y)) for style in styles]
+            content = grey_rgb(content_y)
+        return content, styles
+
+    def set_targets(self, inputs: Inputs, device: torch.device | str = "cpu") -> None:
+        """Computes the content activations and style statistics once, as buffers.
+
+        Without masks the style images' statistics are blended (weights summing to 1) into one
+        target per layer. With masks each style gets its own target, compared with the statistics
+        of its region; its weight is its blend weight times the number of styles (1 for equal
+        blends), so each region gets the full style weight.
+        """
+        content, styles = self._prepare(inputs)
+        content, styles = content.to(device), [style.to(device) for style in styles]
         content_features = self.extractor(content)
-        style_features = content_features if style is content else self.extractor(style)
-        for layer in self.content_layers:
-            self.register_buffer(f"target_content_{layer}", content_features[layer].detach().float())
-        for layer in self.style_layers:
-            self.register_buffer(f"target_gram_{layer}", gram_matrix(style_features[layer]).detach())
+        style_features = [self.extractor(style) for style in styles]
+        self.register_buffer("content_image", inputs.content.to(device))
+        self.content_targets = nn.ModuleDict(
+            {layer: ContentTarget(content_features[layer]) for layer in self.content_layers}
+        )
+        target_class = STYLE_TARGETS[self.hparams.style_loss]
+        if inputs.masks is None:
+            groups = [(style_features, inputs.blend, None)]
+            self._style_group_weights = [1.0]
+        else:
+            groups = [([f], [1.0], mask.to(device)) for f, mask in zip(style_features, inputs.masks, strict=True)]
+            self._style_group_weights = [w * len(inputs.blend) for w in inputs.blend]
+        self.style_targets = nn.ModuleDict(
+            {
+                layer: nn.ModuleList(
+                    target_class([f[layer] for f in features], blend, resize_mask(mask, content_features[layer]))
+                    for features, blend, mask in groups
+                )
+                for layer in self.style_layers
+            }
+        )
 
-    def _initial_image(self, content: Tensor, style: Tensor) -> Tensor:
-        init = self.hparams.init
+    def _initial_image(self, inputs: Inputs) -> Tensor:
+        content, styles = self._prepare(inputs)
+        init, shape = self.hparams.init, content.shape[-2:]
         if init == "content":
             return content.clone()
-        if init == "style":
-            return F.interpolate(
-                style, size=content.shape[-2:], mode="bicubic", antialias=True, align_corners=False
-            ).clamp_(0, 1)
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        return torch.rand(content.shape, generator=generator)
+        if init == "noise":
+            generator = torch.Generator().manual_seed(self.hparams.seed)
+            return torch.rand(content.shape, generator=generator)
+        image = styles[0] if init == "style" else load_image(init)
+        if init != "style" and self.hparams.preserve_color == "luminance":
+            image = grey_rgb(luminance(image))
+        return F.interpolate(image, size=shape, mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
+
+    def _enter_scale(self, index: int) -> None:
+        """Moves a coarse-to-fine run to scale ``index``: targets recomputed at the new size, the
+        image upsampled, the optimiser state reset (its history belongs to the old size)."""
+        inputs = self.datamodule.inputs(self._sizes()[index])
+        with torch.no_grad():
+            self.set_targets(inputs, self.image.device)
+            upsampled = F.interpolate(
+                self.image.detach(), size=inputs.content.shape[-2:], mode="bicubic", align_corners=False
+            )
+        self.image.data = upsampled.contiguous()
+        self.image.grad = None
+        for optimizer in self.trainer.optimizers:
+            optimizer.state.clear()
+            if isinstance(optimizer, torch.optim.LBFGS):
+                optimizer._numel_cache = None  # L-BFGS caches the parameter count
+        self._scale = index
 
     def _check_size(self, image: Tensor, which: str) -> None:
         need = self.extractor.min_image_side
@@ -190,8 +324,17 @@ class StyleTransfer(L.LightningModule):
             deepest = list(self.extractor.body.named_children())[-1][0]
             raise ConfigError(
                 f"the {which} image is {width}x{height} px after resizing, too small for layer {deepest}: "
-                f"its shorter side must be at least {need} px; raise data.image_size or use shallower layers"
+                f"its shorter side must be at least {need} px; raise data.image_size (or model.scales, "
+                "data.style_scale) or use shallower layers"
             )
+
+    def output_image(self) -> Tensor:
+        """The current image as RGB in [0, 1] (with ``preserve_color: luminance``, the optimised
+        luminance combined with the content's chroma)."""
+        image = self.image.detach().float()
+        if self.hparams.preserve_color == "luminance":
+            image = combine_luminance(luminance(image), self.content_image)
+        return image.clamp(0, 1)
 
     def _check_precision(self) -> None:
         precision = str(self.trainer.precision)
@@ -231,19 +374,21 @@ class StyleTransfer(L.LightningModule):
         )
 
     def forward(self, image: Tensor) -> dict[str, Tensor]:
-        """The weighted losses of ``image`` against the targets: total, content, style (and per
-        style layer) and tv. All float32."""
+        """The weighted losses of ``image`` against the targets: total, content, style, style per
+        layer (before the layer weight) and tv. All float32."""
         features = self.extractor(image)
         zero = image.new_zeros((), dtype=torch.float32)
         losses: dict[str, Tensor] = {}
         content = zero
-        for layer in self.content_layers:
-            content = content + content_loss(features[layer], getattr(self, f"target_content_{layer}"))
+        for layer, target in self.content_targets.items():
+            content = content + target(features[layer])
         if self.content_layers:
             content = content / len(self.content_layers)
         style = zero
-        for layer in self.style_layers:
-            term = style_loss(gram_matrix(features[layer]), getattr(self, f"target_gram_{layer}"))
+        for layer, targets in self.style_targets.items():
+            term = sum(
+                w * target(features[layer]) for w, target in zip(self._style_group_weights, targets, strict=True)
+            )
             losses[f"style_{layer}"] = term.detach()
             style = style + self.style_layer_weights[layer] * term
         tv = total_variation(image) if self.hparams.tv_weight > 0 else zero
@@ -291,6 +436,9 @@ class StyleTransfer(L.LightningModule):
         )
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        scale = self._scale_at(self.global_step)
+        if scale != self._scale:
+            self._enter_scale(scale)
         optimizer = self.optimizers()
         evaluations: list[dict[str, Tensor]] = []
 
@@ -319,8 +467,14 @@ class StyleTransfer(L.LightningModule):
         state = checkpoint.get("state_dict", {})
         saved = state.get("image")
         if self.image is not None and saved is not None and saved.shape != self.image.shape:
-            raise ConfigError(
-                f"the checkpoint holds a {saved.shape[-1]}x{saved.shape[-2]} image but this run's is "
-                f"{self.image.shape[-1]}x{self.image.shape[-2]}: resume with the same data.image_size and images"
-            )
+            # A coarse-to-fine run saved at a later scale: move there first (targets, image size).
+            shapes = [self.datamodule.inputs(size).content.shape for size in self._sizes()]
+            if saved.shape in shapes:
+                self._enter_scale(shapes.index(saved.shape))
+            else:
+                raise ConfigError(
+                    f"the checkpoint holds a {saved.shape[-1]}x{saved.shape[-2]} image but this run's is "
+                    f"{self.image.shape[-1]}x{self.image.shape[-2]}: resume with the same data.image_size, "
+                    "model.scales and images"
+                )
         state.update({f"extractor.{k}": v for k, v in self.extractor.state_dict().items()})

@@ -10,6 +10,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from nst_lightning.cli import cli_main
+from nst_lightning.data import StyleTransferDataModule
+from nst_lightning.module import StyleTransfer
 from tests.conftest import REPO, write_config
 
 
@@ -68,18 +70,10 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path, images):
     assert steps[0] >= 3, "the resumed run continues the step count"
     # The loss logged at the resumed run's first step is the loss of the saved image.
     resumed_first = scalars(resumed).Scalars("loss")[0].value
-    from nst_lightning.module import StyleTransfer
-
     module = StyleTransfer(weights="random", init="noise")
-    module.set_targets(*_tiny_tensors(images))
     with torch.no_grad():
+        module.set_targets(StyleTransferDataModule(str(images["content"]), str(images["style"]), 32).inputs())
         assert float(module(saved)["total"]) == pytest.approx(resumed_first, rel=1e-4)
-
-
-def _tiny_tensors(images):
-    from nst_lightning.image_io import load_image
-
-    return load_image(images["content"], 32), load_image(images["style"], 32)
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))

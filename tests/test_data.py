@@ -8,9 +8,11 @@ from nst_lightning.errors import ConfigError, ImageError
 def test_setup_loads_both_images_at_the_requested_size(images):
     dm = StyleTransferDataModule(str(images["content"]), str(images["style"]), image_size=20)
     dm.setup("fit")
-    assert dm.content_image.shape == (1, 3, 15, 20)  # 40x30 content, aspect kept
-    assert dm.style_image.shape == (1, 3, 20, 20)
-    assert dm.content_image.is_contiguous()
+    inputs = dm.inputs()
+    assert inputs.content.shape == (1, 3, 15, 20)  # 40x30 content, aspect kept
+    assert [s.shape for s in inputs.styles] == [(1, 3, 20, 20)]
+    assert inputs.content.is_contiguous() and inputs.masks is None and inputs.blend == [1.0]
+    assert dm.inputs(8).content.shape == (1, 3, 6, 8)
 
 
 def test_loader_paces_one_item_per_step(images):

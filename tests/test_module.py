@@ -75,13 +75,13 @@ def test_targets_are_buffers_computed_once(tmp_path, images):
     dm = datamodule(images)
     make_trainer(tmp_path, steps=2).fit(module, datamodule=dm)
     buffers = dict(module.named_buffers())
-    assert buffers["target_content_conv4_2"].shape[1] == 512
-    assert buffers["target_gram_conv1_1"].shape == (1, 64, 64)
-    assert buffers["target_gram_conv2_1"].shape == (1, 128, 128)
+    assert buffers["content_targets.conv4_2.target"].shape[1] == 512
+    assert buffers["style_targets.conv1_1.0.gram"].shape == (1, 64, 64)
+    assert buffers["style_targets.conv2_1.0.gram"].shape == (1, 128, 128)
     # The targets are those of the data, whatever the optimisation did since.
     with torch.no_grad():
         fresh = module.extractor(dm.content_image)["conv4_2"]
-    torch.testing.assert_close(buffers["target_content_conv4_2"], fresh)
+    torch.testing.assert_close(buffers["content_targets.conv4_2.target"], fresh)
 
 
 def test_init_options(tmp_path, images):
@@ -117,7 +117,11 @@ def test_style_layer_weights_weigh_the_style_terms(tmp_path, images):
         ({"content_layers": ["conv4_9"]}, "unknown layer name"),
         ({"backbone": "resnet1000"}, "unknown backbone"),
         ({"lr": 0.0}, "lr must be a positive"),
-        ({"init": "cloud"}, "unknown init"),
+        ({"init": "cloud"}, "neither content, style, noise nor an existing image"),
+        ({"scales": [64, 32], "scale_steps": [1, 1]}, "ascending"),
+        ({"scales": [32], "scale_steps": None}, "go together"),
+        ({"scales": [16, 32], "scale_steps": [3]}, "one number of iterations per scale"),
+        ({"style_loss": "fancy"}, "unknown style_loss"),
     ],
 )
 def test_bad_configuration_is_refused(kwargs, message):
@@ -140,7 +144,7 @@ def test_checkpoint_holds_image_and_targets_but_not_the_extractor(tmp_path, imag
     trainer.fit(module, datamodule=datamodule(images))
     trainer.save_checkpoint(tmp_path / "a.ckpt")
     state = torch.load(tmp_path / "a.ckpt", weights_only=True)["state_dict"]
-    assert "image" in state and "target_gram_conv5_1" in state
+    assert "image" in state and "style_targets.conv5_1.0.gram" in state
     assert not [k for k in state if k.startswith("extractor.")]
 
 
