@@ -130,7 +130,8 @@ class StyleTransfer(L.LightningModule):
         lbfgs_line_search: None (one function evaluation per step) or strong_wolfe.
         scales: coarse-to-fine sizes (longest side, ascending, the last one data.image_size), e.g.
             [256, 362, 512]; None optimises at data.image_size only.
-        scale_steps: iterations at each of ``scales``; they must add up to trainer.max_steps.
+        scale_steps: iterations at each of ``scales``; trainer.max_steps must be at least their sum
+            (any further steps run at the last scale).
     """
 
     def __init__(
@@ -230,10 +231,10 @@ class StyleTransfer(L.LightningModule):
                 f"make the last scale {image_size}"
             )
         max_steps = self.trainer.max_steps
-        if sum(steps) != max_steps:
+        if sum(steps) > max_steps:
             raise ConfigError(
-                f"model.scale_steps add up to {sum(steps)} but trainer.max_steps is {max_steps}: "
-                f"set --trainer.max_steps {sum(steps)}"
+                f"model.scale_steps add up to {sum(steps)} but trainer.max_steps is {max_steps}, so the run would "
+                f"end before the last scale: set --trainer.max_steps {sum(steps)} (or more)"
             )
         return scales
 
@@ -288,17 +289,19 @@ class StyleTransfer(L.LightningModule):
         )
 
     def _initial_image(self, inputs: Inputs) -> Tensor:
+        """The starting image; with ``preserve_color: luminance`` a one-channel luminance image
+        (the network sees it as grey RGB, and the output takes the content's chroma)."""
         content, styles = self._prepare(inputs)
         init, shape = self.hparams.init, content.shape[-2:]
         if init == "content":
-            return content.clone()
-        if init == "noise":
+            image = content.clone()
+        elif init == "noise":
             generator = torch.Generator().manual_seed(self.hparams.seed)
-            return torch.rand(content.shape, generator=generator)
-        image = styles[0] if init == "style" else load_image(init)
-        if init != "style" and self.hparams.preserve_color == "luminance":
-            image = grey_rgb(luminance(image))
-        return F.interpolate(image, size=shape, mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
+            image = torch.rand(content.shape, generator=generator)
+        else:
+            image = styles[0] if init == "style" else load_image(init)
+            image = F.interpolate(image, size=shape, mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
+        return luminance(image) if self.hparams.preserve_color == "luminance" else image
 
     def _enter_scale(self, index: int) -> None:
         """Moves a coarse-to-fine run to scale ``index``: targets recomputed at the new size, the
@@ -332,8 +335,8 @@ class StyleTransfer(L.LightningModule):
         """The current image as RGB in [0, 1] (with ``preserve_color: luminance``, the optimised
         luminance combined with the content's chroma)."""
         image = self.image.detach().float()
-        if self.hparams.preserve_color == "luminance":
-            image = combine_luminance(luminance(image), self.content_image)
+        if image.shape[1] == 1:  # preserve_color: luminance
+            image = combine_luminance(image, self.content_image)
         return image.clamp(0, 1)
 
     def _check_precision(self) -> None:
@@ -376,7 +379,7 @@ class StyleTransfer(L.LightningModule):
     def forward(self, image: Tensor) -> dict[str, Tensor]:
         """The weighted losses of ``image`` against the targets: total, content, style, style per
         layer (before the layer weight) and tv. All float32."""
-        features = self.extractor(image)
+        features = self.extractor(grey_rgb(image) if image.shape[1] == 1 else image)
         zero = image.new_zeros((), dtype=torch.float32)
         losses: dict[str, Tensor] = {}
         content = zero

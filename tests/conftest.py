@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from lightning import Callback, Trainer
 from PIL import Image
 
+from nst_lightning.data import StyleTransferDataModule
 from nst_lightning.features import load_backbone
+from nst_lightning.module import StyleTransfer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,3 +78,36 @@ def write_config(tmp_path: Path, images: dict[str, Path], **overrides) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def make_module(**kwargs) -> StyleTransfer:
+    kwargs.setdefault("weights", "random")
+    kwargs.setdefault("init", "noise")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return StyleTransfer(**kwargs)
+
+
+def make_trainer(tmp_path, steps: int = 5, **kwargs) -> Trainer:
+    kwargs.setdefault("logger", False)
+    kwargs.setdefault("enable_checkpointing", False)
+    return Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+def datamodule(images, size: int = 32) -> StyleTransferDataModule:
+    return StyleTransferDataModule(str(images["content"]), str(images["style"]), image_size=size)
+
+
+class LossRecorder(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))

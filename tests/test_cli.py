@@ -148,3 +148,47 @@ def test_real_process_reports_bad_input_without_traceback(tmp_path, images):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "nst-lightning: error: image not found" in result.stderr
+
+
+OVERLAY_OVERRIDES = {"multiscale.yaml": ["--model.scales", "[32, 64]", "--model.scale_steps", "[1, 1]"]}
+
+
+@pytest.mark.parametrize(
+    "overlay", sorted(p.name for p in (REPO / "configs").glob("*.yaml") if p.name != "default.yaml")
+)
+def test_every_example_config_runs_in_miniature(tmp_path, monkeypatch, overlay):
+    """Each shipped overlay, on the shipped sample images, shrunk to 64 px and 2 steps."""
+    monkeypatch.chdir(REPO)  # the configs' paths are relative to the repository root
+    run_cli(
+        "--config", str(REPO / "configs" / "default.yaml"),
+        "--config", str(REPO / "configs" / overlay),
+        "--model.weights", "random",
+        "--data.image_size", "64",
+        "--trainer.max_steps", "2",
+        "--trainer.accelerator", "cpu",
+        "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.enable_progress_bar", "false",
+        "--output.path", str(tmp_path / "out.png"),
+        *OVERLAY_OVERRIDES.get(overlay, []),
+    )  # fmt: skip
+    assert max(Image.open(tmp_path / "out.png").size) == 64
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--data.style_blend_weights", "[-1.0]"], ">= 0 with a positive sum"),
+        (["--data.style_blend_weights", "[1.0, 2.0]"], "one weight per style"),
+        (["--model.backbone", "alexnet"], "unknown backbone"),
+    ],
+)
+def test_bad_style_values_get_one_clear_line(tmp_path, images, capsys, override, message):
+    config = write_config(tmp_path, images)
+    _expect_one_line_error(tmp_path, capsys, ["--config", str(config), *override], message)
+
+
+def test_mask_of_the_wrong_size_gets_one_clear_line(tmp_path, images, capsys):
+    mask = tmp_path / "mask.png"
+    Image.new("L", (7, 7), 255).save(mask)
+    config = write_config(tmp_path, images, data={"style_masks": [str(mask)]})
+    _expect_one_line_error(tmp_path, capsys, ["--config", str(config)], "give masks of the content image's size")

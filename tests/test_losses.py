@@ -1,7 +1,15 @@
 import pytest
 import torch
 
-from nst_lightning.losses import content_loss, gram_matrix, style_loss, total_variation
+from nst_lightning.losses import (
+    content_loss,
+    gram_matrix,
+    mean_covariance,
+    sqrtm_psd,
+    style_loss,
+    total_variation,
+    wasserstein2_gaussian,
+)
 
 
 def test_gram_matrix_by_hand():
@@ -57,3 +65,43 @@ def test_total_variation_is_zero_for_flat_image_and_grows_with_noise():
     assert total_variation(flat).item() == 0.0
     noisy = flat + 0.1 * torch.randn(1, 3, 8, 8)
     assert total_variation(noisy).item() > total_variation(flat + 0.01 * torch.randn(1, 3, 8, 8)).item()
+
+
+def test_masked_gram_matrix_is_the_gram_of_the_region():
+    features = torch.randn(1, 3, 4, 6)
+    mask = torch.zeros(1, 1, 4, 6)
+    mask[..., :, :2] = 1
+    torch.testing.assert_close(gram_matrix(features, mask), gram_matrix(features[..., :, :2].contiguous()))
+    torch.testing.assert_close(gram_matrix(features, torch.ones(1, 1, 4, 6)), gram_matrix(features))
+
+
+def test_mean_covariance_by_hand():
+    features = torch.tensor([[1.0, 3.0], [2.0, 2.0]]).view(1, 2, 1, 2)
+    mean, cov = mean_covariance(features, eps=0.0)
+    torch.testing.assert_close(mean, torch.tensor([[2.0, 2.0]]))
+    torch.testing.assert_close(cov, torch.tensor([[[1.0, 0.0], [0.0, 0.0]]]))
+
+
+def test_sqrtm_psd_squares_back():
+    a = torch.randn(5, 5)
+    spd = a @ a.T + 0.1 * torch.eye(5)
+    root = sqrtm_psd(spd)
+    torch.testing.assert_close(root @ root, spd, atol=1e-4, rtol=1e-4)
+
+
+def test_wasserstein2_matches_the_closed_form_for_diagonal_gaussians():
+    # For diagonal covariances W2^2 = |m1 - m2|^2 + sum (s1 - s2)^2 over channels; divided by C.
+    m1, m2 = torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 1.0]])
+    s1, s2 = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 2.0])
+    c1, c2 = torch.diag(s1**2).unsqueeze(0), torch.diag(s2**2).unsqueeze(0)
+    w2 = wasserstein2_gaussian(m1, c1, m2, c2, sqrtm_psd(c2))
+    assert w2.item() == pytest.approx((1.0 + 4.0) / 2, abs=1e-4)
+    assert wasserstein2_gaussian(m2, c2, m2, c2, sqrtm_psd(c2)).item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_wasserstein2_has_finite_gradients():
+    features = torch.randn(1, 4, 6, 6, requires_grad=True)
+    target_mean, target_cov = mean_covariance(torch.randn(1, 4, 6, 6))
+    mean, cov = mean_covariance(features)
+    wasserstein2_gaussian(mean, cov, target_mean, target_cov, sqrtm_psd(target_cov)).backward()
+    assert torch.isfinite(features.grad).all() and features.grad.abs().sum() > 0

@@ -2,48 +2,14 @@ import warnings
 
 import pytest
 import torch
-from lightning import Callback, Trainer
+from lightning import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-from nst_lightning.data import StyleTransferDataModule
 from nst_lightning.errors import ConfigError
-from nst_lightning.module import StyleTransfer
+from tests.conftest import LossRecorder, datamodule, make_module, make_trainer
 
 
-def make_module(**kwargs) -> StyleTransfer:
-    kwargs.setdefault("weights", "random")
-    kwargs.setdefault("init", "noise")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return StyleTransfer(**kwargs)
-
-
-def make_trainer(tmp_path, steps: int = 5, **kwargs) -> Trainer:
-    kwargs.setdefault("logger", False)
-    kwargs.setdefault("enable_checkpointing", False)
-    return Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
-
-
-def datamodule(images, size: int = 32) -> StyleTransferDataModule:
-    return StyleTransferDataModule(str(images["content"]), str(images["style"]), image_size=size)
-
-
-class LossRecorder(Callback):
-    def __init__(self):
-        self.losses = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(outputs["loss"]))
-
-
-def total_loss(module: StyleTransfer) -> float:
+def total_loss(module) -> float:
     with torch.no_grad():
         return float(module(module.image)["total"])
 
