@@ -40,9 +40,11 @@ class StyleTransferCLI(LightningCLI):
 
 
 def cli_main(args: list[str] | None = None) -> None:
-    """Entry point of ``python cli.py`` (and the ``nst-lightning`` command).
+    """Entry point of ``python cli.py`` (and the ``nst-lightning`` command): ``fit`` runs one
+    optimisation, ``batch`` many (see :mod:`nst_lightning.batch`).
 
-    A problem with the user's input ends the run with one line on stderr and exit status 1.
+    A problem with the user's input ends the run with one line on stderr and exit status 1; a batch
+    in which some pair failed also ends with exit status 1.
     """
     # The loader only paces the steps: worker processes would not help. The extractor is meant to
     # stay in eval mode. Neither needs a warning on every run.
@@ -50,8 +52,16 @@ def cli_main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", r".*module\(s\) in eval mode.*")
     # Raised inside Lightning 2.6 itself on every step; nothing a user can act on.
     warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\).*")
+    argv = sys.argv[1:] if args is None else list(args)
     try:
-        StyleTransferCLI(args=args)
+        if argv[:1] == ["batch"]:
+            from nst_lightning.batch import batch_main  # imports this module
+
+            status = batch_main(argv[1:])
+            if status:
+                raise SystemExit(status)
+        else:
+            StyleTransferCLI(args=args)
     except NSTError as err:
         print(f"nst-lightning: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None

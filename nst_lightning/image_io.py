@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 import warnings
@@ -15,6 +16,9 @@ from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from nst_lightning.errors import ImageError
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+# What a folder or a glob pattern contributes to a batch (a file named directly is taken as it is).
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -63,6 +67,40 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
         raise ImageError(f"{path} is not an image Pillow can read: give a PNG, JPEG or other image file") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"cannot read image {path}: {err} (is the file complete and readable?)") from None
+
+
+def find_images(entry: str | os.PathLike, key: str = "images") -> list[Path]:
+    """The image files that one entry of a list stands for, sorted.
+
+    A file is taken as it is; a folder gives the files in it (not in its subfolders) whose extension
+    is in :data:`IMAGE_EXTENSIONS`; a glob pattern (``*``, ``?``, ``[...]``; ``**`` spans folders)
+    gives the matching files with such an extension. Nothing found is an :class:`ImageError` whose
+    message names ``key``, the configuration key the entry came from.
+    """
+    text = str(entry)
+    path = Path(text)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not found:
+            raise ImageError(
+                f"{key}: the folder {path} holds no image files ({' '.join(IMAGE_EXTENSIONS)}): "
+                "check the folder or give the files themselves"
+            )
+        return found
+    if any(char in text for char in "*?["):
+        matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
+        found = [p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        if not found:
+            if matches:
+                raise ImageError(
+                    f"{key}: {len(matches)} paths match {text} but none is an image file "
+                    f"({' '.join(IMAGE_EXTENSIONS)}): check the pattern"
+                )
+            raise ImageError(f"{key}: nothing matches {text}: check the pattern (and quote it in a shell)")
+        return found
+    raise ImageError(f"{key}: {path} not found: give an image file, a folder or a glob pattern such as photos/*.jpg")
 
 
 def fit_size(width: int, height: int, longest_side: int) -> tuple[int, int]:
