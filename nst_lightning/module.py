@@ -27,6 +27,8 @@ INITS = ("content", "style", "noise")
 
 # Dynamic loss scaling for fp16 (see ``_evaluate``): start, back-off on overflow, growth.
 _SCALE_START, _SCALE_BACKOFF, _SCALE_GROWTH_INTERVAL, _SCALE_TRIES = 2.0**16, 2.0**-4, 100, 12
+# Function evaluations the strong-Wolfe line search may spend in one L-BFGS iteration (torch's max_ls).
+_LINE_SEARCH_EVALS = 25
 
 
 def _bf16_is_native_on_cpu() -> bool:
@@ -222,12 +224,17 @@ class StyleTransfer(L.LightningModule):
         # max_iter=1: each Lightning step is exactly one L-BFGS iteration (one closure evaluation
         # without line search), so trainer.max_steps counts iterations as the seed does. The curvature
         # history persists across steps in the optimiser state.
+        # With max_iter=1 torch's default max_eval (max_iter * 5 // 4 = 1) would leave the line search
+        # no evaluation to spend: it could only take or refuse the first trial step, and once it refused
+        # one every later step would repeat it (the image would never move again).
+        line_search = self.hparams.lbfgs_line_search
         return torch.optim.LBFGS(
             [self.image],
             lr=lr or 1.0,
             max_iter=1,
+            max_eval=1 + _LINE_SEARCH_EVALS if line_search else None,
             history_size=self.hparams.lbfgs_history_size,
-            line_search_fn=self.hparams.lbfgs_line_search,
+            line_search_fn=line_search,
         )
 
     def forward(self, image: Tensor) -> dict[str, Tensor]:
