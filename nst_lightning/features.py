@@ -155,13 +155,16 @@ class FeatureExtractor(nn.Module):
         wanted = list(dict.fromkeys(layers))
         if not wanted:
             raise ConfigError("no layers requested: give at least one content or style layer")
+        if backbone in BACKBONES:  # names from a weightless copy: a typo is caught before weights load
+            with torch.device("meta"):
+                names = layer_names(BACKBONES[backbone].build())
+            unknown = [name for name in wanted if name not in names]
+            if unknown:
+                raise ConfigError(
+                    f"unknown layer name(s) {', '.join(unknown)} for {backbone}: choose from {', '.join(names)}"
+                )
         features = load_backbone(backbone, weights)
         names = layer_names(features)
-        unknown = [name for name in wanted if name not in names]
-        if unknown:
-            raise ConfigError(
-                f"unknown layer name(s) {', '.join(unknown)} for {backbone}: choose from {', '.join(names)}"
-            )
         deepest = max(names.index(name) for name in wanted)
         body: OrderedDict[str, nn.Module] = OrderedDict()
         for position, (name, layer) in enumerate(zip(names[: deepest + 1], features, strict=False)):
