@@ -325,3 +325,21 @@ def test_interrupted_message_and_exit_codes():
     assert str(err).endswith(
         "partial image is in out.png; to go on, run the same command with --ckpt_path run/interrupted.ckpt"
     )
+
+
+def _ctrl_c(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("where", ["nst_lightning.features.load_backbone", "nst_lightning.module.StyleTransfer.setup"])
+def test_ctrl_c_before_the_optimisation_exits_130_with_one_line(tmp_path, images, capsys, monkeypatch, where):
+    # Loading the weights runs outside Trainer.fit; setup runs inside it, where Lightning answers
+    # KeyboardInterrupt with sys.exit(1): both end as 130 and one line.
+    monkeypatch.setattr(where, _ctrl_c)
+    config = write_config(tmp_path, images)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(config)])
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert "nst-lightning: interrupted: Ctrl-C before the optimisation started: nothing was written" in err
+    assert "Traceback" not in err and not (tmp_path / "out" / "result.png").exists()
