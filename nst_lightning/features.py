@@ -92,6 +92,8 @@ def _file_state_dict(path: str) -> dict:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "Weights only load failed" in first:  # torch goes on to suggest weights_only=False: no
+            first = "it is not a torch file, or it holds objects other than tensors"
         raise WeightsError(
             f"cannot load weights file {file}: {first} (it must be a torch state dict saved with torch.save)"
         ) from None
