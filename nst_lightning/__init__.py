@@ -3,7 +3,8 @@
 from nst_lightning.callbacks import ImageWriter
 from nst_lightning.data import StyleTransferDataModule
 from nst_lightning.features import FeatureExtractor
+from nst_lightning.guard import RunGuard
 from nst_lightning.module import StyleTransfer
 
-__all__ = ["FeatureExtractor", "ImageWriter", "StyleTransfer", "StyleTransferDataModule"]
+__all__ = ["FeatureExtractor", "ImageWriter", "RunGuard", "StyleTransfer", "StyleTransferDataModule"]
 __version__ = "0.1.0"

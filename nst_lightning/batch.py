@@ -35,7 +35,7 @@ from lightning.pytorch.trainer.states import TrainerStatus
 from tqdm import tqdm
 
 from nst_lightning.cli import StyleTransferCLI
-from nst_lightning.errors import ConfigError, ImageError, NSTError
+from nst_lightning.errors import ConfigError, ImageError, Interrupted, NSTError
 from nst_lightning.image_io import check_writable, find_images, image_format
 
 NAME_FIELDS = ("content", "style", "n")
@@ -346,6 +346,8 @@ def _run_pair(cli: BatchCLI, pair: Pair, placement: dict[str, Any], rank: int, r
             finished, result.log_dir = cli.fit_pair(pair, placement)
         result.status = "done" if finished else "failed"
         result.error = "" if finished else "the run stopped before its last step"
+    except Interrupted:  # Ctrl-C or SIGTERM during the pair's optimisation: stop the batch
+        raise
     except NSTError as err:  # the user's problem: the message says it all
         result.error = " ".join(str(err).split())
     except Exception as err:  # a bug or a crash (out of memory...): keep the traceback for a report

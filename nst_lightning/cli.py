@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
+from typing import NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from nst_lightning.callbacks import ImageWriter
+from nst_lightning.checkpoint import check_same_config, read_checkpoint
 from nst_lightning.data import StyleTransferDataModule
-from nst_lightning.errors import NSTError
+from nst_lightning.errors import CheckpointError, ConfigError, Interrupted, NSTError
+from nst_lightning.guard import RunGuard
+from nst_lightning.image_io import check_writable, check_writable_dir
 from nst_lightning.module import StyleTransfer
 
 # Trainer defaults that differ from Lightning's: the seed's 300 iterations, one GPU at most
@@ -19,15 +25,34 @@ TRAINER_DEFAULTS = {
     "trainer.devices": 1,
     "trainer.log_every_n_steps": 1,
 }
+# ``--ckpt_path`` values that Lightning resolves itself once the trainer exists.
+_SPECIAL_CKPT_PATHS = {"last", "best", "hpc"}
+# Exit statuses: a bad command line or config (argparse's convention), a user-facing error.
+EXIT_USAGE, EXIT_ERROR = 2, 1
+
+
+class StyleTransferArgumentParser(LightningArgumentParser):
+    """Reports a bad command line or config file (an unknown key, a wrong type) as one line; the usage
+    text that argparse would print first is one ``--help`` away."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)
+        detail = " ".join(str(message).split())
+        sys.stderr.write(f"nst-lightning: error: {detail} (--help lists every key and its type)\n")
+        self.exit(EXIT_USAGE)
 
 
 class StyleTransferCLI(LightningCLI):
-    """LightningCLI with the ``output:`` section (an :class:`ImageWriter`) and the ``fit`` command only."""
+    """LightningCLI with the ``output:`` section (an :class:`ImageWriter`), the ``guard:`` section (a
+    :class:`RunGuard`) and the ``fit`` command only. Settings that cannot work are refused before
+    the model (and its weights) loads."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("parser_class", StyleTransferArgumentParser)
         super().__init__(StyleTransfer, StyleTransferDataModule, *args, **kwargs)
 
     @staticmethod
@@ -36,15 +61,63 @@ class StyleTransferCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ImageWriter, "output")
+        parser.add_lightning_class_args(RunGuard, "guard")
         parser.set_defaults(TRAINER_DEFAULTS)
+
+    def _subcommand_config(self):
+        subcommand = self.config.get("subcommand")
+        return self.config[subcommand] if subcommand else self.config
+
+    def _parse_ckpt_path(self) -> None:
+        """Checks ``--ckpt_path`` before anything loads: a readable nst-lightning checkpoint, made with
+        the model and data settings of this run.
+
+        LightningCLI's own version would instead overwrite this run's model settings with the
+        checkpoint's, silently; here a difference is refused with the list of differing keys.
+        """
+        config = self._subcommand_config()
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path or str(ckpt_path) in _SPECIAL_CKPT_PATHS or "://" in str(ckpt_path):
+            return
+        if config.get("weights_only") is False:
+            raise CheckpointError(
+                "checkpoints are only read with weights_only=True (a checkpoint cannot run code): "
+                "drop --weights_only false"
+            )
+        checkpoint = read_checkpoint(ckpt_path, mmap=True)
+        check_same_config(ckpt_path, checkpoint, model=config.model.as_dict(), data=config.data.as_dict())
+
+    def before_instantiate_classes(self) -> None:
+        """Refuses settings that cannot work before the model, and its weights, load."""
+        config = self._subcommand_config()
+        max_steps = config.trainer.max_steps
+        if max_steps is None or max_steps < 1:
+            raise ConfigError(
+                f"trainer.max_steps must be at least 1 (one step is one L-BFGS iteration), got {max_steps}"
+            )
+        # These classes are cheap to build (no weights, no images): a throw-away build checks their
+        # settings now rather than after the model has loaded.
+        for section, cls in (("data", StyleTransferDataModule), ("output", ImageWriter), ("guard", RunGuard)):
+            cls(**config[section].as_dict())
+        root = config.trainer.default_root_dir
+        if root is None or "://" not in str(root):
+            check_writable_dir(root or os.getcwd(), "trainer.default_root_dir")
+        check_writable(config.output.path)
+
+
+def _stop(prefix: str, message: str, code: int) -> NoReturn:
+    print(f"nst-lightning: {prefix}: {message}", file=sys.stderr)
+    raise SystemExit(code) from None
 
 
 def cli_main(args: list[str] | None = None) -> None:
     """Entry point of ``python cli.py`` (and the ``nst-lightning`` command): ``fit`` runs one
     optimisation, ``batch`` many (see :mod:`nst_lightning.batch`).
 
-    A problem with the user's input ends the run with one line on stderr and exit status 1; a batch
-    in which some pair failed also ends with exit status 1.
+    Exit status: 0 when the run is done; 1 with one line on stderr for a problem with the input (or
+    a batch in which some pair failed); 2 for a command line or config that does not parse;
+    128 + the signal's number after Ctrl-C (130) or SIGTERM (143), once the partial image and a
+    checkpoint are saved.
     """
     # The loader only paces the steps: worker processes would not help. The extractor is meant to
     # stay in eval mode. Neither needs a warning on every run.
@@ -53,15 +126,36 @@ def cli_main(args: list[str] | None = None) -> None:
     # Raised inside Lightning 2.6 itself on every step; nothing a user can act on.
     warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\).*")
     argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["batch"]:
+        _batch_main(argv[1:])
+        return
     try:
-        if argv[:1] == ["batch"]:
-            from nst_lightning.batch import batch_main  # imports this module
-
-            status = batch_main(argv[1:])
-            if status:
-                raise SystemExit(status)
-        else:
-            StyleTransferCLI(args=args)
+        StyleTransferCLI(args=args)
+    except Interrupted as err:
+        _stop("interrupted", str(err), err.exit_code)
     except NSTError as err:
-        print(f"nst-lightning: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
+        _stop("error", str(err), EXIT_ERROR)
+    except SIGTERMException:  # Lightning's own SIGTERM handling, before RunGuard took over
+        _stop("interrupted", "SIGTERM before the optimisation started: nothing was written", 143)
+    except KeyboardInterrupt:
+        _stop("interrupted", "Ctrl-C before the optimisation started: nothing was written", 130)
+    except SystemExit as exit_:
+        # Lightning answers a Ctrl-C inside fit, before RunGuard is armed, with sys.exit(1).
+        if isinstance(exit_.__context__, KeyboardInterrupt):
+            _stop("interrupted", "Ctrl-C before the optimisation started: nothing was written", 130)
+        raise
+
+
+def _batch_main(args: list[str]) -> None:
+    from nst_lightning.batch import batch_main  # imports this module
+
+    try:
+        status = batch_main(args)
+    except Interrupted as err:
+        _stop("interrupted", f"the batch stopped at {err}", err.exit_code)
+    except NSTError as err:
+        _stop("error", str(err), EXIT_ERROR)
+    except KeyboardInterrupt:
+        _stop("interrupted", "Ctrl-C: the batch stopped (batch.skip_existing: true skips the pairs done)", 130)
+    if status:
+        raise SystemExit(status)

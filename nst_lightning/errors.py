@@ -5,6 +5,8 @@ bug: the command line prints its message as one line and exits non-zero, without
 Messages name the problem and the fix.
 """
 
+import signal
+
 
 class NSTError(Exception):
     """Base class of the errors that the CLI reports as one clear line."""
@@ -23,4 +25,42 @@ class WeightsError(NSTError):
 
 
 class NumericalError(NSTError):
-    """The optimisation produced a non-finite loss."""
+    """The optimisation produced a non-finite loss or gradient."""
+
+
+class CheckpointError(NSTError):
+    """A checkpoint that cannot be read, written, or resumed from with this configuration."""
+
+
+class Interrupted(NSTError):
+    """The run was stopped by SIGINT (Ctrl-C) or SIGTERM at a step boundary, after saving its work.
+
+    The callbacks that save the work fill in :attr:`image` and :attr:`checkpoint` (or
+    :attr:`checkpoint_error`) before the exception leaves ``Trainer.fit``. The CLI exits with
+    :attr:`exit_code`, 128 + the signal number (130 for SIGINT, 143 for SIGTERM), as shells do.
+    """
+
+    def __init__(self, signum: int, step: int, max_steps: int) -> None:
+        super().__init__(signum, step, max_steps)
+        self.signum, self.step, self.max_steps = signum, step, max_steps
+        self.image: object | None = None
+        self.checkpoint: object | None = None
+        self.checkpoint_error: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def __str__(self) -> str:
+        try:
+            name = signal.Signals(self.signum).name
+        except ValueError:
+            name = f"signal {self.signum}"
+        text = f"{name}: stopped after step {self.step} of {self.max_steps}"
+        if self.image is not None:
+            text += f"; the partial image is in {self.image}"
+        if self.checkpoint is not None:
+            text += f"; to go on, run the same command with --ckpt_path {self.checkpoint}"
+        elif self.checkpoint_error:
+            text += f"; no checkpoint could be written: {self.checkpoint_error}"
+        return text

@@ -116,6 +116,8 @@ def _file_state_dict(path: str) -> dict:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "Weights only load failed" in first:  # torch goes on to suggest weights_only=False: no
+            first = "it is not a torch file, or it holds objects other than tensors"
         raise WeightsError(
             f"cannot load weights file {file}: {first} (it must be a torch state dict saved with torch.save)"
         ) from None
@@ -180,13 +182,16 @@ class FeatureExtractor(nn.Module):
         wanted = list(dict.fromkeys(layers))
         if not wanted:
             raise ConfigError("no layers requested: give at least one content or style layer")
+        if backbone in BACKBONES:  # names from a weightless copy: a typo is caught before weights load
+            with torch.device("meta"):
+                names = BACKBONES[backbone].names(BACKBONES[backbone].build())
+            unknown = [name for name in wanted if name not in names]
+            if unknown:
+                raise ConfigError(
+                    f"unknown layer name(s) {', '.join(unknown)} for {backbone}: choose from {', '.join(names)}"
+                )
         features = load_backbone(backbone, weights)
         names = BACKBONES[backbone].names(features)
-        unknown = [name for name in wanted if name not in names]
-        if unknown:
-            raise ConfigError(
-                f"unknown layer name(s) {', '.join(unknown)} for {backbone}: choose from {', '.join(names)}"
-            )
         deepest = max(names.index(name) for name in wanted)
         body: OrderedDict[str, nn.Module] = OrderedDict()
         for position, (name, layer) in enumerate(zip(names[: deepest + 1], features, strict=False)):

@@ -1,12 +1,17 @@
-"""All Pillow and filesystem code: read images as RGB tensors, write them atomically."""
+"""All Pillow and filesystem code: read images as RGB tensors, write files atomically."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import io
 import os
+import re
 import tempfile
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -19,6 +24,10 @@ _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 # What a folder or a glob pattern contributes to a batch (a file named directly is taken as it is).
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+# Environment variable that raises (or lowers) the largest image, in pixels, that is opened.
+MAX_PIXELS_ENV = "NST_MAX_IMAGE_PIXELS"
+# Pillow's own decompression-bomb limit (89,478,485 pixels), read once at import, before anyone changes it.
+_PILLOW_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -40,33 +49,124 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def open_rgb(path: str | os.PathLike) -> Image.Image:
-    """Read an image file as an upright 8-bit RGB Pillow image.
+# ICC colour spaces and the Pillow modes an image in that space has.
+_ICC_MODES = {"RGB": ("RGB", "RGBA"), "GRAY": ("L", "LA"), "CMYK": ("CMYK",)}
 
-    EXIF orientation is applied; greyscale, palette, alpha, CMYK and 16-bit images are converted;
-    for an animated file the first frame is used. Pillow's decompression-bomb limit stays on.
+
+def _to_srgb(img: Image.Image, icc: bytes | None, path: Path) -> Image.Image:
+    """Convert an image with an embedded ICC profile (Display P3, Adobe RGB, a CMYK press profile...)
+    to sRGB, the colour space that the written images and the network's ImageNet statistics assume.
+
+    Alpha is kept aside and put back. A profile for another colour space than the image's (say a grey
+    profile on a 16-bit image) is left alone; one that cannot be parsed is ignored with a warning.
+    """
+    if not icc:
+        return img
+    try:
+        from PIL import ImageCms  # Pillow's LittleCMS binding; present in Pillow's wheels
+
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if img.mode not in _ICC_MODES.get(profile.profile.xcolor_space.strip(), ()):
+            return img
+        alpha = img.getchannel("A") if img.mode in ("RGBA", "LA") else None
+        colour = img.convert(img.mode[:-1]) if alpha is not None else img
+        srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+        converted = ImageCms.profileToProfile(colour, profile, srgb, outputMode="RGB")
+        if alpha is not None:
+            converted.putalpha(alpha)
+        return converted
+    except (ImportError, OSError, ValueError, TypeError) as err:  # ImageCms.PyCMSError is an OSError
+        warnings.warn(f"{path}: ignoring its ICC colour profile, which cannot be used ({err})", stacklevel=3)
+        return img
+
+
+def max_image_pixels() -> int | None:
+    """The largest image (width x height) that is opened: ``$NST_MAX_IMAGE_PIXELS`` or Pillow's limit."""
+    value = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not value:
+        return _PILLOW_MAX_IMAGE_PIXELS
+    try:
+        limit = int(float(value))
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ImageError(
+            f"{MAX_PIXELS_ENV}={value!r} is not a number of pixels: set it to an integer such as 200000000"
+        )
+    return limit
+
+
+@contextlib.contextmanager
+def _pixel_limit(limit: int | None) -> Iterator[None]:
+    """Pillow's decompression-bomb check, at ``limit`` pixels, for the duration of one read."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below instead
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _too_large(path: Path, width: int, height: int, limit: int) -> ImageError:
+    return ImageError(
+        f"{path} is {width}x{height} = {width * height:,} pixels, over the limit of {limit:,} that guards against "
+        f"decompression bombs: downscale the image, or if you trust the file set the environment variable "
+        f"{MAX_PIXELS_ENV}={width * height} (or more)"
+    )
+
+
+def open_rgb(path: str | os.PathLike) -> Image.Image:
+    """Read an image file as an upright 8-bit sRGB Pillow image.
+
+    EXIF orientation is applied; an embedded ICC profile is converted to sRGB; greyscale, palette,
+    alpha, CMYK and 16-bit images are converted; for an animated file the first frame is used (with a
+    warning). Images over :func:`max_image_pixels` are refused before they are decoded (decompression
+    bombs). Any file Pillow cannot decode gives an :class:`ImageError`.
     """
     path = Path(path)
     if not path.exists():
         raise ImageError(f"image not found: {path} (check the path in data.content / data.style)")
     if path.is_dir():
         raise ImageError(f"{path} is a folder, not an image file: give the path of an image file")
+    limit = max_image_pixels()
     try:
-        with Image.open(path) as img:
-            if getattr(img, "n_frames", 1) > 1:
-                warnings.warn(f"{path} has {img.n_frames} frames: using the first one", stacklevel=2)
-            img.seek(0)
+        with _pixel_limit(limit), Image.open(path) as img:
+            width, height = img.size
+            if limit is not None and width * height > limit:
+                raise _too_large(path, width, height, limit)
+            if width < 1 or height < 1:
+                raise ImageError(f"{path} is {width}x{height} pixels: an image needs at least one pixel")
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1:
+                warnings.warn(f"{path} is animated ({frames} frames): using the first frame", stacklevel=2)
+                img.seek(0)
             img.load()
+            icc = img.info.get("icc_profile")
             img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            if img.mode == "P":
+                img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+            return _to_rgb(_to_srgb(img, icc, path))
+    except ImageError:
+        raise
     except Image.DecompressionBombError as err:
+        # Pillow's own check, at twice the limit, fires inside open() before the size check above.
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        pixels = int(found.group(1)) if found else None
+        size = f"{pixels:,} pixels, " if pixels else ""
         raise ImageError(
-            f"{path} is too large to open safely ({err}); downscale it first or raise Pillow's limit"
+            f"{path} is {size}over the limit of {limit or 0:,} that guards against decompression bombs: downscale "
+            f"the image, or if you trust the file set the environment variable {MAX_PIXELS_ENV}={pixels or 'N'} "
+            "(or more)"
         ) from None
     except UnidentifiedImageError:
         raise ImageError(f"{path} is not an image Pillow can read: give a PNG, JPEG or other image file") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageError(f"cannot read image {path}: {err} (is the file complete and readable?)") from None
+    except MemoryError:
+        raise ImageError(f"not enough memory to decode {path}: downscale the image first") from None
+    except Exception as err:  # noqa: BLE001 - corrupt files raise anything from OSError to struct.error
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise ImageError(f"cannot read image {path}: {detail} (is the file complete and a valid image?)") from None
 
 
 def find_images(entry: str | os.PathLike, key: str = "images") -> list[Path]:
@@ -139,6 +239,18 @@ def image_format(path: str | os.PathLike) -> str:
     return fmt
 
 
+def check_writable_dir(folder: str | os.PathLike, what: str = "folder") -> Path:
+    """Make sure files can be created in ``folder`` (created if missing); an :class:`ImageError` otherwise."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".nst-check-", delete=True):
+            pass
+    except OSError as err:
+        raise ImageError(f"cannot write to {what} {folder} ({err.strerror or err}): choose a writable folder") from None
+    return folder
+
+
 def check_writable(path: str | os.PathLike) -> Path:
     """Make sure an image can be written at ``path`` before any work starts.
 
@@ -174,21 +286,20 @@ def tensor_to_pil(image: torch.Tensor) -> Image.Image:
     return to_pil_image(pixels, mode="RGB")
 
 
-def save_image(image: torch.Tensor, path: str | os.PathLike) -> Path:
-    """Write an image tensor to ``path`` atomically (format from the extension).
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Create or replace the file ``path`` atomically with the bytes that ``write(handle)`` writes.
 
-    The pixels are clamped to the valid range. The file is written under a temporary name in the
-    same folder, flushed to disk and then renamed over the target, so a crash or a full disk never
-    leaves a truncated file where a good one was.
+    The bytes go to a temporary file in the same folder, which is flushed to disk and then renamed
+    over ``path``; the folder is synced too. A crash, a signal or a full disk at any point leaves
+    either the old file or the complete new one, never a truncated file, and no temporary file.
+    Missing folders are created. ``OSError`` is raised as it comes (callers word it).
     """
     path = Path(path)
-    fmt = image_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pil = tensor_to_pil(image)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            pil.save(handle, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp_name, 0o666 & ~_umask())
@@ -196,4 +307,29 @@ def save_image(image: torch.Tensor, path: str | os.PathLike) -> Path:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+    with contextlib.suppress(OSError):  # make the rename itself durable; not possible everywhere
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
     return path
+
+
+def save_image(image: torch.Tensor, path: str | os.PathLike) -> Path:
+    """Write an image tensor to ``path`` atomically (format from the extension; see :func:`atomic_write`).
+
+    The pixels are clamped to the valid range. A failed write (full disk, lost permission) raises an
+    :class:`ImageError` and leaves any previous file at ``path`` as it was.
+    """
+    path = Path(path)
+    fmt = image_format(path)
+    pil = tensor_to_pil(image)
+    options = {"quality": 95} if fmt == "JPEG" else {}
+    try:
+        return atomic_write(path, lambda handle: pil.save(handle, format=fmt, **options))
+    except OSError as err:
+        raise ImageError(
+            f"cannot write image {path}: {err.strerror or err} (free some disk space or choose another "
+            "output.path; any previous file there is unchanged)"
+        ) from None

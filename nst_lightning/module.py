@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 
+from nst_lightning.checkpoint import config_differences, config_mismatch
 from nst_lightning.color import combine_luminance, grey_rgb, luminance, match_color, match_luminance
 from nst_lightning.data import Inputs
-from nst_lightning.errors import ConfigError, NumericalError
+from nst_lightning.errors import CheckpointError, ConfigError, NumericalError
 from nst_lightning.features import BACKBONES, FeatureExtractor
 from nst_lightning.image_io import load_image
 from nst_lightning.losses import total_variation
@@ -32,6 +33,10 @@ INITS = ("content", "style", "noise")
 
 # Dynamic loss scaling for fp16 (see ``_evaluate``): start, back-off on overflow, growth.
 _SCALE_START, _SCALE_BACKOFF, _SCALE_GROWTH_INTERVAL, _SCALE_TRIES = 2.0**16, 2.0**-4, 100, 12
+# Function evaluations the strong-Wolfe line search may spend in one L-BFGS iteration (torch's max_ls).
+_LINE_SEARCH_EVALS = 25
+# A checkpoint's targets may differ from this run's by this much (relative) and still be "the same images".
+_TARGET_TOLERANCE = 1e-2
 
 
 def _bf16_is_native_on_cpu() -> bool:
@@ -74,6 +79,11 @@ def _validate(
     for name, value in named.items():
         if not math.isfinite(value) or value < 0:
             raise ConfigError(f"model.{name} must be a finite number >= 0, got {value}")
+    if content_weight == 0 and style_weight == 0:
+        raise ConfigError(
+            "model.content_weight and model.style_weight are both 0, which leaves nothing to match: "
+            "give at least one of them a positive value"
+        )
     if style_loss not in STYLE_TARGETS:
         raise ConfigError(f"unknown style_loss {style_loss!r}: choose one of {', '.join(STYLE_TARGETS)}")
     if preserve_color not in ("none", "luminance", "histogram"):
@@ -186,6 +196,8 @@ class StyleTransfer(L.LightningModule):
         self.extractor = FeatureExtractor(content_layers + style_layers, backbone, weights, pooling)
         self.register_parameter("image", None)  # made in setup(), once the content image is known
         self.register_buffer("loss_scale", torch.tensor(_SCALE_START))
+        # The last image whose loss and gradient were finite: what a numerical fault falls back to.
+        self.register_buffer("last_finite_image", None, persistent=False)
         self._finite_steps = 0
         self._scale = 0  # index into the sizes of a coarse-to-fine run
         self._style_group_weights: list[float] = []
@@ -328,7 +340,7 @@ class StyleTransfer(L.LightningModule):
             raise ConfigError(
                 f"the {which} image is {width}x{height} px after resizing, too small for layer {deepest}: "
                 f"its shorter side must be at least {need} px; raise data.image_size (or model.scales, "
-                "data.style_scale) or use shallower layers"
+                "data.style_scale), use shallower layers, or crop a very elongated image closer to a square"
             )
 
     def output_image(self) -> Tensor:
@@ -368,12 +380,17 @@ class StyleTransfer(L.LightningModule):
         # max_iter=1: each Lightning step is exactly one L-BFGS iteration (one closure evaluation
         # without line search), so trainer.max_steps counts iterations as the seed does. The curvature
         # history persists across steps in the optimiser state.
+        # With max_iter=1 torch's default max_eval (max_iter * 5 // 4 = 1) would leave the line search
+        # no evaluation to spend: it could only take or refuse the first trial step, and once it refused
+        # one every later step would repeat it (the image would never move again).
+        line_search = self.hparams.lbfgs_line_search
         return torch.optim.LBFGS(
             [self.image],
             lr=lr or 1.0,
             max_iter=1,
+            max_eval=1 + _LINE_SEARCH_EVALS if line_search else None,
             history_size=self.hparams.lbfgs_history_size,
-            line_search_fn=self.hparams.lbfgs_line_search,
+            line_search_fn=line_search,
         )
 
     def forward(self, image: Tensor) -> dict[str, Tensor]:
@@ -409,18 +426,24 @@ class StyleTransfer(L.LightningModule):
         drive L-BFGS): the loss is multiplied by ``loss_scale`` before the backward pass and the
         gradient divided after it; an overflowing gradient is recomputed at a smaller scale, so
         L-BFGS only ever sees finite gradients.
+
+        A non-finite loss or gradient raises :class:`NumericalError` at once, naming the likely cause;
+        every finite evaluation first records its image in ``last_finite_image``.
         """
         for _ in range(_SCALE_TRIES):
             optimizer.zero_grad()
             losses = self(self.image)
             total = losses["total"]
             if not torch.isfinite(total):
-                raise NumericalError(
-                    f"the loss became {float(total)} at step {self.global_step}: lower model.style_weight "
-                    "or model.lr, or use --trainer.precision 32-true"
-                )
+                raise NumericalError(self._non_finite_loss(losses))
             if not self._scales_loss():
                 self.manual_backward(total)
+                if not bool(torch.isfinite(self.image.grad).all()):
+                    raise NumericalError(
+                        f"the gradient became non-finite at step {self.global_step} although the loss was "
+                        f"{float(total.detach()):.4g}: lower model.lr or the loss weights{self._precision_hint()}"
+                    )
+                self._remember_finite_image()
                 return losses
             scale = float(self.loss_scale)
             self.manual_backward(total * scale)
@@ -430,6 +453,7 @@ class StyleTransfer(L.LightningModule):
                 self._finite_steps += 1
                 if self._finite_steps % _SCALE_GROWTH_INTERVAL == 0:
                     self.loss_scale.mul_(2.0)
+                self._remember_finite_image()
                 return losses
             self.loss_scale.mul_(_SCALE_BACKOFF)
             self._finite_steps = 0
@@ -437,6 +461,35 @@ class StyleTransfer(L.LightningModule):
             f"the gradient overflowed float16 at every loss scale tried (step {self.global_step}): "
             "use --trainer.precision bf16-mixed or 32-true"
         )
+
+    def _precision_hint(self) -> str:
+        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        return f", or use --trainer.precision 32-true (this run uses {precision})" if "16" in precision else ""
+
+    def _non_finite_loss(self, losses: dict[str, Tensor]) -> str:
+        """The message for a non-finite total loss: which term, why, and what to change."""
+        step, total = self.global_step, float(losses["total"].detach())
+        terms = {"content": "content_weight", "style": "style_weight", "tv": "tv_weight"}
+        for term in terms:
+            if not torch.isfinite(losses[term]):
+                return (
+                    f"the {term} loss became {float(losses[term])} at step {step}: the image or its features "
+                    f"overflowed; lower model.lr or set model.lbfgs_line_search to strong_wolfe{self._precision_hint()}"
+                )
+        # Every term is finite: a weight times its term went beyond float32's range (about 3.4e38).
+        key = max(terms, key=lambda term: abs(float(self.hparams[terms[term]]) * float(losses[term])))
+        weight = terms[key]
+        return (
+            f"the loss became {total} at step {step}: model.{weight}={float(self.hparams[weight]):g} times the {key} "
+            f"loss ({float(losses[key]):.3g}) is beyond float32's range (about 3.4e38); lower model.{weight}"
+        )
+
+    def _remember_finite_image(self) -> None:
+        image = self.image.detach()
+        if self.last_finite_image is None or self.last_finite_image.shape != image.shape:
+            self.last_finite_image = image.clone()
+        else:
+            self.last_finite_image.copy_(image)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         scale = self._scale_at(self.global_step)
@@ -450,7 +503,14 @@ class StyleTransfer(L.LightningModule):
             evaluations.append(losses)
             return losses["total"]
 
-        optimizer.step(closure=closure)
+        try:
+            optimizer.step(closure=closure)
+        except NumericalError:
+            # Fall back to the last image whose loss was finite: it is what gets written and kept.
+            if self.last_finite_image is not None and self.last_finite_image.shape == self.image.shape:
+                with torch.no_grad():
+                    self.image.copy_(self.last_finite_image)
+            raise
         # Log the losses at the point where this step started (L-BFGS's first evaluation).
         first = evaluations[0]
         self.log("loss", first["total"].detach(), prog_bar=True, batch_size=1)
@@ -467,6 +527,7 @@ class StyleTransfer(L.LightningModule):
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuses a checkpoint made with another image size, other settings or other images."""
         state = checkpoint.get("state_dict", {})
         saved = state.get("image")
         if self.image is not None and saved is not None and saved.shape != self.image.shape:
@@ -480,4 +541,30 @@ class StyleTransfer(L.LightningModule):
                     f"{self.image.shape[-1]}x{self.image.shape[-2]}: resume with the same data.image_size, "
                     "model.scales and images"
                 )
+        differences = config_differences(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), "model")
+        if differences:
+            raise config_mismatch("the checkpoint", differences)
+        self._check_targets(state)
         state.update({f"extractor.{k}": v for k, v in self.extractor.state_dict().items()})
+
+    def _check_targets(self, state: dict[str, Any]) -> None:
+        """The checkpoint's targets must be the ones this run's images give (else it came from other images)."""
+        buffers = dict(self.named_buffers())
+        for name, saved in state.items():
+            current = buffers.get(name) if name.startswith(("content_targets.", "style_targets.")) else None
+            if not isinstance(current, Tensor) or not isinstance(saved, Tensor):
+                continue
+            which = "content" if name.startswith("content_targets.") else "style"
+            if saved.shape != current.shape:
+                raise CheckpointError(
+                    f"the checkpoint's {which} target {name} has shape {tuple(saved.shape)}, this run's "
+                    f"{tuple(current.shape)}: resume with the same images, layers and data.image_size"
+                )
+            saved = saved.to(device=current.device, dtype=current.dtype)
+            scale = float(current.norm()) or 1.0
+            if float((saved - current).norm()) > _TARGET_TOLERANCE * scale:
+                raise CheckpointError(
+                    f"the checkpoint was made from another {which} image (or other weights): its target {name} "
+                    f"differs from this run's; resume with the same data.{which} and model.weights, or start a new "
+                    "run without --ckpt_path"
+                )

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -111,3 +115,29 @@ class LossRecorder(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(outputs["loss"]))
+
+
+def cli_command(config: Path, *args: str) -> list[str]:
+    """The real command line (``python cli.py fit --config ...``) of this checkout."""
+    return [sys.executable, str(REPO / "cli.py"), "fit", "--config", str(config), *args]
+
+
+def start_cli(tmp_path: Path, config: Path, *args: str, **popen) -> subprocess.Popen:
+    """The CLI in a child process; its output goes to ``tmp_path/stdout.txt`` and ``stderr.txt``."""
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    with open(tmp_path / "stdout.txt", "wb") as out, open(tmp_path / "stderr.txt", "wb") as err:
+        return subprocess.Popen(cli_command(config, *args), cwd=tmp_path, stdout=out, stderr=err, env=env, **popen)
+
+
+def wait_for(condition, timeout: float = 120.0, what: str = "condition") -> None:
+    """Poll ``condition()`` every 50 ms; fail after ``timeout`` seconds (a limit, not a timing claim)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def leftovers(folder: Path) -> list[Path]:
+    """Temporary files that an atomic write would have removed."""
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".nst-check-")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from nst_lightning.batch import BatchCLI, BatchSettings, expand, make_pairs
 from nst_lightning.cli import cli_main
-from nst_lightning.errors import ConfigError, ImageError
+from nst_lightning.errors import ConfigError, ImageError, Interrupted
 from nst_lightning.image_io import find_images
 from tests.conftest import REPO, make_image, write_config
 
@@ -212,14 +213,14 @@ def test_unexpected_errors_are_isolated_and_ctrl_c_stops_the_batch(tmp_path, pai
         return True, ""
 
     monkeypatch.setattr(BatchCLI, "fit_pair", fake_fit_pair)
-    with pytest.raises(KeyboardInterrupt):
-        run_batch(*batch_args(config, tmp_path, [files["c1"], files["c2"]], [files["s1"], files["s2"]]))
+    assert run_batch(*batch_args(config, tmp_path, [files["c1"], files["c2"]], [files["s1"], files["s2"]])) == 130
     assert calls == [1, 2, 3], "the batch went on after the error and stopped at Ctrl-C"
     captured = capsys.readouterr()
     assert "pair 1/4 (" in captured.err and "failed: RuntimeError: boom" in captured.err
     assert "Traceback" in captured.err, "an unexpected error keeps its traceback"
     assert "batch: 1 of 3 pairs done, 1 failed" in captured.out
     assert "INTERRUPTED" in captured.out
+    assert "nst-lightning: interrupted: Ctrl-C: the batch stopped" in captured.err
 
 
 def _expect_one_line_error(capsys, args, message):
@@ -297,3 +298,19 @@ def test_two_processes_share_the_pairs(tmp_path, pairs_setup):
         assert len(list(versions[0].glob("events.out.tfevents.*"))) == 1
         assert loss_steps(versions[0]) == [0, 1], name
     assert ranks == {"c1__s1": 0, "c1__s2": 1, "c2__s1": 0, "c2__s2": 1}, "pairs dealt out as pairs[rank::2]"
+
+
+def test_a_signal_during_a_pair_stops_the_whole_batch(tmp_path, pairs_setup, capsys, monkeypatch):
+    files, config = pairs_setup
+    calls = []
+
+    def fake_fit_pair(self, pair, placement):
+        calls.append(pair.n)
+        if pair.n == 2:
+            raise Interrupted(signal.SIGTERM, 3, 4)
+        return True, ""
+
+    monkeypatch.setattr(BatchCLI, "fit_pair", fake_fit_pair)
+    assert run_batch(*batch_args(config, tmp_path, [files["c1"], files["c2"]], [files["s1"], files["s2"]])) == 143
+    assert calls == [1, 2], "no pair starts after the signal"
+    assert "the batch stopped at SIGTERM" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from nst_lightning.cli import cli_main
 from nst_lightning.data import StyleTransferDataModule
 from nst_lightning.module import StyleTransfer
-from tests.conftest import REPO, write_config
+from tests.conftest import REPO, make_image, write_config
 
 
 @pytest.fixture(autouse=True)
@@ -175,15 +175,57 @@ def test_every_example_config_runs_in_miniature(tmp_path, monkeypatch, overlay):
     assert max(Image.open(tmp_path / "out.png").size) == 64
 
 
+# ---------------------------------------------------------------- configuration refused before anything loads
+
+
+def _must_not_load(*args, **kwargs):
+    raise AssertionError("the backbone weights were loaded although the configuration was refused")
+
+
+@pytest.mark.parametrize(
+    "args, config_overrides, message",
+    [
+        (["--model.bogus", "1"], {}, "unrecognized arguments: --model.bogus"),
+        ([], {"model": {"bogus": 1}}, "bogus"),
+        (["--model.style_weight", "abc"], {}, "Parser key \"model.style_weight\": Expected a <class 'float'>"),
+        (["--trainer.max_steps", "many"], {}, 'Parser key "trainer.max_steps"'),
+    ],
+)
+def test_unknown_keys_and_wrong_types_get_one_line(
+    tmp_path, images, capsys, monkeypatch, args, config_overrides, message
+):
+    monkeypatch.setattr("nst_lightning.features.load_backbone", _must_not_load)
+    config = write_config(tmp_path, images, **config_overrides)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("--config", str(config), *args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nst-lightning: error:") and err.count("\n") == 1, err
+    assert message in err and "--help" in err and "usage" not in err
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
         (["--data.style_blend_weights", "[-1.0]"], ">= 0 with a positive sum"),
         (["--data.style_blend_weights", "[1.0, 2.0]"], "one weight per style"),
         (["--model.backbone", "alexnet"], "unknown backbone"),
+        (["--trainer.max_steps", "0"], "trainer.max_steps must be at least 1"),
+        (["--trainer.max_steps", "-1"], "trainer.max_steps must be at least 1"),
+        (["--data.image_size", "0"], "data.image_size must be a positive"),
+        (["--model.style_layers", "[conv1_1, relu9_9]"], "unknown layer name(s) relu9_9"),
+        (["--model.content_weight", "0", "--model.style_weight", "0"], "both 0"),
+        (["--model.tv_weight", "-1"], "tv_weight must be"),
+        (["--model.lbfgs_history_size", "0"], "lbfgs_history_size must be at least 1"),
+        (["--output.snapshot_every_n_steps", "-5"], "snapshot_every_n_steps must be 0 (off)"),
+        (["--guard.stall_steps", "-1"], "guard.stall_steps must be 0 (off)"),
+        (["--output.path", "out/result.gif89"], "cannot tell the image format"),
     ],
 )
-def test_bad_style_values_get_one_clear_line(tmp_path, images, capsys, override, message):
+def test_settings_that_cannot_work_are_refused_before_the_weights_load(
+    tmp_path, images, capsys, monkeypatch, override, message
+):
+    monkeypatch.setattr("nst_lightning.features.load_backbone", _must_not_load)
     config = write_config(tmp_path, images)
     _expect_one_line_error(tmp_path, capsys, ["--config", str(config), *override], message)
 
@@ -193,3 +235,33 @@ def test_mask_of_the_wrong_size_gets_one_clear_line(tmp_path, images, capsys):
     Image.new("L", (7, 7), 255).save(mask)
     config = write_config(tmp_path, images, data={"style_masks": [str(mask)]})
     _expect_one_line_error(tmp_path, capsys, ["--config", str(config)], "give masks of the content image's size")
+
+
+def test_an_unwritable_log_folder_is_refused_before_anything_runs(tmp_path, images, capsys, monkeypatch):
+    monkeypatch.setattr("nst_lightning.features.load_backbone", _must_not_load)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = write_config(tmp_path, images, trainer={"default_root_dir": str(blocker / "runs")})
+    _expect_one_line_error(tmp_path, capsys, ["--config", str(config)], "cannot write to trainer.default_root_dir")
+
+
+# ---------------------------------------------------------------- odd images through the whole tool
+
+
+def test_one_pixel_images_run(tmp_path, capsys):
+    dots = {"content": make_image(tmp_path / "c.png", 1, 1, seed=1), "style": make_image(tmp_path / "s.png", 1, 1)}
+    config = write_config(tmp_path, dots, trainer={"max_steps": 2})
+    run_cli("--config", str(config))
+    assert Image.open(tmp_path / "out" / "result.png").size == (32, 32)
+
+
+def test_a_very_thin_image_is_one_clear_line(tmp_path, images, capsys):
+    thin = make_image(tmp_path / "thin.png", 1000, 1)
+    config = write_config(tmp_path, images, data={"content": str(thin)})
+    _expect_one_line_error(tmp_path, capsys, ["--config", str(config)], "32x1 px after resizing")
+
+
+def test_a_decompression_bomb_is_one_clear_line(tmp_path, images, capsys, monkeypatch):
+    monkeypatch.setenv("NST_MAX_IMAGE_PIXELS", "500")  # the 40x30 content image is 1,200 pixels
+    config = write_config(tmp_path, images)
+    _expect_one_line_error(tmp_path, capsys, ["--config", str(config)], "NST_MAX_IMAGE_PIXELS=1200")

@@ -1,3 +1,4 @@
+import itertools
 import warnings
 
 import pytest
@@ -200,3 +201,26 @@ def test_16_mixed_recovers_from_gradient_overflow(tmp_path, images):
 def test_true_half_precision_is_refused(tmp_path, images):
     with pytest.raises(ConfigError, match="half precision"):
         make_trainer(tmp_path, steps=1, precision="bf16-true").fit(make_module(), datamodule=datamodule(images))
+
+
+class ImageMoves(Callback):
+    def __init__(self):
+        self.moved, self.losses = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before = pl_module.image.detach().clone()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.moved.append(not torch.equal(self.before, pl_module.image.detach()))
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_strong_wolfe_line_search_keeps_moving(tmp_path, images):
+    # With max_iter=1, torch's default max_eval left the line search no evaluation to spend: after its
+    # first refused step the image never moved again.
+    watch = ImageMoves()
+    module = make_module(lbfgs_line_search="strong_wolfe")
+    make_trainer(tmp_path, steps=8, callbacks=[watch]).fit(module, datamodule=datamodule(images))
+    assert all(watch.moved)
+    assert all(b <= a for a, b in itertools.pairwise(watch.losses)), watch.losses
+    assert module.optimizers().optimizer.defaults["max_eval"] > 1

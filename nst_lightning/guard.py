@@ -1,0 +1,226 @@
+"""``RunGuard``: a run is never lost and never stalls silently.
+
+* **Signals.** Once the optimisation runs, the first Ctrl-C (SIGINT) or SIGTERM lets the current
+  step finish, then stops the run with :class:`~nst_lightning.errors.Interrupted`: the
+  :class:`~nst_lightning.callbacks.ImageWriter` writes the image to ``output.path`` and this callback
+  a checkpoint, ``interrupted.ckpt``, next to the run's other checkpoints, from which ``--ckpt_path``
+  resumes with the same image and L-BFGS state. A second signal quits at once (files are written
+  atomically, so none is left truncated). Lightning's own SIGTERM handler, which would end the run
+  with exit status 0 and no image, is replaced for the duration of the optimisation; Lightning puts
+  the previous handlers back when ``fit`` ends.
+* **Checkpoints** are written atomically and read with ``weights_only=True``
+  (:class:`~nst_lightning.checkpoint.AtomicCheckpointIO`, installed in ``setup``).
+* **Stalls.** An image that no longer moves (L-BFGS's gradient below its tolerance, or no descent
+  step found) ends the run early with a warning; a rising loss and a loss that no longer improves
+  are reported.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import warnings
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from nst_lightning.checkpoint import AtomicCheckpointIO
+from nst_lightning.errors import ConfigError, Interrupted
+
+INTERRUPTED_CHECKPOINT = "interrupted.ckpt"
+# A loss that improves by less than this fraction over ``stall_steps`` steps has stalled.
+STALL_IMPROVEMENT = 1e-3
+# A loss that grows by more than this fraction in one step is reported (once per run).
+RISE_REPORTED = 0.1
+# Steps in a row without any change of the image before the run is ended.
+STILL_STEPS = 2
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _say(message: str) -> None:
+    """Print from a signal handler: a plain write, which cannot collide with a print in progress."""
+    try:
+        os.write(2, f"\n{message}\n".encode())
+    except OSError:
+        pass
+
+
+class LossWatch:
+    """The bookkeeping behind the stall and rise reports: feed it each step's loss, get messages back."""
+
+    def __init__(self, stall_steps: int, line_search: bool) -> None:
+        self.stall_steps = stall_steps
+        self.line_search = line_search
+        self.best = math.inf
+        self.best_step = 0
+        self.previous: float | None = None
+        self.stall_reported = False
+        self.rise_reported = False
+
+    def update(self, step: int, loss: float) -> list[str]:
+        """Messages for the loss of ``step`` (the loss at the point where that step started)."""
+        messages = []
+        previous, self.previous = self.previous, loss
+        if previous is not None and not self.rise_reported and loss > previous * (1 + RISE_REPORTED) + 1e-12:
+            self.rise_reported = True
+            if self.line_search:
+                messages.append(
+                    f"the L-BFGS line search failed at step {step}: the loss rose from {previous:.4g} to {loss:.4g}; "
+                    "lower model.lr if this recurs"
+                )
+            else:
+                messages.append(
+                    f"the loss rose at step {step}, from {previous:.4g} to {loss:.4g}: L-BFGS without a line search "
+                    "overshot; it usually recovers, but if this recurs set model.lbfgs_line_search to strong_wolfe "
+                    "or lower model.lr"
+                )
+        if loss < self.best * (1 - STALL_IMPROVEMENT):
+            self.best, self.best_step = loss, step
+        elif self.stall_steps and not self.stall_reported and step - self.best_step >= self.stall_steps:
+            self.stall_reported = True
+            messages.append(
+                f"the loss has improved by less than {STALL_IMPROVEMENT:.1%} in the last {step - self.best_step} "
+                f"steps (step {step}, loss {loss:.4g}): the image has nearly converged and more steps change little; "
+                "use fewer trainer.max_steps, or change model.lr or the loss weights"
+            )
+        return messages
+
+
+class RunGuard(L.Callback):
+    """Keeps a run from being lost or from stalling silently (see the module's docstring).
+
+    Args:
+        stall_steps: warn when the loss has improved by less than 0.1% over this many steps
+            (0 turns the check off).
+    """
+
+    def __init__(self, stall_steps: int = 50) -> None:
+        if stall_steps < 0:
+            raise ConfigError(f"guard.stall_steps must be 0 (off) or a number of steps, got {stall_steps}")
+        self.stall_steps = stall_steps
+        self.signal_received: int | None = None
+        self._armed = False
+        self._handlers: dict[int, Any] = {}
+        self._watch: LossWatch | None = None
+        self._image_before: torch.Tensor | None = None
+        self._still = 0
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Only Lightning's plain IO is replaced: a CheckpointIO plugin chosen by the user stays.
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    @staticmethod
+    def checkpoint_dir(trainer: L.Trainer) -> Path:
+        """Where the run's checkpoints go: ModelCheckpoint's folder, else ``<log dir>/checkpoints``."""
+        callback = trainer.checkpoint_callback
+        if callback is not None and getattr(callback, "dirpath", None):
+            return Path(callback.dirpath)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+
+    # ------------------------------------------------------------------ signals
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.signal_received is None and self._armed:
+            self.signal_received = signum
+            _say(
+                f"nst-lightning: {name} received: finishing the current step, then writing the image and a "
+                "checkpoint (press Ctrl-C again to quit at once)"
+            )
+            return
+        _say(f"nst-lightning: {name} received again: quitting at once")
+        raise SystemExit(128 + signum)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.signal_received = signal.SIGTERM if trainer.received_sigterm else None
+        if threading.current_thread() is threading.main_thread():
+            for signum in _SIGNALS:
+                self._handlers[signum] = signal.signal(signum, self._on_signal)
+        self._armed = True
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        line_search = bool(optimizer is not None and optimizer.defaults.get("line_search_fn"))
+        self._watch = LossWatch(self.stall_steps, line_search)
+        self._still = 0
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Lightning restores the handlers it found when fit started; this only covers a Trainer whose
+        # signal connector did not (a handler of ours left in place would outlive the run).
+        self._armed = False
+        if threading.current_thread() is threading.main_thread():
+            for signum, previous in self._handlers.items():
+                if signal.getsignal(signum) == self._on_signal and previous is not None:
+                    signal.signal(signum, previous)
+        self._handlers = {}
+
+    # ------------------------------------------------------------------ steps
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        image = getattr(pl_module, "image", None)
+        if image is not None:
+            if self._image_before is None or self._image_before.shape != image.shape:
+                self._image_before = image.detach().clone()
+            else:
+                self._image_before.copy_(image.detach())
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        self._check_progress(trainer, pl_module, outputs, step)
+        done = 0 <= trainer.max_steps <= step
+        if self.signal_received is not None and not done:
+            raise Interrupted(self.signal_received, step, trainer.max_steps)
+
+    def _check_progress(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, step: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if self._watch is not None and isinstance(loss, torch.Tensor) and trainer.is_global_zero:
+            for message in self._watch.update(step, float(loss)):
+                warnings.warn(message, stacklevel=2)
+        image = getattr(pl_module, "image", None)
+        if image is None or self._image_before is None or image.shape != self._image_before.shape:
+            return
+        self._still = self._still + 1 if torch.equal(image.detach(), self._image_before) else 0
+        if self._still < STILL_STEPS:
+            return
+        trainer.should_stop = True
+        if trainer.is_global_zero:
+            warnings.warn(self._still_message(trainer, image, step), stacklevel=2)
+
+    @staticmethod
+    def _still_message(trainer: L.Trainer, image: torch.Tensor, step: int) -> str:
+        optimizer = trainer.optimizers[0]
+        tolerance = optimizer.defaults.get("tolerance_grad")
+        grad = image.grad
+        if tolerance is not None and grad is not None and float(grad.abs().max()) <= tolerance:
+            why = f"the gradient is below L-BFGS's tolerance ({tolerance:g}): the image has converged"
+        elif isinstance(optimizer, torch.optim.LBFGS):
+            why = (
+                "L-BFGS found no step that lowers the loss (its line search failed or its direction went uphill); "
+                "a lower model.lr or a new run may help"
+            )
+        else:
+            why = "the gradient is zero"
+        return f"the image has not changed in the last {STILL_STEPS} steps (step {step}): {why}; ending the run early"
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._armed = False
+        if not isinstance(exception, Interrupted) or not trainer.is_global_zero:
+            return
+        path = self.checkpoint_dir(trainer) / INTERRUPTED_CHECKPOINT
+        try:
+            trainer.save_checkpoint(path, weights_only=False)
+        except Exception as err:  # noqa: BLE001 - report it in the interruption's message, keep the exit code
+            exception.checkpoint_error = str(err)
+        else:
+            exception.checkpoint = path

@@ -1,0 +1,345 @@
+"""Interruption (real signals to a real CLI process), numerical faults and stall reports."""
+
+import io
+import os
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning import Callback, Trainer
+from PIL import Image
+
+from nst_lightning.checkpoint import AtomicCheckpointIO
+from nst_lightning.cli import cli_main
+from nst_lightning.data import StyleTransferDataModule
+from nst_lightning.errors import Interrupted, NumericalError
+from nst_lightning.guard import INTERRUPTED_CHECKPOINT, LossWatch, RunGuard
+from nst_lightning.image_io import atomic_write, load_image, tensor_to_pil
+from nst_lightning.module import StyleTransfer
+from tests.conftest import leftovers, start_cli, wait_for, write_config
+
+posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+
+
+@pytest.fixture(autouse=True)
+def plain_argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["cli.py"])
+
+
+def run_dir(tmp_path: Path, n: int = 0) -> Path:
+    return tmp_path / "runs" / "lightning_logs" / f"version_{n}"
+
+
+def long_run(tmp_path: Path, images) -> Path:
+    """A config that would run for hours: it is still running whenever a signal comes."""
+    return write_config(
+        tmp_path,
+        images,
+        trainer={"max_steps": 1_000_000},
+        output={"snapshot_every_n_steps": 1, "log_image_every_n_steps": 0},
+    )
+
+
+def interrupt(tmp_path: Path, config: Path, *signals: int) -> tuple[int, str]:
+    """Start the CLI, wait until its first step is done, send ``signals``; (exit status, stderr)."""
+    process = start_cli(tmp_path, config)
+    try:
+        first_step = run_dir(tmp_path) / "snapshots" / "step_000001.png"
+        wait_for(lambda: first_step.exists() or process.poll() is not None, what="the first step")
+        assert process.poll() is None, (tmp_path / "stderr.txt").read_text()
+        for signum in signals:
+            process.send_signal(signum)
+        # The step in progress takes milliseconds here; the limit only guards against a hang.
+        code = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return code, (tmp_path / "stderr.txt").read_text()
+
+
+def check_files_complete(folder: Path) -> None:
+    """No temporary files left; every image and checkpoint reads back completely."""
+    assert leftovers(folder) == []
+    for path in folder.rglob("*.png"):
+        with Image.open(path) as img:
+            img.load()
+    for path in folder.rglob("*.ckpt"):
+        torch.load(path, weights_only=True)
+
+
+@posix_only
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_saves_image_and_checkpoint_and_the_run_resumes(tmp_path, images, signum, code, capsys):
+    config = long_run(tmp_path, images)
+    status, stderr = interrupt(tmp_path, config, signum)
+
+    assert status == code, stderr
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("nst-lightning: interrupted:")]
+    assert len(lines) == 1, stderr
+    ckpt = run_dir(tmp_path) / "checkpoints" / INTERRUPTED_CHECKPOINT
+    assert f"--ckpt_path {ckpt}" in lines[0]
+    assert "Wrote the partial image (interrupted)" in stderr
+    check_files_complete(tmp_path)
+
+    # The output holds exactly the checkpoint's image, and the checkpoint the L-BFGS state of that step.
+    saved = torch.load(ckpt, weights_only=True)
+    step = saved["global_step"]
+    assert step >= 1 and f"stopped after step {step} of" in lines[0]
+    output = np.asarray(Image.open(tmp_path / "out" / "result.png"))
+    np.testing.assert_array_equal(output, np.asarray(tensor_to_pil(saved["state_dict"]["image"])))
+    assert saved["optimizer_states"][0]["state"][0]["n_iter"] == step
+
+    # The printed resume command (the same command plus --ckpt_path) continues from that image and state.
+    record = tmp_path / "first_step.pt"
+    recorder = f"--trainer.callbacks+={{class_path: tests.test_guard.FirstStep, init_args: {{path: {record}}}}}"
+    cli_main(["fit", "--config", str(config), "--trainer.max_steps", str(step + 2), "--ckpt_path", str(ckpt), recorder])
+    first = torch.load(record, weights_only=True)
+    assert first["step"] == step
+    torch.testing.assert_close(first["image"], saved["state_dict"]["image"])
+    assert first["n_iter"] == step, "the L-BFGS history came back"
+    assert len(list((run_dir(tmp_path, 1) / "checkpoints").glob(f"*step={step + 2}.ckpt"))) == 1
+
+
+class FirstStep(Callback):
+    """Saves the step, image and L-BFGS iteration count at the start of a (resumed) run to ``path``."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module):
+        state = trainer.optimizers[0].state[pl_module.image]
+        record = {"step": trainer.global_step, "image": pl_module.image.detach().clone(), "n_iter": state["n_iter"]}
+        torch.save(record, self.path)
+
+
+class SlowDisk(Callback):
+    """Makes checkpoint writes stop halfway for ``seconds`` (a stuck disk), after touching ``marker``."""
+
+    def __init__(self, marker: str, seconds: float = 600.0):
+        self.marker, self.seconds = marker, seconds
+
+    def setup(self, trainer, pl_module, stage):
+        marker, seconds = self.marker, self.seconds
+
+        class StuckIO(AtomicCheckpointIO):
+            def save_checkpoint(self, checkpoint, path, storage_options=None):
+                def write(handle):
+                    buffer = io.BytesIO()
+                    torch.save(checkpoint, buffer)
+                    data = buffer.getvalue()
+                    handle.write(data[: len(data) // 2])
+                    handle.flush()
+                    Path(marker).touch()
+                    time.sleep(seconds)
+                    handle.write(data[len(data) // 2 :])
+
+                atomic_write(path, write)
+
+        trainer.strategy.checkpoint_io = StuckIO()
+
+
+@posix_only
+def test_a_second_ctrl_c_quits_at_once_without_damaging_files(tmp_path, images):
+    # The first Ctrl-C stops the run; while its checkpoint is half written (the disk is stuck), a
+    # second one quits: no checkpoint, no temporary file, and the image written before stays whole.
+    marker = tmp_path / "checkpoint-half-written"
+    config = long_run(tmp_path, images)
+    slow = f"--trainer.callbacks+={{class_path: tests.test_guard.SlowDisk, init_args: {{marker: {marker}}}}}"
+    process = start_cli(tmp_path, config, slow)
+    try:
+        wait_for(lambda: (run_dir(tmp_path) / "snapshots" / "step_000001.png").exists(), what="the first step")
+        process.send_signal(signal.SIGINT)
+        wait_for(marker.exists, what="the interruption's checkpoint write")
+        process.send_signal(signal.SIGINT)
+        status = process.wait(timeout=120)  # the stuck write would take 600 s
+    finally:
+        if process.poll() is None:
+            process.kill()
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert status == 130, stderr
+    assert "Traceback" not in stderr and "SIGINT received again: quitting at once" in stderr
+    assert not list(tmp_path.rglob("*.ckpt"))
+    check_files_complete(tmp_path)
+    assert Image.open(tmp_path / "out" / "result.png").size == (32, 24)
+
+
+class SendSignal(Callback):
+    def __init__(self, at_step: int, signum: int = signal.SIGINT):
+        self.at_step, self.signum = at_step, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            os.kill(os.getpid(), self.signum)
+
+
+def make_trainer(tmp_path, steps, callbacks=(), **kwargs):
+    kwargs.setdefault("logger", False)
+    kwargs.setdefault("enable_checkpointing", False)
+    return Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+        **kwargs,
+    )
+
+
+def make_module(**kwargs) -> StyleTransfer:
+    kwargs.setdefault("weights", "random")
+    kwargs.setdefault("init", "noise")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return StyleTransfer(**kwargs)
+
+
+def datamodule(images, size: int = 32) -> StyleTransferDataModule:
+    return StyleTransferDataModule(str(images["content"]), str(images["style"]), image_size=size)
+
+
+@posix_only
+def test_the_step_in_progress_finishes_before_the_run_stops(tmp_path, images):
+    # In-process: the signal arrives while step 3 starts; the run stops after it, not in its middle.
+    guard = RunGuard()
+    trainer = make_trainer(tmp_path, 50, [guard, SendSignal(at_step=2)])
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(Interrupted) as info:
+        trainer.fit(make_module(), datamodule=datamodule(images))
+    assert info.value.step == 3 and info.value.exit_code == 130
+    assert info.value.checkpoint == tmp_path / "checkpoints" / INTERRUPTED_CHECKPOINT
+    assert torch.load(info.value.checkpoint, weights_only=True)["global_step"] == 3
+    assert signal.getsignal(signal.SIGINT) is previous, "the handlers in place before fit are back"
+
+
+def test_checkpoints_are_written_by_the_atomic_checkpoint_io(tmp_path, images):
+    trainer = make_trainer(tmp_path, 1, [RunGuard()])
+    trainer.fit(make_module(), datamodule=datamodule(images))
+    assert type(trainer.strategy.checkpoint_io) is AtomicCheckpointIO
+
+
+# ---------------------------------------------------------------- stalls
+
+
+def test_loss_watch_reports_a_rise_once():
+    watch = LossWatch(stall_steps=0, line_search=False)
+    assert watch.update(1, 10.0) == [] and watch.update(2, 8.0) == []
+    (message,) = watch.update(3, 20.0)
+    assert "the loss rose at step 3, from 8 to 20" in message and "strong_wolfe" in message
+    assert watch.update(4, 50.0) == [], "once per run"
+    line_search = LossWatch(stall_steps=0, line_search=True)
+    line_search.update(1, 1.0)
+    assert "line search failed at step 2" in line_search.update(2, 2.0)[0]
+
+
+def test_loss_watch_reports_a_stalled_loss_once():
+    watch = LossWatch(stall_steps=5, line_search=False)
+    losses = [10.0, 5.0, 4.0] + [3.9999] * 10
+    messages = [(step, m) for step, loss in enumerate(losses, 1) for m in watch.update(step, loss)]
+    assert len(messages) == 1
+    step, message = messages[0]
+    assert step == 8 and "improved by less than 0.1% in the last 5 steps" in message
+    improving = LossWatch(stall_steps=5, line_search=False)
+    assert not [m for step in range(1, 50) for m in improving.update(step, 0.9**step)]
+
+
+def test_a_run_whose_image_stops_moving_ends_early_with_a_warning(tmp_path, images):
+    # Content loss only, starting at the content image: the gradient is zero, L-BFGS returns at once.
+    module = make_module(init="content", style_weight=0.0)
+    trainer = make_trainer(tmp_path, 20, [RunGuard()])
+    with pytest.warns(UserWarning, match="has not changed in the last 2 steps.*below L-BFGS's tolerance"):
+        trainer.fit(module, datamodule=datamodule(images))
+    assert trainer.global_step == 2
+
+
+# ---------------------------------------------------------------- numerical faults
+
+
+class Diverging(StyleTransfer):
+    """A loss whose gradient is infinite although its value is finite (sqrt at 0)."""
+
+    def forward(self, image):
+        losses = super().forward(image)
+        losses["total"] = losses["total"] + (image - image.detach()).abs().sqrt().sum()
+        return losses
+
+
+def test_a_non_finite_gradient_is_caught_at_that_step(tmp_path, images):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = Diverging(weights="random", init="noise")
+    with pytest.raises(NumericalError, match="gradient became non-finite at step 0"):
+        make_trainer(tmp_path, 3).fit(module, datamodule=datamodule(images))
+
+
+def test_a_diverging_run_keeps_its_last_finite_image(tmp_path, images):
+    module = make_module(lr=100.0)
+    with pytest.raises(NumericalError, match=r"loss became inf at step \d+: .*lower model.lr"):
+        make_trainer(tmp_path, 50).fit(module, datamodule=datamodule(images))
+    assert module.trainer.global_step >= 1
+    assert torch.isfinite(module.image).all()
+    torch.testing.assert_close(module.image.detach(), module.last_finite_image)
+    with torch.no_grad():
+        assert torch.isfinite(module(module.image)["total"])
+
+
+def test_cli_numerical_fault_is_one_line_and_the_output_holds_the_last_finite_image(tmp_path, images, capsys):
+    config = write_config(tmp_path, images, trainer={"max_steps": 50}, model={"lr": 100.0})
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(config)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("nst-lightning: error:")]
+    assert len(lines) == 1 and "lower model.lr" in lines[0] and "Traceback" not in err
+    output = load_image(tmp_path / "out" / "result.png")
+    assert output.shape == (1, 3, 24, 32) and torch.isfinite(output).all()
+
+
+def test_cli_absurd_style_weight_names_it_and_leaves_the_old_output(tmp_path, images, capsys):
+    # 1e44 times the (small, random-weights) style loss overflows float32 at the first evaluation.
+    config = write_config(tmp_path, images, model={"style_weight": 1e44})
+    output = tmp_path / "out" / "result.png"
+    output.parent.mkdir()
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(output)
+    before = output.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(config)])
+    assert exit_info.value.code == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nst-lightning: error:")]
+    assert (
+        len(lines) == 1 and "at step 0: model.style_weight=1e+44" in lines[0] and "lower model.style_weight" in lines[0]
+    )
+    assert output.read_bytes() == before, "nothing better than the old output was computed"
+
+
+def test_interrupted_message_and_exit_codes():
+    err = Interrupted(signal.SIGTERM, 7, 300)
+    assert err.exit_code == 143 and str(err) == "SIGTERM: stopped after step 7 of 300"
+    err.image, err.checkpoint = "out.png", "run/interrupted.ckpt"
+    assert str(err).endswith(
+        "partial image is in out.png; to go on, run the same command with --ckpt_path run/interrupted.ckpt"
+    )
+
+
+def _ctrl_c(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("where", ["nst_lightning.features.load_backbone", "nst_lightning.module.StyleTransfer.setup"])
+def test_ctrl_c_before_the_optimisation_exits_130_with_one_line(tmp_path, images, capsys, monkeypatch, where):
+    # Loading the weights runs outside Trainer.fit; setup runs inside it, where Lightning answers
+    # KeyboardInterrupt with sys.exit(1): both end as 130 and one line.
+    monkeypatch.setattr(where, _ctrl_c)
+    config = write_config(tmp_path, images)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(config)])
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert "nst-lightning: interrupted: Ctrl-C before the optimisation started: nothing was written" in err
+    assert "Traceback" not in err and not (tmp_path / "out" / "result.png").exists()
