@@ -184,10 +184,13 @@ class RunGuard(L.Callback):
 
     def _check_progress(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, step: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        image = getattr(pl_module, "image", None)
+        if self._watch is not None and image is not None and self._image_before is not None:
+            if image.shape != self._image_before.shape:  # a coarse-to-fine run moved to its next scale:
+                self._watch = LossWatch(self.stall_steps, self._watch.line_search)  # a new loss to watch
         if self._watch is not None and isinstance(loss, torch.Tensor) and trainer.is_global_zero:
             for message in self._watch.update(step, float(loss)):
                 warnings.warn(message, stacklevel=2)
-        image = getattr(pl_module, "image", None)
         if image is None or self._image_before is None or image.shape != self._image_before.shape:
             return
         self._still = self._still + 1 if torch.equal(image.detach(), self._image_before) else 0
