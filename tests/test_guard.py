@@ -11,17 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lightning import Callback, Trainer
+from lightning import Callback
 from PIL import Image
 
 from nst_lightning.checkpoint import AtomicCheckpointIO
 from nst_lightning.cli import cli_main
-from nst_lightning.data import StyleTransferDataModule
 from nst_lightning.errors import Interrupted, NumericalError
 from nst_lightning.guard import INTERRUPTED_CHECKPOINT, LossWatch, RunGuard
 from nst_lightning.image_io import atomic_write, load_image, tensor_to_pil
 from nst_lightning.module import StyleTransfer
-from tests.conftest import leftovers, start_cli, wait_for, write_config
+from tests.conftest import datamodule, leftovers, make_module, make_trainer, start_cli, wait_for, write_config
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -178,37 +177,11 @@ class SendSignal(Callback):
             os.kill(os.getpid(), self.signum)
 
 
-def make_trainer(tmp_path, steps, callbacks=(), **kwargs):
-    kwargs.setdefault("logger", False)
-    kwargs.setdefault("enable_checkpointing", False)
-    return Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=list(callbacks),
-        **kwargs,
-    )
-
-
-def make_module(**kwargs) -> StyleTransfer:
-    kwargs.setdefault("weights", "random")
-    kwargs.setdefault("init", "noise")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return StyleTransfer(**kwargs)
-
-
-def datamodule(images, size: int = 32) -> StyleTransferDataModule:
-    return StyleTransferDataModule(str(images["content"]), str(images["style"]), image_size=size)
-
-
 @posix_only
 def test_the_step_in_progress_finishes_before_the_run_stops(tmp_path, images):
     # In-process: the signal arrives while step 3 starts; the run stops after it, not in its middle.
     guard = RunGuard()
-    trainer = make_trainer(tmp_path, 50, [guard, SendSignal(at_step=2)])
+    trainer = make_trainer(tmp_path, 50, callbacks=[guard, SendSignal(at_step=2)])
     previous = signal.getsignal(signal.SIGINT)
     with pytest.raises(Interrupted) as info:
         trainer.fit(make_module(), datamodule=datamodule(images))
@@ -219,7 +192,7 @@ def test_the_step_in_progress_finishes_before_the_run_stops(tmp_path, images):
 
 
 def test_checkpoints_are_written_by_the_atomic_checkpoint_io(tmp_path, images):
-    trainer = make_trainer(tmp_path, 1, [RunGuard()])
+    trainer = make_trainer(tmp_path, 1, callbacks=[RunGuard()])
     trainer.fit(make_module(), datamodule=datamodule(images))
     assert type(trainer.strategy.checkpoint_io) is AtomicCheckpointIO
 
@@ -252,7 +225,7 @@ def test_loss_watch_reports_a_stalled_loss_once():
 def test_a_run_whose_image_stops_moving_ends_early_with_a_warning(tmp_path, images):
     # Content loss only, starting at the content image: the gradient is zero, L-BFGS returns at once.
     module = make_module(init="content", style_weight=0.0)
-    trainer = make_trainer(tmp_path, 20, [RunGuard()])
+    trainer = make_trainer(tmp_path, 20, callbacks=[RunGuard()])
     with pytest.warns(UserWarning, match="has not changed in the last 2 steps.*below L-BFGS's tolerance"):
         trainer.fit(module, datamodule=datamodule(images))
     assert trainer.global_step == 2
