@@ -57,3 +57,15 @@ def test_total_variation_is_zero_for_flat_image_and_grows_with_noise():
     assert total_variation(flat).item() == 0.0
     noisy = flat + 0.1 * torch.randn(1, 3, 8, 8)
     assert total_variation(noisy).item() > total_variation(flat + 0.01 * torch.randn(1, 3, 8, 8)).item()
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_gram_gradient_is_autograds_in_either_layout(layout):
+    # The Gram backward is one product, written in the input's layout; it must equal autograd's.
+    features = torch.randn(2, 5, 3, 4).contiguous(memory_format=layout).requires_grad_(True)
+    weights = torch.randn(2, 5, 5)
+    (gram_matrix(features) * weights).sum().backward()
+    flat = features.detach().reshape(2, 5, 12).requires_grad_(True)
+    (torch.bmm(flat, flat.transpose(1, 2)).div(60) * weights).sum().backward()
+    torch.testing.assert_close(features.grad.reshape(2, 5, 12), flat.grad)
+    assert features.grad.is_contiguous(memory_format=layout)
