@@ -56,6 +56,8 @@ class StyleTransfer(L.LightningModule):
         lr: learning rate (default: 1.0 for lbfgs, 0.02 for adam).
         lbfgs_history_size: L-BFGS memory (number of past updates kept).
         lbfgs_line_search: None (one function evaluation per step) or strong_wolfe.
+        compile: compile the loss computation with torch.compile (opt-in: a one-off cost of tens of
+            seconds at the first step, then faster steps; see the README's Benchmarks).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class StyleTransfer(L.LightningModule):
         lr: float | None = None,
         lbfgs_history_size: int = 100,
         lbfgs_line_search: Literal["strong_wolfe"] | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -103,6 +106,8 @@ class StyleTransfer(L.LightningModule):
         self.register_parameter("image", None)  # made in setup(), once the content image is known
         self.register_buffer("loss_scale", torch.tensor(_SCALE_START))
         self._finite_steps = 0
+        if compile:
+            self.compile()  # nn.Module.compile: compiles forward (extractor and losses) in place
 
     @staticmethod
     def _validate(
