@@ -11,6 +11,7 @@ from nst_lightning.callbacks import ImageWriter
 from nst_lightning.data import StyleTransferDataModule
 from nst_lightning.errors import NSTError
 from nst_lightning.module import StyleTransfer
+from nst_lightning.runtime import set_default_threads
 
 # Trainer defaults that differ from Lightning's: the seed's 300 iterations, one GPU at most
 # (one image is one optimisation), and a scalar per step in TensorBoard.
@@ -43,7 +44,10 @@ def cli_main(args: list[str] | None = None) -> None:
     """Entry point of ``python cli.py`` (and the ``nst-lightning`` command).
 
     A problem with the user's input ends the run with one line on stderr and exit status 1.
+    Torch uses one thread per physical core unless ``OMP_NUM_THREADS`` (or ``MKL_NUM_THREADS``) says
+    otherwise.
     """
+    set_default_threads()
     # The loader only paces the steps: worker processes would not help. The extractor is meant to
     # stay in eval mode. Neither needs a warning on every run.
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
