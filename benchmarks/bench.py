@@ -78,6 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="proxy",
         help="300 iterations at 512 px: proxy from the measured parts (default) or the real run",
     )
+    p.add_argument(
+        "--compile-cache",
+        choices=["fresh", "keep"],
+        default="fresh",
+        help="fresh (default): an empty inductor cache, so the compile's one-off cost is a first run's",
+    )
     p.add_argument("--memory", choices=["on", "off"], default="on", help="estimator vs measured RSS (children)")
     p.add_argument(
         "--precisions",
@@ -101,6 +107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def setup_torch(args: argparse.Namespace):
+    if args.compile != "off" and args.compile_cache == "fresh" and not args.memory_child:
+        import tempfile
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="nst-bench-inductor-")
     import torch
 
     from nst_lightning.runtime import physical_cores
@@ -198,6 +208,14 @@ def wait_quiet(limit_s: float) -> float:
 
 
 def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM belongs to the address space, which exec() makes
+    anew; ru_maxrss would carry a parent's high-water mark over into a child process."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -216,8 +234,14 @@ class Project:
     """
 
     def __init__(self, size: int, device: str, precision: str, compile: bool, **module_kwargs) -> None:
+        import torch
+
         from nst_lightning import StyleTransfer, StyleTransferDataModule
 
+        if compile:
+            # Each size compiles afresh with static shapes, as in a real (one-size) run; without the
+            # reset, a second size would recompile with dynamic shapes.
+            torch._dynamo.reset()
         self.device, self.precision = device, precision
         self.module = StyleTransfer(weights="random", compile=compile, **module_kwargs)
         self.data = StyleTransferDataModule(str(CONTENT), str(STYLE), image_size=size)
@@ -739,6 +763,7 @@ def main(argv: list[str] | None = None) -> None:
             "repeats": args.repeats,
             "steps": args.steps,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default") if args.compile != "off" else None,
             "load_average_start": os.getloadavg(),
         },
         "sizes": [],
@@ -759,6 +784,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
+    if Path(cache).name.startswith("nst-bench-inductor-"):
+        import shutil
+
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 if __name__ == "__main__":
