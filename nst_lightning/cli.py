@@ -17,6 +17,7 @@ from nst_lightning.errors import CheckpointError, ConfigError, Interrupted, NSTE
 from nst_lightning.guard import RunGuard
 from nst_lightning.image_io import check_writable, check_writable_dir
 from nst_lightning.module import StyleTransfer
+from nst_lightning.runtime import set_default_threads
 
 # Trainer defaults that differ from Lightning's: the seed's 300 iterations, one GPU at most
 # (one image is one optimisation), and a scalar per step in TensorBoard.
@@ -118,7 +119,10 @@ def cli_main(args: list[str] | None = None) -> None:
     a batch in which some pair failed); 2 for a command line or config that does not parse;
     128 + the signal's number after Ctrl-C (130) or SIGTERM (143), once the partial image and a
     checkpoint are saved.
+    Torch uses one thread per physical core unless ``OMP_NUM_THREADS`` (or ``MKL_NUM_THREADS``) says
+    otherwise.
     """
+    set_default_threads()
     # The loader only paces the steps: worker processes would not help. The extractor is meant to
     # stay in eval mode. Neither needs a warning on every run.
     warnings.filterwarnings("ignore", ".*does not have many workers.*")

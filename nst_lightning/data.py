@@ -125,6 +125,11 @@ class StyleTransferDataModule(L.LightningDataModule):
         """The content image at ``image_size``, (1, 3, H, W)."""
         return self.inputs().content
 
+    @property
+    def style_image(self) -> Tensor:
+        """The (first) style image at ``image_size`` x ``style_scale``, (1, 3, h, w)."""
+        return self.inputs().styles[0]
+
     def train_dataloader(self) -> DataLoader:
         """One item per optimisation step: the image is the model, so the loader only paces the loop.
 

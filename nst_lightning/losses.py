@@ -16,6 +16,29 @@ def _fp32(x: Tensor) -> Tensor:
     return x.float() if x.dtype != torch.float32 else x
 
 
+class _Gram(torch.autograd.Function):
+    """``flat @ flat^T / norm`` for ``flat`` of shape (B, C, N), as one batched product each way.
+
+    Autograd's own backward of ``bmm(flat, flat^T)`` runs two products (one per operand) and adds
+    them; here it is one, ``(g + g^T) @ flat / norm``, written in the memory layout of ``flat`` (in
+    channels-last activations C is the innermost dimension), so no layout conversion follows.
+    """
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, norm: float) -> Tensor:
+        ctx.save_for_backward(flat)
+        ctx.norm = norm
+        return torch.bmm(flat, flat.transpose(1, 2)).div_(norm)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (flat,) = ctx.saved_tensors
+        sym = grad + grad.transpose(1, 2)
+        if flat.stride(1) == 1 and flat.size(1) > 1:  # channels-last: (B, N, C) is the contiguous view
+            return torch.bmm(flat.transpose(1, 2), sym).div_(ctx.norm).transpose(1, 2), None
+        return torch.bmm(sym, flat).div_(ctx.norm), None
+
+
 def gram_matrix(features: Tensor, mask: Tensor | None = None) -> Tensor:
     """Gram matrices of feature maps: (B, C, H, W) -> (B, C, C), divided by C*H*W.
 
@@ -32,7 +55,7 @@ def gram_matrix(features: Tensor, mask: Tensor | None = None) -> Tensor:
     with torch.autocast(device_type=features.device.type, enabled=False):
         flat = _fp32(features).reshape(b, c, h * w)
         if mask is None:
-            return torch.bmm(flat, flat.transpose(1, 2)).div_(c * h * w)
+            return _Gram.apply(flat, float(c * h * w))
         weights = _fp32(mask).reshape(-1, 1, h * w)
         area = weights.sum(dim=-1, keepdim=True).clamp_min(1e-8)
         return torch.bmm(flat * weights, flat.transpose(1, 2)) / (c * area)

@@ -142,6 +142,8 @@ class StyleTransfer(L.LightningModule):
             [256, 362, 512]; None optimises at data.image_size only.
         scale_steps: iterations at each of ``scales``; trainer.max_steps must be at least their sum
             (any further steps run at the last scale).
+        compile: compile the loss computation with torch.compile (opt-in: a one-off cost of tens of
+            seconds at the first step, then faster steps; see the README's Benchmarks).
     """
 
     def __init__(
@@ -165,6 +167,7 @@ class StyleTransfer(L.LightningModule):
         lbfgs_line_search: Literal["strong_wolfe"] | None = None,
         scales: Sequence[int] | None = None,
         scale_steps: Sequence[int] | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -201,6 +204,8 @@ class StyleTransfer(L.LightningModule):
         self._finite_steps = 0
         self._scale = 0  # index into the sizes of a coarse-to-fine run
         self._style_group_weights: list[float] = []
+        if compile:
+            self.compile()  # nn.Module.compile: compiles forward (extractor and losses) in place
 
     # ------------------------------------------------------------------ set-up
 

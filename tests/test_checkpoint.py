@@ -189,12 +189,12 @@ def test_weights_only_false_is_refused(finished_run, capsys):
 
 def test_library_use_refuses_a_checkpoint_of_other_settings(tmp_path, images):
     # Without the CLI, StyleTransfer.on_load_checkpoint makes the same check.
-    from tests.test_guard import datamodule, make_module, make_trainer
+    from tests.conftest import datamodule, make_module, make_trainer
 
-    trainer = make_trainer(tmp_path, 1, [RunGuard()])
+    trainer = make_trainer(tmp_path, 1, callbacks=[RunGuard()])
     trainer.fit(make_module(), datamodule=datamodule(images))
     trainer.save_checkpoint(tmp_path / "run.ckpt")
     with pytest.raises(CheckpointError, match="model.style_weight was 1000000.0, now 10.0"):
-        make_trainer(tmp_path, 2, [RunGuard()]).fit(
+        make_trainer(tmp_path, 2, callbacks=[RunGuard()]).fit(
             make_module(style_weight=10.0), datamodule=datamodule(images), ckpt_path=tmp_path / "run.ckpt"
         )

@@ -140,3 +140,17 @@ def test_weight_files_are_loaded_without_running_code(tmp_path):
     torch.save({"x": Evil()}, path)
     with pytest.raises(WeightsError, match="cannot load weights file"):
         load_backbone("vgg19", str(path))
+
+
+def test_channels_last_gives_the_same_activations_and_a_contiguous_image_gradient():
+    layers = ["conv4_2", *STYLE]
+    fast = FeatureExtractor(layers, weights="random")
+    plain = FeatureExtractor(layers, weights="random", channels_last=False)
+    assert fast.body.conv1_1.weight.is_contiguous(memory_format=torch.channels_last)
+    image = torch.rand(1, 3, 32, 48, requires_grad=True)
+    a, b = fast(image), plain(image)
+    for name in layers:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+    sum(v.square().mean() for v in a.values()).backward()
+    # L-BFGS flattens the gradient with view(-1): it must stay in the image's own (NCHW) layout.
+    assert image.is_contiguous() and image.grad.is_contiguous()

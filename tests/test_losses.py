@@ -105,3 +105,15 @@ def test_wasserstein2_has_finite_gradients():
     mean, cov = mean_covariance(features)
     wasserstein2_gaussian(mean, cov, target_mean, target_cov, sqrtm_psd(target_cov)).backward()
     assert torch.isfinite(features.grad).all() and features.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_gram_gradient_is_autograds_in_either_layout(layout):
+    # The Gram backward is one product, written in the input's layout; it must equal autograd's.
+    features = torch.randn(2, 5, 3, 4).contiguous(memory_format=layout).requires_grad_(True)
+    weights = torch.randn(2, 5, 5)
+    (gram_matrix(features) * weights).sum().backward()
+    flat = features.detach().reshape(2, 5, 12).requires_grad_(True)
+    (torch.bmm(flat, flat.transpose(1, 2)).div(60) * weights).sum().backward()
+    torch.testing.assert_close(features.grad.reshape(2, 5, 12), flat.grad)
+    assert features.grad.is_contiguous(memory_format=layout)

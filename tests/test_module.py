@@ -224,3 +224,35 @@ def test_strong_wolfe_line_search_keeps_moving(tmp_path, images):
     assert all(watch.moved)
     assert all(b <= a for a, b in itertools.pairwise(watch.losses)), watch.losses
     assert module.optimizers().optimizer.defaults["max_eval"] > 1
+
+
+def test_compile_is_opt_in():
+    assert make_module()._compiled_call_impl is None
+    compiled = make_module(compile=True)  # compilation itself happens at the first call, not here
+    assert compiled.hparams.compile is True
+    assert compiled._compiled_call_impl is not None
+    assert not [k for k in compiled.state_dict() if "_orig_mod" in k]
+
+
+def test_reference_implementation_computes_the_same_loss(tmp_path, images):
+    # benchmarks/reference.py is the yardstick of the benchmark: it must minimise the same function.
+    import sys
+
+    from tests.conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from reference import Reference
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    from nst_lightning.features import load_backbone
+
+    module = make_module(init="content")
+    dm = datamodule(images, size=48)  # the reference runs the whole VGG-19: pool5 needs 32 px
+    make_trainer(tmp_path, steps=0).fit(module, datamodule=dm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = Reference(load_backbone("vgg19", "random"), dm.content_image, dm.inputs().styles[0])
+    torch.testing.assert_close(float(ref.loss()), total_loss(module), rtol=1e-4, atol=0)
+    ref.step()
+    assert ref.evaluations == 1

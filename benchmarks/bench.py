@@ -1,0 +1,795 @@
+#!/usr/bin/env python
+"""Benchmark of nst-lightning: the project's L-BFGS iteration against a plain reference and the floor.
+
+Run from the repository root (see the README's "Benchmarks" section)::
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench.py                 # 256 and 512 px, ~10-15 min on 2 cores
+    python benchmarks/bench.py --quick                                   # 256 px only, no compile, ~2 min
+    python benchmarks/bench.py --sizes 512 --repeats 7 --json out.json
+    python benchmarks/bench.py --device cuda --precisions 32-true bf16-mixed 16-mixed
+
+What one run measures, in one process (the memory check in child processes):
+
+- **project**: one L-BFGS iteration of :class:`nst_lightning.StyleTransfer` (random weights) through a
+  real ``Trainer`` on the shipped Tübingen / Starry Night pair: the time from ``on_train_batch_start``
+  to ``on_train_batch_end``, i.e. ``training_step`` with the optimiser step, the closure and the
+  logging. Eager and, with ``--compile`` (default ``both``), with ``compile=True``; the compile's
+  one-off cost (first step minus a median step) is reported. Closure evaluations per iteration come
+  from the module's own ``closure_evaluations`` metric.
+- **reference**: the same iteration of ``benchmarks/reference.py``, a tutorial-style implementation
+  (full VGG-19, targets computed once, nothing else optimised), same weights, same loss function.
+- **floor**: the truncated VGG-19's convolutions alone, each forward plus its backward to the input,
+  at the shapes they have in the network, in contiguous and in channels-last layout (the faster
+  counts): what no implementation of this loss can go below without changing the arithmetic.
+
+Every round runs each variant ``--steps`` times, the variants' order rotating between rounds; the
+figures are medians over all rounds, so load from other processes hits all variants alike. Also:
+peak RSS (``ru_maxrss``) of this process, the L-BFGS history overhead, a whole-run figure (300
+iterations at 512 px: a proxy built from the measured parts, or with ``--whole-run full`` the real
+run) and the memory estimator (:mod:`nst_lightning.memory`) against the measured peak RSS of a child
+process per size. On a CUDA device, ``--precisions`` adds 32-true / bf16-mixed / 16-mixed at
+``--gpu-sizes``: iterations per second and the final loss against 32-true.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads must not spin
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's package, even where another copy is installed
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+CONTENT = REPO / "nst_lightning" / "samples" / "content_tubingen.jpg"
+STYLE = REPO / "nst_lightning" / "samples" / "style_starry_night.jpg"
+WHOLE_RUN_STEPS, WHOLE_RUN_SIZE = 300, 512
+MIB = 2**20
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="data.image_size values (longest side)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds per size (default 5)")
+    p.add_argument("--steps", type=int, default=2, help="iterations per variant per round (default 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: physical cores)")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=20.0,
+        help="before each round, wait up to this many seconds for other processes to leave the CPUs idle",
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--precision", default="32-true", help="precision of the main table (default 32-true)")
+    p.add_argument("--compile", choices=["off", "on", "both"], default="both", help="project variants (default both)")
+    p.add_argument(
+        "--whole-run",
+        choices=["proxy", "full", "off"],
+        default="proxy",
+        help="300 iterations at 512 px: proxy from the measured parts (default) or the real run",
+    )
+    p.add_argument(
+        "--compile-cache",
+        choices=["fresh", "keep"],
+        default="fresh",
+        help="fresh (default): an empty inductor cache, so the compile's one-off cost is a first run's",
+    )
+    p.add_argument("--memory", choices=["on", "off"], default="on", help="estimator vs measured RSS (children)")
+    p.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["32-true", "bf16-mixed", "16-mixed"],
+        help="mixed-precision section, CUDA only",
+    )
+    p.add_argument("--gpu-sizes", type=int, nargs="+", default=[512, 1024], help="sizes of the CUDA precision section")
+    p.add_argument("--gpu-steps", type=int, default=50, help="steps for the final-loss agreement (CUDA)")
+    p.add_argument("--quick", action="store_true", help="256 px, 3 rounds of 1 step, no compile, short memory check")
+    p.add_argument("--json", type=Path, default=None, help="also write all results to this JSON file")
+    p.add_argument("--memory-child", nargs=3, type=int, metavar=("SIZE", "HISTORY", "STEPS"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.repeats, args.steps, args.compile = [256], 3, 1, "off"
+        args.gpu_sizes, args.gpu_steps = [512], 20
+    return args
+
+
+# --------------------------------------------------------------------------------------------- set-up
+
+
+def setup_torch(args: argparse.Namespace):
+    if args.compile != "off" and args.compile_cache == "fresh" and not args.memory_child:
+        import tempfile
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="nst-bench-inductor-")
+    import torch
+
+    from nst_lightning.runtime import physical_cores
+
+    args.threads = args.threads or physical_cores()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")  # random weights, few workers, eval-mode modules: all expected here
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("bench.py: --device cuda but torch sees no CUDA device")
+    return torch
+
+
+def sync_fn(device: str):
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+# A sample is "clean" when other processes used less than this share of one core while it ran.
+CLEAN_OTHERS = 0.1
+
+
+def _busy_cpu_s() -> float:
+    """CPU seconds all processes have spent busy since boot (Linux /proc/stat), or NaN."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return float("nan")
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def _own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Clock:
+    """Times one piece of work: its wall time and the cores other processes kept busy meanwhile
+    (from /proc/stat minus this process's own CPU time), to tell clean samples from disturbed ones."""
+
+    def __init__(self, device: str) -> None:
+        self.sync = sync_fn(device)
+        self.times: list[float] = []
+        self.others: list[float] = []
+
+    def start(self) -> None:
+        self.sync()
+        self._busy, self._own, self._t = _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
+
+    def stop(self, record: bool = True) -> float:
+        self.sync()
+        wall = time.perf_counter() - self._t
+        others = ((_busy_cpu_s() - self._busy) - (_own_cpu_s() - self._own)) / wall
+        if record:
+            self.times.append(wall)
+            self.others.append(max(others, 0.0))
+        return wall
+
+    def summary(self) -> dict:
+        clean = [t for t, o in zip(self.times, self.others, strict=True) if o < CLEAN_OTHERS]
+        return {
+            "s_per_iter": median(self.times),
+            "clean_s_per_iter": median(clean),
+            "clean_samples": len(clean),
+            "samples": self.times,
+            "others_cores": self.others,
+        }
+
+
+def others_now(seconds: float = 1.0) -> float:
+    """Cores that other processes keep busy, measured over ``seconds``."""
+    busy, own = _busy_cpu_s(), _own_cpu_s()
+    time.sleep(seconds)
+    return ((_busy_cpu_s() - busy) - (_own_cpu_s() - own)) / seconds
+
+
+def wait_quiet(limit_s: float) -> float:
+    """Waits (at most ``limit_s``) until other processes leave the CPUs idle; returns the wait."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit_s:
+        if not others_now(1.0) >= 0.05:  # NaN (no /proc/stat) counts as quiet
+            break
+    return time.perf_counter() - start
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM belongs to the address space, which exec() makes
+    anew; ru_maxrss would carry a parent's high-water mark over into a child process."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def accelerator(device: str) -> str:
+    return "gpu" if device.startswith("cuda") else "cpu"
+
+
+# --------------------------------------------------------------------------------------------- variants
+
+
+class Project:
+    """The real module and data module, driven by real ``Trainer.fit`` calls of a few steps each.
+
+    The module keeps its image and targets between fits (``setup`` runs once); each fit builds a new
+    optimiser, so the L-BFGS history stays short here: its cost at full length is measured apart.
+    """
+
+    def __init__(self, size: int, device: str, precision: str, compile: bool, **module_kwargs) -> None:
+        import torch
+
+        from nst_lightning import StyleTransfer, StyleTransferDataModule
+
+        if compile:
+            # Each size compiles afresh with static shapes, as in a real (one-size) run; without the
+            # reset, a second size would recompile with dynamic shapes.
+            torch._dynamo.reset()
+        self.device, self.precision = device, precision
+        self.module = StyleTransfer(weights="random", compile=compile, **module_kwargs)
+        self.data = StyleTransferDataModule(str(CONTENT), str(STYLE), image_size=size)
+        self.clock = Clock(device)
+        self.evaluations: list[float] = []
+        self.first_fit_s: float | None = None
+        self.first_step_s: float | None = None
+
+    def fit(self, steps: int, record: bool = True) -> list[float]:
+        from lightning import Callback, Trainer
+
+        clock = self.clock
+        times, evals = [], []
+
+        class StepTimer(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                clock.start()
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                times.append(clock.stop(record))
+                evals.append(float(trainer.callback_metrics["closure_evaluations"]))
+
+        trainer = Trainer(
+            accelerator=accelerator(self.device),
+            devices=1,
+            precision=self.precision,
+            max_steps=steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[StepTimer()],
+        )
+        start = time.perf_counter()
+        trainer.fit(self.module, datamodule=self.data)
+        if self.first_fit_s is None:
+            self.first_fit_s = time.perf_counter() - start
+            self.first_step_s = times[0]
+        if record:
+            self.evaluations += evals
+        return times
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.module.image.shape[-2:])
+
+    def initial_loss(self) -> float:
+        import torch
+
+        with torch.no_grad():
+            return float(self.module(self.data.content_image.to(self.module.image.device))["total"])
+
+
+class ReferenceRun:
+    def __init__(self, project: Project, device: str) -> None:
+        from reference import Reference
+
+        from nst_lightning.features import load_backbone
+
+        data = project.data
+        cnn = load_backbone("vgg19", "random")  # the same seeded weights as the project's extractor
+        self.ref = Reference(cnn, data.content_image.to(device), data.style_image.to(device))
+        self.clock = Clock(device)
+
+    def run(self, steps: int, record: bool = True) -> None:
+        for _ in range(steps):
+            self.clock.start()
+            self.ref.step()
+            self.clock.stop(record)
+
+
+class Floor:
+    """The extractor's convolutions alone: forward and backward to the input, at their real shapes."""
+
+    def __init__(self, extractor, height: int, width: int, device: str) -> None:
+        import torch
+        from torch import nn
+
+        self.gflop = 0.0
+        shapes = []
+        with torch.no_grad():
+            x = torch.zeros(1, 3, height, width, device=device)
+            for layer in extractor.body:
+                if isinstance(layer, nn.Conv2d):
+                    y = layer(x)
+                    shapes.append((layer, tuple(x.shape)))
+                    # forward + backward to the input: 2 * (2 * Cin * 9 * Cout * H * W)
+                    self.gflop += 4 * layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1] * y.numel() / 1e9
+                    x = y
+                else:
+                    x = layer(x)
+        self.layouts = {}
+        for name, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
+            convs = []
+            for layer, shape in shapes:
+                inp = torch.randn(shape, device=device).contiguous(memory_format=fmt)
+                weight = layer.weight.detach().clone().contiguous(memory_format=fmt)
+                bias = layer.bias.detach().clone()
+                out = torch.nn.functional.conv2d(inp, weight, bias, layer.stride, layer.padding, layer.dilation)
+                grad = torch.randn_like(out)
+                convs.append((inp, weight, bias, grad, layer))
+            self.layouts[name] = convs
+        self.clocks = {name: Clock(device) for name in self.layouts}
+
+    def _once(self, convs) -> None:
+        import torch
+
+        for inp, weight, bias, grad, layer in convs:
+            torch.nn.functional.conv2d(inp, weight, bias, layer.stride, layer.padding, layer.dilation)
+            torch.ops.aten.convolution_backward(
+                grad, inp, weight, None, layer.stride, layer.padding, layer.dilation,
+                False, [0, 0], 1, [True, False, False],
+            )  # fmt: skip
+
+    def run(self, steps: int, record: bool = True) -> None:
+        for name, convs in self.layouts.items():
+            for _ in range(steps):
+                self.clocks[name].start()
+                self._once(convs)
+                self.clocks[name].stop(record)
+
+    def best(self) -> str:
+        """The faster layout."""
+        return min(self.clocks, key=lambda k: median(self.clocks[k].times))
+
+
+def gram_gflop(module) -> float:
+    """Forward plus backward FLOPs of the Gram products (one product each way)."""
+    import torch
+
+    with torch.no_grad():
+        features = module.extractor(module.image.detach())
+    total = 0.0
+    for layer in module.style_layers:
+        b, c, h, w = features[layer].shape
+        total += 2 * (2 * b * c * c * h * w)
+    return total / 1e9
+
+
+# --------------------------------------------------------------------------------------------- sections
+
+
+def bench_size(args, size: int) -> dict:
+    variants: dict[str, object] = {}
+    result: dict = {"size": size}
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    projects = {}
+    for compiled in compiles:
+        name = "project+compile" if compiled else "project"
+        project = Project(size, args.device, args.precision, compiled)
+        print(f"  [{size} px] {name}: first fit (setup{' and compile' if compiled else ''}) ...", flush=True)
+        project.fit(1, record=False)  # setup (targets) and, compiled, the compilation
+        projects[name] = project
+        variants[name] = project
+    any_project = next(iter(projects.values()))
+    height, width = any_project.shape
+    result["shape"] = [height, width]
+    reference = ReferenceRun(any_project, args.device)
+    reference.run(1, record=False)
+    floor = Floor(any_project.module.extractor, height, width, args.device)
+    floor.run(1, record=False)
+    variants["reference"], variants["floor"] = reference, floor
+    names = list(variants)
+    waited = 0.0
+    for round_index in range(args.repeats):
+        waited += wait_quiet(args.wait_quiet)
+        order = names[round_index % len(names) :] + names[: round_index % len(names)]
+        for name in order:
+            variant = variants[name]
+            if isinstance(variant, Project):
+                variant.fit(args.steps)
+            else:
+                variant.run(args.steps)
+        print(f"  [{size} px] round {round_index + 1}/{args.repeats} done", flush=True)
+
+    result["waited_for_quiet_s"] = waited
+    for name, project in projects.items():
+        step = median(project.clock.times)
+        result[name] = {
+            **project.clock.summary(),
+            "closure_evaluations_per_iter": statistics.mean(project.evaluations),
+            "first_fit_s": project.first_fit_s,
+            "first_step_s": project.first_step_s,
+        }
+        if name == "project+compile":
+            result[name]["compile_one_off_s"] = project.first_step_s - step
+    result["reference"] = {
+        **reference.clock.summary(),
+        "closure_evaluations_per_iter": reference.ref.evaluations / (1 + args.repeats * args.steps),
+    }
+    layout = floor.best()
+    result["floor"] = {
+        **floor.clocks[layout].summary(),
+        "layout": layout,
+        "gflop": floor.gflop,
+        "gflop_per_s": floor.gflop / median(floor.clocks[layout].times),
+        "other_layout": {name: clock.summary() for name, clock in floor.clocks.items() if name != layout},
+    }
+    result["gram_gflop"] = gram_gflop(any_project.module)
+    # The reference computes the same function: its loss of the content image must agree.
+    result["loss_agreement"] = loss_agreement(any_project)
+    eager = projects.get("project", any_project)
+    result["setup_s"] = eager.first_fit_s - eager.first_step_s  # fit overhead and targets, once
+    result["peak_rss_mib_so_far"] = peak_rss_mib()
+    return result
+
+
+def loss_agreement(project: Project) -> dict:
+    """Loss of the content image by the project's module and by a fresh reference (same weights)."""
+    from reference import Reference
+
+    from nst_lightning.features import load_backbone
+
+    data = project.data
+    device = project.module.image.device
+    ref = Reference(load_backbone("vgg19", "random"), data.content_image.to(device), data.style_image.to(device))
+    ours, theirs = project.initial_loss(), float(ref.loss())
+    return {"project": ours, "reference": theirs, "relative_difference": abs(ours - theirs) / abs(theirs)}
+
+
+def lbfgs_overhead(args, height: int, width: int, history: int = 100) -> dict:
+    """Time L-BFGS spends outside the closure, with a short and with a full history, on a vector of
+    the image's size (a cheap, badly conditioned quadratic stands in for the closure)."""
+    torch = sys.modules["torch"]
+    sync = sync_fn(args.device)
+    n = 3 * height * width
+    generator = torch.Generator().manual_seed(0)
+    scale = torch.logspace(-2, 2, n).index_select(0, torch.randperm(n, generator=generator)).to(args.device)
+    x = torch.zeros(n, device=args.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([x], lr=1.0, max_iter=1, history_size=history)
+    closure_times: list[float] = []
+
+    def closure():
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        loss = 0.5 * (scale * (x - 1) ** 2).sum()
+        loss.backward()
+        sync()
+        closure_times.append(time.perf_counter() - start)
+        return loss
+
+    def timed_steps(k: int) -> float:
+        step_times = []
+        for _ in range(k):
+            closure_times.clear()
+            sync()
+            start = time.perf_counter()
+            optimizer.step(closure)
+            sync()
+            step_times.append(time.perf_counter() - start - sum(closure_times))
+        return median(step_times)
+
+    short = timed_steps(5)
+    for _ in range(history):
+        optimizer.step(closure)
+    full = timed_steps(7)
+    held = len(optimizer.state[x]["old_dirs"])
+    return {"history_held": held, "short_history_s": short, "full_history_s": full}
+
+
+def whole_run(args, results: dict) -> dict:
+    """300 iterations at 512 px: the real run (``--whole-run full``) or the proxy."""
+    if args.whole_run == "off":
+        return {"mode": "off"}
+    sizes = {r["size"]: r for r in results["sizes"]}
+    if args.whole_run == "full":
+        out = {"mode": "full", "steps": WHOLE_RUN_STEPS, "size": WHOLE_RUN_SIZE}
+        for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
+            project = Project(WHOLE_RUN_SIZE, args.device, args.precision, compiled)
+            start = time.perf_counter()
+            project.fit(WHOLE_RUN_STEPS)
+            out["project+compile" if compiled else "project"] = {"wall_s": time.perf_counter() - start}
+        return out
+    r = sizes.get(WHOLE_RUN_SIZE)
+    if r is None:
+        return {"mode": "proxy", "note": f"{WHOLE_RUN_SIZE} px was not measured in this run"}
+    height, width = r["shape"]
+    overhead = lbfgs_overhead(args, height, width)
+    # The measured iterations carry a near-empty history; add the extra two-loop cost of a growing
+    # then full history (linear in its length): sum over i of min(i, 100) / 100 extra steps.
+    extra_per_full = max(overhead["full_history_s"] - overhead["short_history_s"], 0.0)
+    history_steps = sum(min(i, 100) / 100 for i in range(WHOLE_RUN_STEPS))
+    out = {"mode": "proxy", "steps": WHOLE_RUN_STEPS, "size": WHOLE_RUN_SIZE, "lbfgs": overhead}
+    for name in ("project", "project+compile", "reference"):
+        if name not in r:
+            continue
+        setup = r["setup_s"]
+        one_off = r[name].get("compile_one_off_s", 0.0)
+        total = setup + one_off + WHOLE_RUN_STEPS * r[name]["s_per_iter"] + history_steps * extra_per_full
+        out[name] = {"wall_s": total, "setup_s": setup, "compile_s": one_off}
+    return out
+
+
+def memory_child(size: int, history: int, steps: int) -> None:
+    """(In a child process.) Peak RSS of a run of ``steps`` iterations, and the estimate."""
+    torch = sys.modules["torch"]
+    baseline = peak_rss_mib()
+    project = Project(size, "cpu", "32-true", compile=False, lbfgs_history_size=history)
+    project.fit(steps, record=False)
+    held = len(project.module.optimizers().optimizer.state[project.module.image]["old_dirs"])
+    height, width = project.shape
+    from nst_lightning.memory import estimate_peak
+
+    estimate = estimate_peak(height, width, weights="random", history_size=history)
+    print(
+        json.dumps(
+            {
+                "size": size,
+                "shape": [height, width],
+                "history_size": history,
+                "history_held": held,
+                "steps": steps,
+                "baseline_rss_mib": baseline,
+                "peak_rss_mib": peak_rss_mib(),
+                "estimate_mib": estimate.total / MIB,
+                "estimate_parts_mib": {k: v / MIB for k, v in estimate.as_dict().items()},
+                "torch_threads": torch.get_num_threads(),
+            }
+        )
+    )
+
+
+def memory_check(args) -> list[dict]:
+    """Measured peak RSS vs :func:`nst_lightning.memory.estimate_peak`, one child process per case
+    (``ru_maxrss`` is a process-wide high-water mark). The history is filled to its length."""
+    cases = [(size, 20, 22) for size in args.sizes if size <= 512]
+    if not args.quick and 256 in args.sizes:
+        cases.append((256, 100, 102))  # the default history, full
+    if args.quick:
+        cases = [(size, 5, 6) for size in args.sizes if size <= 512]
+    rows = []
+    for size, history, steps in cases:
+        print(f"  memory: {size} px, history {history}, {steps} steps (child process) ...", flush=True)
+        command = [sys.executable, __file__, "--threads", str(args.threads), "--memory-child", str(size), str(history)]
+        command.append(str(steps))
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode != 0 or not lines:
+            rows.append({"size": size, "history_size": history, "error": done.stderr.strip()[-2000:]})
+            continue
+        row = json.loads(lines[-1])
+        row["error_total"] = row["estimate_mib"] / row["peak_rss_mib"] - 1
+        rows.append(row)
+    return rows
+
+
+def time_to_quality(args) -> dict:
+    # ------------------------------------------------------------------------------------------
+    # TIME-TO-QUALITY (issue item 3): the place for multi-scale runs (configs/fast.yaml) against the
+    # single-scale default, as wall time until the loss (or a perceptual measure) reaches the
+    # single-scale run's final quality. Multi-scale is another change, not yet in this branch, so
+    # nothing is measured here yet.
+    # ------------------------------------------------------------------------------------------
+    return {"status": "not measured: multi-scale (issue item 3, configs/fast.yaml) is not in this branch yet"}
+
+
+def precision_section(args) -> dict:
+    """CUDA only: iterations per second at each precision and size, and the final loss after
+    ``--gpu-steps`` iterations against 32-true from the same start."""
+    if not args.device.startswith("cuda"):
+        return {"status": "skipped: no CUDA device in this run (GPU figures not yet measured)"}
+    rows = []
+    for size in args.gpu_sizes:
+        finals = {}
+        for precision in args.precisions:
+            torch = sys.modules["torch"]
+            torch.cuda.reset_peak_memory_stats()
+            project = Project(size, args.device, precision, compile=False)
+            project.fit(1, record=False)  # setup and warm-up
+            times = project.fit(args.gpu_steps)
+            with torch.no_grad():
+                final = float(project.module(project.module.image)["total"])
+            finals[precision] = final
+            step = median(times)
+            rows.append(
+                {
+                    "size": size,
+                    "shape": list(project.shape),
+                    "precision": precision,
+                    "s_per_iter": step,
+                    "iter_per_s": 1 / step,
+                    "final_loss": final,
+                    "steps": 1 + args.gpu_steps,
+                    "max_memory_allocated_mib": torch.cuda.max_memory_allocated() / MIB,
+                }
+            )
+            print(f"  [{size} px] {precision}: {1 / step:.2f} it/s, final loss {final:.4g}", flush=True)
+        for row in rows:
+            if row["size"] == size and "32-true" in finals:
+                row["final_loss_vs_32_true"] = row["final_loss"] / finals["32-true"] - 1
+    return {"rows": rows}
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def fmt_s(value: float) -> str:
+    return f"{value:.3f}" if value == value else "–"
+
+
+def fmt_ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if a == a and b == b else "–"
+
+
+def report(results: dict) -> str:
+    lines = []
+    env = results["environment"]
+    lines.append(
+        f"torch {env['torch']}, device {env['device']} ({env['cpu']}), {env['threads']} threads, "
+        f"precision {env['precision']}, {env['repeats']} rounds x {env['steps']} steps, interleaved; "
+        f"a sample is clean when other processes used < {CLEAN_OTHERS} of a core meanwhile"
+    )
+    for key, title in (("s_per_iter", "All samples"), ("clean_s_per_iter", "Clean samples only")):
+        lines += ["", f"{title} (median seconds per iteration; ratios of medians):", ""]
+        lines += [
+            "| size (HxW) | project | +compile | reference | floor (layout) | project/ref | project/floor "
+            "| +compile/ref | +compile/floor | samples (clean) | others' cores |",
+            "|" + "---|" * 11,
+        ]
+        for r in results["sizes"]:
+            p, c, ref, fl = r.get("project"), r.get("project+compile"), r["reference"], r["floor"]
+            ps = p[key] if p else float("nan")
+            cs = c[key] if c else float("nan")
+            rs, fs = ref[key], fl[key]
+            measured = [v for v in (p, c, ref, fl) if v]
+            counts = "/".join(f"{len(v['samples'])}({v['clean_samples']})" for v in measured)
+            others = median([o for v in measured for o in v["others_cores"]])
+            lines.append(
+                f"| {r['size']} ({r['shape'][0]}x{r['shape'][1]}) | {fmt_s(ps)} | {fmt_s(cs)} | {fmt_s(rs)} "
+                f"| {fmt_s(fs)} ({fl['layout']}) | {fmt_ratio(ps, rs)} | {fmt_ratio(ps, fs)} | {fmt_ratio(cs, rs)} "
+                f"| {fmt_ratio(cs, fs)} | {counts} | {others:.2f} |"
+            )
+    lines.append("")
+    for r in results["sizes"]:
+        p, c, fl = r.get("project"), r.get("project+compile"), r["floor"]
+        lines.append(
+            f"{r['size']} px: closure evaluations per iteration {(p or c)['closure_evaluations_per_iter']:.2f}; "
+            f"floor {fl['gflop']:.0f} GFLOP at {fl['gflop_per_s']:.0f} GFLOP/s"
+            + (f"; compile one-off {c['compile_one_off_s']:.0f} s" if c else "")
+        )
+    lines.append("")
+    for r in results["sizes"]:
+        agreement = r["loss_agreement"]
+        lines.append(
+            f"{r['size']} px: Gram products {r['gram_gflop']:.1f} GFLOP; setup (targets) {r['setup_s']:.2f} s; "
+            "loss of the content image: "
+            f"project {agreement['project']:.6g}, reference {agreement['reference']:.6g} "
+            f"(relative difference {agreement['relative_difference']:.1e})"
+        )
+    w = results.get("whole_run", {})
+    if w.get("mode") in ("proxy", "full") and ("project" in w or "project+compile" in w):
+        parts = []
+        for name in ("project", "project+compile", "reference"):
+            if name in w:
+                parts.append(f"{name} {w[name]['wall_s'] / 60:.1f} min")
+        lines.append("")
+        lines.append(f"Whole run, {w['steps']} iterations at {w['size']} px ({w['mode']}): " + ", ".join(parts))
+        if "lbfgs" in w:
+            lb = w["lbfgs"]
+            lines.append(
+                f"L-BFGS outside the closure: {lb['short_history_s'] * 1000:.0f} ms/it with a short history, "
+                f"{lb['full_history_s'] * 1000:.0f} ms/it with a full one ({lb['history_held']} pairs)"
+            )
+    mem = results.get("memory")
+    if mem:
+        lines += ["", "| size (HxW) | L-BFGS history | measured peak RSS | estimate | error |", "|---|---|---|---|---|"]
+        for row in mem:
+            if "error" in row:
+                lines.append(f"| {row['size']} | {row['history_size']} | failed: {row['error'][-200:]} | | |")
+                continue
+            lines.append(
+                f"| {row['size']} ({row['shape'][0]}x{row['shape'][1]}) | {row['history_held']}/{row['history_size']} "
+                f"| {row['peak_rss_mib']:.0f} MiB | {row['estimate_mib']:.0f} MiB | {row['error_total']:+.0%} |"
+            )
+    lines.append("")
+    lines.append(f"Peak RSS of the benchmark process: {results['peak_rss_mib']:.0f} MiB")
+    lines.append(f"Time to quality: {results['time_to_quality']['status']}")
+    prec = results["precision"]
+    if "rows" in prec:
+        lines += [
+            "",
+            "| size | precision | it/s | final loss | vs 32-true | max allocated |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in prec["rows"]:
+            lines.append(
+                f"| {row['size']} | {row['precision']} | {row['iter_per_s']:.2f} | {row['final_loss']:.5g} "
+                f"| {row.get('final_loss_vs_32_true', float('nan')):+.2%} | {row['max_memory_allocated_mib']:.0f} MiB |"
+            )
+    else:
+        lines.append(f"Mixed precision: {prec['status']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch = setup_torch(args)
+    if args.memory_child:
+        memory_child(*args.memory_child)
+        return
+    started = time.perf_counter()
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    results: dict = {
+        "environment": {
+            "torch": torch.__version__,
+            "device": device_name,
+            "cpu": cpu,
+            "threads": args.threads,
+            "precision": args.precision,
+            "repeats": args.repeats,
+            "steps": args.steps,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default") if args.compile != "off" else None,
+            "load_average_start": os.getloadavg(),
+        },
+        "sizes": [],
+    }
+    for size in args.sizes:
+        print(f"size {size} ...", flush=True)
+        results["sizes"].append(bench_size(args, size))
+    results["whole_run"] = whole_run(args, results)
+    results["memory"] = memory_check(args) if args.memory == "on" and not args.device.startswith("cuda") else []
+    results["time_to_quality"] = time_to_quality(args)
+    results["precision"] = precision_section(args)
+    results["peak_rss_mib"] = peak_rss_mib()
+    results["environment"]["load_average_end"] = os.getloadavg()
+    results["environment"]["wall_s"] = time.perf_counter() - started
+    print()
+    print(report(results))
+    print(f"\n(benchmark wall time {results['environment']['wall_s'] / 60:.1f} min)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
+    if Path(cache).name.startswith("nst-bench-inductor-"):
+        import shutil
+
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
