@@ -616,6 +616,10 @@ def precision_section(args) -> dict:
                 final = float(project.module(project.module.image)["total"])
             finals[precision] = final
             step = median(times)
+            from nst_lightning.memory import estimate_peak
+
+            height, width = project.shape
+            estimate = estimate_peak(height, width, precision=precision, weights="random", device="cuda")
             rows.append(
                 {
                     "size": size,
@@ -626,6 +630,8 @@ def precision_section(args) -> dict:
                     "final_loss": final,
                     "steps": 1 + args.gpu_steps,
                     "max_memory_allocated_mib": torch.cuda.max_memory_allocated() / MIB,
+                    "max_memory_reserved_mib": torch.cuda.max_memory_reserved() / MIB,
+                    "estimate_mib": estimate.total / MIB,
                 }
             )
             print(f"  [{size} px] {precision}: {1 / step:.2f} it/s, final loss {final:.4g}", flush=True)
@@ -723,13 +729,14 @@ def report(results: dict) -> str:
     if "rows" in prec:
         lines += [
             "",
-            "| size | precision | it/s | final loss | vs 32-true | max allocated |",
-            "|---|---|---|---|---|---|",
+            "| size | precision | it/s | final loss | vs 32-true | max allocated | max reserved | estimate |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for row in prec["rows"]:
             lines.append(
                 f"| {row['size']} | {row['precision']} | {row['iter_per_s']:.2f} | {row['final_loss']:.5g} "
-                f"| {row.get('final_loss_vs_32_true', float('nan')):+.2%} | {row['max_memory_allocated_mib']:.0f} MiB |"
+                f"| {row.get('final_loss_vs_32_true', float('nan')):+.2%} | {row['max_memory_allocated_mib']:.0f} MiB "
+                f"| {row['max_memory_reserved_mib']:.0f} MiB | {row['estimate_mib']:.0f} MiB |"
             )
     else:
         lines.append(f"Mixed precision: {prec['status']}")
