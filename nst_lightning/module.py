@@ -27,6 +27,7 @@ from nst_lightning.errors import CheckpointError, ConfigError, NumericalError
 from nst_lightning.features import BACKBONES, FeatureExtractor
 from nst_lightning.image_io import load_image
 from nst_lightning.losses import total_variation
+from nst_lightning.memory import check_fits
 from nst_lightning.targets import STYLE_TARGETS, ContentTarget, resize_mask
 
 INITS = ("content", "style", "noise")
@@ -215,6 +216,7 @@ class StyleTransfer(L.LightningModule):
             return
         self._check_precision()
         sizes = self._sizes()
+        self._check_memory(self.datamodule.inputs(sizes[-1]).content)
         inputs = self.datamodule.inputs(sizes[0])
         self._check_size(inputs.content, "content")
         for style in inputs.styles:
@@ -336,6 +338,23 @@ class StyleTransfer(L.LightningModule):
             if isinstance(optimizer, torch.optim.LBFGS):
                 optimizer._numel_cache = None  # L-BFGS caches the parameter count
         self._scale = index
+
+    def _check_memory(self, content: Tensor) -> None:
+        """Refuses, before any work, a run whose estimated peak memory exceeds what the device has
+        free (the message suggests an image size that fits)."""
+        hp = self.hparams
+        check_fits(
+            *content.shape[-2:],
+            content_layers=self.content_layers,
+            style_layers=self.style_layers,
+            backbone=hp.backbone,
+            pooling=hp.pooling,
+            optimizer=hp.optimizer,
+            history_size=hp.lbfgs_history_size,
+            precision=str(self.trainer.precision),
+            weights=hp.weights,
+            device=self.trainer.strategy.root_device.type,
+        )
 
     def _check_size(self, image: Tensor, which: str) -> None:
         need = self.extractor.min_image_side

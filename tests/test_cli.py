@@ -265,3 +265,9 @@ def test_a_decompression_bomb_is_one_clear_line(tmp_path, images, capsys, monkey
     monkeypatch.setenv("NST_MAX_IMAGE_PIXELS", "500")  # the 40x30 content image is 1,200 pixels
     config = write_config(tmp_path, images)
     _expect_one_line_error(tmp_path, capsys, ["--config", str(config)], "NST_MAX_IMAGE_PIXELS=1200")
+
+
+def test_a_run_that_cannot_fit_in_memory_is_refused_with_a_smaller_size(tmp_path, images, capsys, monkeypatch):
+    monkeypatch.setattr("nst_lightning.memory.available_bytes", lambda device="cpu": 2 * 2**30)
+    config = write_config(tmp_path, images, data={"image_size": 4096})
+    _expect_one_line_error(tmp_path, capsys, ["--config", str(config)], "try data.image_size")
