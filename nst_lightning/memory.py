@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from nst_lightning.errors import ConfigError
-from nst_lightning.features import BACKBONES, layer_names
+from nst_lightning.features import BACKBONES
 
 CONTENT_LAYERS = ("conv4_2",)
 STYLE_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1")
@@ -102,14 +102,11 @@ def estimate_peak(
     wanted = list(dict.fromkeys([*content_layers, *style_layers]))
     with torch.device("meta"):
         features = BACKBONES[backbone].build()
-    names = layer_names(features)
+    names = BACKBONES[backbone].names(features)
     unknown = [name for name in wanted if name not in names]
     if unknown or not wanted:
         raise ConfigError(f"unknown or no layer name(s) {unknown}: choose from {', '.join(names)}")
     deepest = max(names.index(name) for name in wanted)
-    need = 2 ** sum(isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d)) for layer in list(features)[:deepest])
-    if min(height, width) < need:
-        raise ConfigError(f"a {width}x{height} px image is too small for layer {names[deepest]}: at least {need} px")
     act = 2 if precision in ("bf16-mixed", "16-mixed") else 4
 
     pixels = 3 * height * width
@@ -123,7 +120,12 @@ def estimate_peak(
     for position, (name, layer) in enumerate(zip(names[: deepest + 1], features, strict=False)):
         if isinstance(layer, nn.MaxPool2d) and pooling == "avg":
             layer = nn.AvgPool2d(kernel_size=2, stride=2)
-        x = layer(x)
+        try:
+            x = layer(x)
+        except RuntimeError:  # an output smaller than 1x1
+            x = x.new_empty(0)
+        if x.dim() != 4 or min(x.shape[-2:]) < 1:
+            raise ConfigError(f"a {width}x{height} px image is too small for layer {names[deepest]}")
         n = x.numel()
         largest = max(largest, n)
         if isinstance(layer, nn.Conv2d):
@@ -135,6 +137,10 @@ def estimate_peak(
             saved += n * act + n * 8  # output and its int64 argmax indices
         elif isinstance(layer, nn.AvgPool2d):
             saved += n * act
+        elif not isinstance(layer, nn.ReLU):  # a composite block (ResNet): about one saved tensor per part
+            parts = sum(isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.ReLU)) for m in layer.modules())
+            saved += max(1, parts) * n * act
+            params += sum(p.numel() for p in layer.parameters())
         # Targets: activations of a content layer, the Gram matrix of a style layer.
         targets += (n if name in content_layers else 0) + (x.shape[1] ** 2 if name in style_layers else 0)
         if name in wanted:
