@@ -216,11 +216,11 @@ class StyleTransfer(L.LightningModule):
             return
         self._check_precision()
         sizes = self._sizes()
-        self._check_memory(self.datamodule.inputs(sizes[-1]).content)
         inputs = self.datamodule.inputs(sizes[0])
         self._check_size(inputs.content, "content")
         for style in inputs.styles:
             self._check_size(style, "style")
+        self._check_memory(self.datamodule.inputs(sizes[-1]).content)
         # setup() runs before Lightning moves the module, so compute the targets where the
         # optimisation will run rather than on the CPU.
         device = self.trainer.strategy.root_device
