@@ -17,7 +17,7 @@ from nst_lightning.errors import CheckpointError, ConfigError, Interrupted, NSTE
 from nst_lightning.guard import RunGuard
 from nst_lightning.image_io import check_writable, check_writable_dir
 from nst_lightning.module import StyleTransfer
-from nst_lightning.runtime import set_default_threads
+from nst_lightning.runtime import keep_freed_memory, set_default_threads
 
 # Trainer defaults that differ from Lightning's: the seed's 300 iterations, one GPU at most
 # (one image is one optimisation), and a scalar per step in TensorBoard.
@@ -120,9 +120,10 @@ def cli_main(args: list[str] | None = None) -> None:
     128 + the signal's number after Ctrl-C (130) or SIGTERM (143), once the partial image and a
     checkpoint are saved.
     Torch uses one thread per physical core unless ``OMP_NUM_THREADS`` (or ``MKL_NUM_THREADS``) says
-    otherwise.
+    otherwise; freed memory is kept for the next iteration (see :func:`~nst_lightning.runtime.keep_freed_memory`).
     """
     set_default_threads()
+    keep_freed_memory()
     # The loader only paces the steps: worker processes would not help. The extractor is meant to
     # stay in eval mode. Neither needs a warning on every run.
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
