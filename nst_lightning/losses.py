@@ -33,10 +33,11 @@ class _Gram(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         (flat,) = ctx.saved_tensors
-        sym = grad + grad.transpose(1, 2)
+        # Scaled while it is C x C, not after the product, where it would be another pass over C x N.
+        sym = (grad + grad.transpose(1, 2)).div_(ctx.norm)
         if flat.stride(1) == 1 and flat.size(1) > 1:  # channels-last: (B, N, C) is the contiguous view
-            return torch.bmm(flat.transpose(1, 2), sym).div_(ctx.norm).transpose(1, 2), None
-        return torch.bmm(sym, flat).div_(ctx.norm), None
+            return torch.bmm(flat.transpose(1, 2), sym).transpose(1, 2), None
+        return torch.bmm(sym, flat), None
 
 
 def gram_matrix(features: Tensor, mask: Tensor | None = None) -> Tensor:
