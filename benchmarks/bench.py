@@ -93,12 +93,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--gpu-sizes", type=int, nargs="+", default=[512, 1024], help="sizes of the CUDA precision section")
     p.add_argument("--gpu-steps", type=int, default=50, help="steps for the final-loss agreement (CUDA)")
+    p.add_argument(
+        "--time-to-quality",
+        default="256",
+        metavar="SIZE|off",
+        help="final size of the coarse-to-fine vs single-scale comparison (default 256; 512 takes ~40 min)",
+    )
+    p.add_argument("--ttq-schedule", action="append", help="a size:steps,... schedule for it (repeatable)")
     p.add_argument("--quick", action="store_true", help="256 px, 3 rounds of 1 step, no compile, short memory check")
     p.add_argument("--json", type=Path, default=None, help="also write all results to this JSON file")
     p.add_argument("--memory-child", nargs=3, type=int, metavar=("SIZE", "HISTORY", "STEPS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.time_to_quality != "off" and not args.time_to_quality.isdigit():
+        p.error(f"--time-to-quality takes a size in pixels or off, not {args.time_to_quality!r}")
     if args.quick:
         args.sizes, args.repeats, args.steps, args.compile = [256], 3, 1, "off"
+        args.time_to_quality = "off"
         args.gpu_sizes, args.gpu_steps = [512], 20
     return args
 
@@ -589,13 +599,16 @@ def memory_check(args) -> list[dict]:
 
 
 def time_to_quality(args) -> dict:
-    # ------------------------------------------------------------------------------------------
-    # TIME-TO-QUALITY (issue item 3): the place for multi-scale runs (configs/fast.yaml) against the
-    # single-scale default, as wall time until the loss (or a perceptual measure) reaches the
-    # single-scale run's final quality. Multi-scale is another change, not yet in this branch, so
-    # nothing is measured here yet.
-    # ------------------------------------------------------------------------------------------
-    return {"status": "not measured: multi-scale (issue item 3, configs/fast.yaml) is not in this branch yet"}
+    """Coarse-to-fine schedules against the single-scale run (``benchmarks/time_to_quality.py``)."""
+    if args.time_to_quality == "off" or args.device != "cpu":
+        return {"status": "off (--time-to-quality SIZE runs it)"}
+    import time_to_quality as ttq
+
+    size = int(args.time_to_quality)
+    results = ttq.compare(
+        size, args.ttq_schedule or ttq.default_schedules(size), log=lambda t: print("  " + t, flush=True)
+    )
+    return {"status": "measured", "table": ttq.table(results), **results}
 
 
 def precision_section(args) -> dict:
@@ -724,7 +737,11 @@ def report(results: dict) -> str:
             )
     lines.append("")
     lines.append(f"Peak RSS of the benchmark process: {results['peak_rss_mib']:.0f} MiB")
-    lines.append(f"Time to quality: {results['time_to_quality']['status']}")
+    ttq = results["time_to_quality"]
+    if "table" in ttq:
+        lines += ["", "Time to quality (runs one after the other, not interleaved):", "", ttq["table"]]
+    else:
+        lines.append(f"Time to quality: {ttq['status']}")
     prec = results["precision"]
     if "rows" in prec:
         lines += [
