@@ -54,6 +54,14 @@ class StyleTransferCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("parser_class", StyleTransferArgumentParser)
+        parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
+        parser_kwargs.setdefault("description", "nst-lightning: neural style transfer (Gatys et al.) with Lightning.")
+        parser_kwargs.setdefault(
+            "epilog",
+            "commands: 'fit' stylises one image (python cli.py fit --help lists every setting); "
+            "'batch' stylises many content/style pairs (python cli.py batch --help).",
+        )
+        kwargs["parser_kwargs"] = parser_kwargs
         super().__init__(StyleTransfer, StyleTransferDataModule, *args, **kwargs)
 
     @staticmethod

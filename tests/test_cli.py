@@ -271,3 +271,11 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_with_a_smaller_size(tmp_path
     monkeypatch.setattr("nst_lightning.memory.available_bytes", lambda device="cpu": 2 * 2**30)
     config = write_config(tmp_path, images, data={"image_size": 4096})
     _expect_one_line_error(tmp_path, capsys, ["--config", str(config)], "try data.image_size")
+
+
+def test_top_level_help_names_both_commands(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "fit" in out and "batch" in out and "style transfer" in out
