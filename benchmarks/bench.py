@@ -123,8 +123,9 @@ def setup_torch(args: argparse.Namespace):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="nst-bench-inductor-")
     import torch
 
-    from nst_lightning.runtime import physical_cores
+    from nst_lightning.runtime import keep_freed_memory, physical_cores
 
+    keep_freed_memory()  # as cli.py does (it applies to the reference and the floor alike)
     args.threads = args.threads or physical_cores()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # random weights, few workers, eval-mode modules: all expected here

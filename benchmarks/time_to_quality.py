@@ -172,6 +172,9 @@ def main() -> None:
 
     import torch
 
+    from nst_lightning.runtime import keep_freed_memory
+
+    keep_freed_memory()  # as cli.py does
     torch.set_num_threads(args.threads)
     results = compare(
         args.size,
