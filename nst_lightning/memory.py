@@ -78,7 +78,7 @@ def estimate_peak(
     backbone: str = "vgg19",
     pooling: str = "max",
     optimizer: str = "lbfgs",
-    history_size: int = 100,
+    history_size: int = 50,
     precision: str = "32-true",
     weights: str = "imagenet",
     device: str = "cpu",
@@ -223,5 +223,5 @@ def check_fits(
     gib = 2**30
     raise ConfigError(
         f"a {width}x{height} px run needs about {need / gib:.1f} GiB but {free / gib:.1f} GiB is available "
-        f"on {device}: {hint}, or lower model.lbfgs_history_size ({kwargs.get('history_size', 100)})"
+        f"on {device}: {hint}, or lower model.lbfgs_history_size ({kwargs.get('history_size', 50)})"
     )

@@ -137,7 +137,7 @@ class StyleTransfer(L.LightningModule):
         seed: seed of the noise init.
         optimizer: lbfgs (one training step = one L-BFGS iteration) or adam.
         lr: learning rate (default: 1.0 for lbfgs, 0.02 for adam).
-        lbfgs_history_size: L-BFGS memory (number of past updates kept).
+        lbfgs_history_size: L-BFGS memory (number of past updates kept; torch's default is 100).
         lbfgs_line_search: None (one function evaluation per step) or strong_wolfe.
         scales: coarse-to-fine sizes (longest side, ascending, the last one data.image_size), e.g.
             [256, 362, 512]; None optimises at data.image_size only.
@@ -164,7 +164,7 @@ class StyleTransfer(L.LightningModule):
         seed: int = 0,
         optimizer: Literal["lbfgs", "adam"] = "lbfgs",
         lr: float | None = None,
-        lbfgs_history_size: int = 100,
+        lbfgs_history_size: int = 50,
         lbfgs_line_search: Literal["strong_wolfe"] | None = None,
         scales: Sequence[int] | None = None,
         scale_steps: Sequence[int] | None = None,
