@@ -28,7 +28,9 @@ peak RSS (``ru_maxrss``) of this process, the L-BFGS history overhead, a whole-r
 iterations at 512 px: a proxy built from the measured parts, or with ``--whole-run full`` the real
 run) and the memory estimator (:mod:`nst_lightning.memory`) against the measured peak RSS of a child
 process per size. On a CUDA device, ``--precisions`` adds 32-true / bf16-mixed / 16-mixed at
-``--gpu-sizes``: iterations per second and the final loss against 32-true.
+``--gpu-sizes``: iterations per second and the final loss against 32-true. Last, unless
+``--time-to-quality off``, the coarse-to-fine schedules against the single-scale run of
+``benchmarks/time_to_quality.py`` (with its scaled-random proxy weights), at 256 px by default.
 """
 
 from __future__ import annotations
