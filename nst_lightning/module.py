@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from nst_lightning.checkpoint import config_differences, config_mismatch
@@ -64,6 +66,7 @@ def _validate(
     history,
     scales,
     scale_steps,
+    float32_final_steps,
 ) -> None:
     """Refuses configurations that cannot work, with the fix, before anything heavy loads."""
     if backbone not in BACKBONES:
@@ -100,6 +103,8 @@ def _validate(
         raise ConfigError(f"model.lr must be a positive number, got {lr}")
     if history < 1:
         raise ConfigError(f"model.lbfgs_history_size must be at least 1, got {history}")
+    if float32_final_steps < 0:
+        raise ConfigError(f"model.float32_final_steps must be 0 or more, got {float32_final_steps}")
     if (scales is None) != (scale_steps is None):
         raise ConfigError("model.scales and model.scale_steps go together: give both or neither")
     if scales is not None:
@@ -145,6 +150,9 @@ class StyleTransfer(L.LightningModule):
             (any further steps run at the last scale).
         compile: compile the loss computation with torch.compile (opt-in: a one-off cost of tens of
             seconds at the first step, then faster steps; see the README's Benchmarks).
+        float32_final_steps: under bf16-mixed or 16-mixed, the last this many iterations run in
+            float32: mixed precision is the faster way down, float32 reaches the lower loss at the
+            end (see the README's Mixed precision); 0 keeps mixed precision to the end.
     """
 
     def __init__(
@@ -169,6 +177,7 @@ class StyleTransfer(L.LightningModule):
         scales: Sequence[int] | None = None,
         scale_steps: Sequence[int] | None = None,
         compile: bool = False,
+        float32_final_steps: int = 50,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -192,6 +201,7 @@ class StyleTransfer(L.LightningModule):
             history=lbfgs_history_size,
             scales=scales,
             scale_steps=scale_steps,
+            float32_final_steps=float32_final_steps,
         )
         self.save_hyperparameters()
         self.content_layers = content_layers
@@ -440,8 +450,28 @@ class StyleTransfer(L.LightningModule):
         losses.update(total=total, content=content.detach(), style=style.detach(), tv=tv.detach())
         return losses
 
+    def _is_mixed(self) -> bool:
+        return str(self.trainer.precision) in ("bf16-mixed", "16-mixed")
+
+    def in_float32_phase(self) -> bool:
+        """Whether this step is one of the last ``float32_final_steps`` of a mixed-precision run,
+        which run in float32 (without autocast)."""
+        if not self._is_mixed():
+            return False
+        max_steps = self.trainer.max_steps
+        return max_steps >= 0 and self.global_step >= max_steps - self.hparams.float32_final_steps
+
+    def _precision_context(self):
+        """No autocast in the float32 phase, else the trainer's own (none, or mixed precision)."""
+        # Departure from a plain mixed-precision run: its last steps run in float32. Rounding the
+        # activations to 8 bits of mantissa limits how far the loss can fall (L-BFGS ends up chasing
+        # rounding noise); float32 takes it the rest of the way, with the history built so far.
+        if self.in_float32_phase():
+            return torch.autocast(self.image.device.type, enabled=False)
+        return nullcontext()
+
     def _scales_loss(self) -> bool:
-        return str(self.trainer.precision) == "16-mixed"
+        return str(self.trainer.precision) == "16-mixed" and not self.in_float32_phase()
 
     def _evaluate(self, optimizer: Any) -> dict[str, Tensor]:
         """One function evaluation: losses and the image gradient.
@@ -456,7 +486,8 @@ class StyleTransfer(L.LightningModule):
         """
         for _ in range(_SCALE_TRIES):
             optimizer.zero_grad()
-            losses = self(self.image)
+            with self._precision_context():
+                losses = self(self.image)
             total = losses["total"]
             if not torch.isfinite(total):
                 raise NumericalError(self._non_finite_loss(losses))
@@ -519,6 +550,11 @@ class StyleTransfer(L.LightningModule):
         scale = self._scale_at(self.global_step)
         if scale != self._scale:
             self._enter_scale(scale)
+        if self.in_float32_phase() and self.global_step == self.trainer.max_steps - self.hparams.float32_final_steps:
+            rank_zero_info(
+                f"step {self.global_step}: the last {self.hparams.float32_final_steps} iterations run in float32 "
+                "(model.float32_final_steps)"
+            )
         optimizer = self.optimizers()
         evaluations: list[dict[str, Tensor]] = []
 

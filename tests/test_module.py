@@ -152,7 +152,7 @@ def test_resume_with_another_image_size_is_refused(tmp_path, images):
 
 def _run_precision(tmp_path, images, **trainer_kwargs):
     recorder = LossRecorder()
-    module = make_module()
+    module = make_module(float32_final_steps=0)  # mixed precision to the end
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         make_trainer(tmp_path, steps=10, callbacks=[recorder], **trainer_kwargs).fit(
@@ -186,8 +186,41 @@ def test_16_mixed_with_lbfgs_scales_the_loss_in_the_closure(tmp_path, images):
     assert losses[-1] < losses[0]
 
 
+def test_the_last_steps_of_a_mixed_precision_run_are_float32(tmp_path, images):
+    module = make_module(float32_final_steps=2)
+    dtypes = []
+    module.extractor.body.conv1_1.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(tmp_path, steps=5, precision="bf16-mixed").fit(module, datamodule=datamodule(images, size=32))
+    # The targets are computed once in float32 (setup: content and style), then one evaluation per
+    # L-BFGS iteration.
+    assert dtypes == [torch.float32] * 2 + [torch.bfloat16] * 3 + [torch.float32] * 2
+    assert torch.isfinite(module.image).all()
+
+
+def test_float32_final_steps_change_nothing_in_a_float32_run(tmp_path, images):
+    module = make_module(float32_final_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(tmp_path, steps=3).fit(module, datamodule=datamodule(images, size=32))
+        assert not module.in_float32_phase()
+
+
+def test_16_mixed_does_not_scale_the_loss_in_the_float32_phase(tmp_path, images):
+    module = make_module(style_layers=["conv1_1"], content_layers=["conv1_1"], float32_final_steps=2)
+    module.loss_scale.fill_(2.0**40)  # would overflow float16, and be backed off, if it were used
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(tmp_path, steps=2, plugins=[MixedPrecision("16-mixed", "cpu")]).fit(
+            module, datamodule=datamodule(images, size=16)
+        )
+    assert float(module.loss_scale) == 2.0**40
+    assert torch.isfinite(module.image).all()
+
+
 def test_16_mixed_recovers_from_gradient_overflow(tmp_path, images):
-    module = make_module(style_layers=["conv1_1"], content_layers=["conv1_1"])
+    module = make_module(style_layers=["conv1_1"], content_layers=["conv1_1"], float32_final_steps=0)
     module.loss_scale.fill_(2.0**40)  # overflows float16 at once: the closure must back off and retry
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
