@@ -8,6 +8,7 @@ import warnings
 from typing import NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from nst_lightning.callbacks import ImageWriter
@@ -17,7 +18,7 @@ from nst_lightning.errors import CheckpointError, ConfigError, Interrupted, NSTE
 from nst_lightning.guard import RunGuard
 from nst_lightning.image_io import check_writable, check_writable_dir
 from nst_lightning.module import StyleTransfer
-from nst_lightning.runtime import keep_freed_memory, set_default_threads
+from nst_lightning.runtime import automatic_precision, keep_freed_memory, set_default_threads
 
 # Trainer defaults that differ from Lightning's: the seed's 300 iterations, one GPU at most
 # (one image is one optimisation), and a scalar per step in TensorBoard.
@@ -108,10 +109,28 @@ class StyleTransferCLI(LightningCLI):
         # settings now rather than after the model has loaded.
         for section, cls in (("data", StyleTransferDataModule), ("output", ImageWriter), ("guard", RunGuard)):
             cls(**config[section].as_dict())
+        self._choose_precision(config)
         root = config.trainer.default_root_dir
         if root is None or "://" not in str(root):
             check_writable_dir(root or os.getcwd(), "trainer.default_root_dir")
         check_writable(config.output.path)
+
+    @staticmethod
+    def _choose_precision(config) -> None:
+        """Where the config sets no ``trainer.precision`` (nor a precision plugin), the fastest that
+        reaches the float32 result on this machine (:func:`~nst_lightning.runtime.automatic_precision`)."""
+        trainer = config.trainer
+        if trainer.precision is not None or trainer.plugins:
+            return
+        chosen = automatic_precision(trainer.accelerator)
+        if chosen is None:
+            return
+        trainer.precision = chosen
+        rank_zero_info(
+            f"trainer.precision is not set: using {chosen}, since this CPU computes bfloat16 in AMX tiles "
+            f"(about 2x faster); the last {config.model.float32_final_steps} iterations run in float32 "
+            "(model.float32_final_steps); --trainer.precision 32-true keeps float32 throughout"
+        )
 
 
 def _stop(prefix: str, message: str, code: int) -> NoReturn:

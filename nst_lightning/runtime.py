@@ -77,3 +77,39 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def cpu_has_amx_bf16() -> bool:
+    """Whether torch can multiply bfloat16 matrices in this CPU's AMX tiles (Intel Xeon since
+    Sapphire Rapids), as torch itself reports it (the kernel must allow the tiles too)."""
+    import torch
+
+    capabilities = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.6
+    if capabilities is None:
+        return False
+    try:
+        return bool(capabilities().get("amx_bf16"))
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def _runs_on_cpu(accelerator: object) -> bool:
+    if accelerator == "cpu":
+        return True
+    if accelerator != "auto":  # gpu, cuda, mps, an Accelerator instance ...
+        return False
+    from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
+
+    return not (CUDAAccelerator.is_available() or MPSAccelerator.is_available())
+
+
+def automatic_precision(accelerator: object) -> str | None:
+    """The ``trainer.precision`` for a run that sets none: ``bf16-mixed`` where the run is on a CPU
+    with AMX, else None (Lightning's 32-true).
+
+    On such a CPU bfloat16 convolutions run 3-8x faster than float32 ones, and a whole 512 px
+    iteration about 2.3x faster (README, Mixed precision); the module finishes the run in float32
+    (``model.float32_final_steps``), which reached the float32 run's loss. GPUs keep 32-true until
+    bf16 is measured there.
+    """
+    return "bf16-mixed" if _runs_on_cpu(accelerator) and cpu_has_amx_bf16() else None

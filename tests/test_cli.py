@@ -279,3 +279,26 @@ def test_top_level_help_names_both_commands(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "fit" in out and "batch" in out and "style transfer" in out
+
+
+@pytest.mark.parametrize(
+    "amx, args, expected",
+    [
+        (True, [], "bf16-mixed"),  # nothing set, a CPU with AMX: the faster precision
+        (True, ["--trainer.precision", "32-true"], "32-true"),  # the user's choice stands
+        (False, [], None),  # no AMX: Lightning's default, 32-true
+    ],
+)
+def test_precision_is_chosen_only_where_the_config_sets_none(
+    tmp_path, images, monkeypatch, caplog, amx, args, expected
+):
+    import yaml
+
+    monkeypatch.setattr("nst_lightning.runtime.cpu_has_amx_bf16", lambda: amx)
+    config = write_config(tmp_path, images, trainer={"max_steps": 2})
+    with caplog.at_level("INFO"):
+        run_cli("--config", str(config), *args)
+    saved = yaml.safe_load((version_dir(tmp_path) / "config.yaml").read_text())
+    assert saved["trainer"]["precision"] == expected
+    assert ("AMX" in caplog.text) == (expected == "bf16-mixed" and not args)
+    assert (tmp_path / "out" / "result.png").exists()

@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+from nst_lightning import runtime
 from nst_lightning.runtime import ALLOCATOR_VARIABLES, keep_freed_memory, physical_cores, set_default_threads
 
 
@@ -55,3 +56,22 @@ def test_the_allocator_is_left_alone_where_the_user_tunes_it(monkeypatch):
     monkeypatch.delenv("MALLOC_MMAP_MAX_")
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
     assert not keep_freed_memory()
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_automatic_precision_is_bf16_mixed_only_on_a_cpu_with_amx(monkeypatch, amx):
+    monkeypatch.setattr(runtime, "cpu_has_amx_bf16", lambda: amx)
+    assert runtime.automatic_precision("cpu") == ("bf16-mixed" if amx else None)
+    assert runtime.automatic_precision("gpu") is None
+
+
+def test_automatic_precision_leaves_a_gpu_run_at_float32(monkeypatch):
+    from lightning.pytorch.accelerators import CUDAAccelerator
+
+    monkeypatch.setattr(runtime, "cpu_has_amx_bf16", lambda: True)
+    monkeypatch.setattr(CUDAAccelerator, "is_available", staticmethod(lambda: True))
+    assert runtime.automatic_precision("auto") is None
+
+
+def test_amx_detection_answers_a_bool():
+    assert isinstance(runtime.cpu_has_amx_bf16(), bool)
