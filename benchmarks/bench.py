@@ -73,7 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="before each round, wait up to this many seconds for other processes to leave the CPUs idle",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--precision", default="32-true", help="precision of the main table (default 32-true)")
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        default=None,
+        help="precisions of the main table, a row each (default 32-true, plus bf16-mixed on a CPU with AMX)",
+    )
     p.add_argument("--compile", choices=["off", "on", "both"], default="both", help="project variants (default both)")
     p.add_argument(
         "--whole-run",
@@ -130,6 +135,10 @@ def setup_torch(args: argparse.Namespace):
 
     keep_freed_memory()  # as cli.py does (it applies to the reference and the floor alike)
     args.threads = args.threads or physical_cores()
+    if args.precision is None:  # what a run without trainer.precision gets here, beside float32
+        from nst_lightning.runtime import automatic_precision
+
+        args.precision = list(dict.fromkeys(["32-true", automatic_precision(accelerator(args.device)) or "32-true"]))
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # random weights, few workers, eval-mode modules: all expected here
     import logging
@@ -327,13 +336,21 @@ class ReferenceRun:
             self.clock.stop(record)
 
 
-class Floor:
-    """The extractor's convolutions alone: forward and backward to the input, at their real shapes."""
+# The dtype the convolutions run in under each precision (autocast's choice for conv2d).
+CONV_DTYPES = {"32-true": "float32", "bf16-mixed": "bfloat16", "16-mixed": "float16"}
 
-    def __init__(self, extractor, height: int, width: int, device: str) -> None:
+
+class Floor:
+    """The extractor's convolutions alone: forward and backward to the input, at their real shapes,
+    in the dtype that ``precision`` runs them in (bfloat16 under bf16-mixed, as autocast would)."""
+
+    def __init__(self, extractor, height: int, width: int, device: str, precision: str = "32-true") -> None:
         import torch
         from torch import nn
 
+        self.dtype = dtype = getattr(torch, CONV_DTYPES.get(precision, "float32"))
+        if precision == "16-mixed" and not device.startswith("cuda"):
+            self.dtype = dtype = torch.bfloat16  # Lightning runs 16-mixed as bf16 on a CPU
         self.gflop = 0.0
         shapes = []
         with torch.no_grad():
@@ -351,9 +368,9 @@ class Floor:
         for name, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
             convs = []
             for layer, shape in shapes:
-                inp = torch.randn(shape, device=device).contiguous(memory_format=fmt)
-                weight = layer.weight.detach().clone().contiguous(memory_format=fmt)
-                bias = layer.bias.detach().clone()
+                inp = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+                weight = layer.weight.detach().to(dtype).contiguous(memory_format=fmt)
+                bias = layer.bias.detach().to(dtype)
                 out = torch.nn.functional.conv2d(inp, weight, bias, layer.stride, layer.padding, layer.dilation)
                 grad = torch.randn_like(out)
                 convs.append((inp, weight, bias, grad, layer))
@@ -398,26 +415,32 @@ def gram_gflop(module) -> float:
 # --------------------------------------------------------------------------------------------- sections
 
 
-def bench_size(args, size: int) -> dict:
+def bench_size(args, size: int) -> list[dict]:
+    """One row per precision of ``args.precision``: the project (eager and, at the first precision,
+    compiled) and the floor at that precision, and the float32 reference, all interleaved."""
     variants: dict[str, object] = {}
-    result: dict = {"size": size}
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-    projects = {}
-    for compiled in compiles:
-        name = "project+compile" if compiled else "project"
-        project = Project(size, args.device, args.precision, compiled)
-        print(f"  [{size} px] {name}: first fit (setup{' and compile' if compiled else ''}) ...", flush=True)
-        project.fit(1, record=False)  # setup (targets) and, compiled, the compilation
-        projects[name] = project
-        variants[name] = project
-    any_project = next(iter(projects.values()))
+    projects: dict[str, dict[str, Project]] = {}
+    for index, precision in enumerate(args.precision):
+        projects[precision] = {}
+        for compiled in compiles if index == 0 else [False]:
+            name = "project+compile" if compiled else "project"
+            # float32_final_steps=0: time the iterations of this precision, not the float32 finish.
+            project = Project(size, args.device, precision, compiled, float32_final_steps=0)
+            what = "setup and compile" if compiled else "setup"
+            print(f"  [{size} px] {name} {precision}: first fit ({what}) ...", flush=True)
+            project.fit(1, record=False)  # setup (targets) and, compiled, the compilation
+            projects[precision][name] = variants[f"{name}@{precision}"] = project
+    any_project = next(iter(projects[args.precision[0]].values()))
     height, width = any_project.shape
-    result["shape"] = [height, width]
     reference = ReferenceRun(any_project, args.device)
     reference.run(1, record=False)
-    floor = Floor(any_project.module.extractor, height, width, args.device)
-    floor.run(1, record=False)
-    variants["reference"], variants["floor"] = reference, floor
+    variants["reference"] = reference
+    floors = {}
+    for precision in args.precision:
+        floor = Floor(any_project.module.extractor, height, width, args.device, precision)
+        floor.run(1, record=False)
+        floors[precision] = variants[f"floor@{precision}"] = floor
     names = list(variants)
     waited = 0.0
     for round_index in range(args.repeats):
@@ -431,36 +454,46 @@ def bench_size(args, size: int) -> dict:
                 variant.run(args.steps)
         print(f"  [{size} px] round {round_index + 1}/{args.repeats} done", flush=True)
 
-    result["waited_for_quiet_s"] = waited
-    for name, project in projects.items():
-        step = median(project.clock.times)
-        result[name] = {
-            **project.clock.summary(),
-            "closure_evaluations_per_iter": statistics.mean(project.evaluations),
-            "first_fit_s": project.first_fit_s,
-            "first_step_s": project.first_step_s,
+    shared = {
+        "size": size,
+        "shape": [height, width],
+        "waited_for_quiet_s": waited,
+        "reference": {
+            **reference.clock.summary(),
+            "closure_evaluations_per_iter": reference.ref.evaluations / (1 + args.repeats * args.steps),
+        },
+        "gram_gflop": gram_gflop(any_project.module),
+        # The reference computes the same function: its loss of the content image must agree.
+        "loss_agreement": loss_agreement(any_project),
+    }
+    rows = []
+    for precision in args.precision:
+        row = {**shared, "precision": precision}
+        for name, project in projects[precision].items():
+            step = median(project.clock.times)
+            row[name] = {
+                **project.clock.summary(),
+                "closure_evaluations_per_iter": statistics.mean(project.evaluations),
+                "first_fit_s": project.first_fit_s,
+                "first_step_s": project.first_step_s,
+            }
+            if name == "project+compile":
+                row[name]["compile_one_off_s"] = project.first_step_s - step
+        floor = floors[precision]
+        layout = floor.best()
+        row["floor"] = {
+            **floor.clocks[layout].summary(),
+            "layout": layout,
+            "dtype": str(floor.dtype).replace("torch.", ""),
+            "gflop": floor.gflop,
+            "gflop_per_s": floor.gflop / median(floor.clocks[layout].times),
+            "other_layout": {name: clock.summary() for name, clock in floor.clocks.items() if name != layout},
         }
-        if name == "project+compile":
-            result[name]["compile_one_off_s"] = project.first_step_s - step
-    result["reference"] = {
-        **reference.clock.summary(),
-        "closure_evaluations_per_iter": reference.ref.evaluations / (1 + args.repeats * args.steps),
-    }
-    layout = floor.best()
-    result["floor"] = {
-        **floor.clocks[layout].summary(),
-        "layout": layout,
-        "gflop": floor.gflop,
-        "gflop_per_s": floor.gflop / median(floor.clocks[layout].times),
-        "other_layout": {name: clock.summary() for name, clock in floor.clocks.items() if name != layout},
-    }
-    result["gram_gflop"] = gram_gflop(any_project.module)
-    # The reference computes the same function: its loss of the content image must agree.
-    result["loss_agreement"] = loss_agreement(any_project)
-    eager = projects.get("project", any_project)
-    result["setup_s"] = eager.first_fit_s - eager.first_step_s  # fit overhead and targets, once
-    result["peak_rss_mib_so_far"] = peak_rss_mib()
-    return result
+        eager = projects[precision].get("project", any_project)
+        row["setup_s"] = eager.first_fit_s - eager.first_step_s  # fit overhead and targets, once
+        rows.append(row)
+    rows[0]["peak_rss_mib_so_far"] = peak_rss_mib()
+    return rows
 
 
 def loss_agreement(project: Project) -> dict:
@@ -478,11 +511,7 @@ def loss_agreement(project: Project) -> dict:
 
 def project_history() -> int:
     """The L-BFGS history the project keeps by default (``StyleTransfer``'s ``lbfgs_history_size``)."""
-    import inspect
-
-    from nst_lightning.module import StyleTransfer
-
-    return inspect.signature(StyleTransfer).parameters["lbfgs_history_size"].default
+    return project_default("lbfgs_history_size")
 
 
 def lbfgs_overhead(args, height: int, width: int, history: int) -> dict:
@@ -525,41 +554,70 @@ def lbfgs_overhead(args, height: int, width: int, history: int) -> dict:
     return {"history_held": held, "short_history_s": short, "full_history_s": full}
 
 
+def project_default(name: str):
+    """A default of ``StyleTransfer`` (``lbfgs_history_size``, ``float32_final_steps``)."""
+    import inspect
+
+    from nst_lightning.module import StyleTransfer
+
+    return inspect.signature(StyleTransfer).parameters[name].default
+
+
 def whole_run(args, results: dict) -> dict:
-    """300 iterations at 512 px: the real run (``--whole-run full``) or the proxy."""
+    """300 iterations at 512 px: the real run (``--whole-run full``) or the proxy, at each precision.
+
+    A mixed-precision run keeps its default float32 finish: its proxy is the mixed-precision
+    iteration times the steps before the finish plus the float32 iteration times the finish.
+    """
     if args.whole_run == "off":
         return {"mode": "off"}
-    sizes = {r["size"]: r for r in results["sizes"]}
+    out: dict = {"mode": args.whole_run, "steps": WHOLE_RUN_STEPS, "size": WHOLE_RUN_SIZE, "runs": {}}
     if args.whole_run == "full":
-        out = {"mode": "full", "steps": WHOLE_RUN_STEPS, "size": WHOLE_RUN_SIZE}
-        for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
-            project = Project(WHOLE_RUN_SIZE, args.device, args.precision, compiled)
-            start = time.perf_counter()
-            project.fit(WHOLE_RUN_STEPS)
-            out["project+compile" if compiled else "project"] = {"wall_s": time.perf_counter() - start}
+        compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+        for index, precision in enumerate(args.precision):
+            for compiled in compiles if index == 0 else [False]:
+                project = Project(WHOLE_RUN_SIZE, args.device, precision, compiled)
+                start = time.perf_counter()
+                project.fit(WHOLE_RUN_STEPS)
+                name = "project+compile" if compiled else "project"
+                out["runs"][f"{name}@{precision}"] = {"wall_s": time.perf_counter() - start}
         return out
-    r = sizes.get(WHOLE_RUN_SIZE)
-    if r is None:
+    rows = {r["precision"]: r for r in results["sizes"] if r["size"] == WHOLE_RUN_SIZE}
+    if not rows:
         return {"mode": "proxy", "note": f"{WHOLE_RUN_SIZE} px was not measured in this run"}
-    height, width = r["shape"]
+    height, width = next(iter(rows.values()))["shape"]
     # The measured iterations carry a near-empty history; add the extra two-loop cost of a growing
     # then full history (linear in its length): sum over i of min(i, m) / m extra steps. The project
     # keeps its default history, the reference torch's 100.
     ours = project_history()
-    histories = {"project": ours, "project+compile": ours, "reference": REFERENCE_HISTORY}
-    overheads = {m: lbfgs_overhead(args, height, width, m) for m in sorted(set(histories.values()))}
-    out = {"mode": "proxy", "steps": WHOLE_RUN_STEPS, "size": WHOLE_RUN_SIZE, "lbfgs": overheads[ours]}
-    out["lbfgs_reference"] = overheads[REFERENCE_HISTORY]
-    for name in ("project", "project+compile", "reference"):
-        if name not in r:
-            continue
-        m, overhead = histories[name], overheads[histories[name]]
+    overheads = {m: lbfgs_overhead(args, height, width, m) for m in sorted({ours, REFERENCE_HISTORY})}
+    out.update(lbfgs=overheads[ours], lbfgs_reference=overheads[REFERENCE_HISTORY])
+    finish = project_default("float32_final_steps")
+    float32_row = rows.get("32-true")
+
+    def proxy(row: dict, name: str, history: int) -> dict:
+        overhead = overheads[history]
         extra_per_full = max(overhead["full_history_s"] - overhead["short_history_s"], 0.0)
-        history_steps = sum(min(i, m) / m for i in range(WHOLE_RUN_STEPS))
-        setup = r["setup_s"]
-        one_off = r[name].get("compile_one_off_s", 0.0)
-        total = setup + one_off + WHOLE_RUN_STEPS * r[name]["s_per_iter"] + history_steps * extra_per_full
-        out[name] = {"wall_s": total, "setup_s": setup, "compile_s": one_off}
+        history_steps = sum(min(i, history) / history for i in range(WHOLE_RUN_STEPS))
+        iterations = WHOLE_RUN_STEPS * row[name]["s_per_iter"]
+        note = ""
+        if row["precision"] != "32-true" and name != "reference":
+            if float32_row is None:
+                note = f"no float32 finish (32-true not measured): {row['precision']} throughout"
+            else:
+                mixed = max(WHOLE_RUN_STEPS - finish, 0)
+                float32_s = float32_row["project"]["s_per_iter"]
+                iterations = mixed * row[name]["s_per_iter"] + (WHOLE_RUN_STEPS - mixed) * float32_s
+                note = f"the last {WHOLE_RUN_STEPS - mixed} iterations in float32"
+        one_off = row[name].get("compile_one_off_s", 0.0)
+        total = row["setup_s"] + one_off + iterations + history_steps * extra_per_full
+        return {"wall_s": total, "setup_s": row["setup_s"], "compile_s": one_off, "note": note}
+
+    for precision, row in rows.items():
+        for name in ("project", "project+compile"):
+            if name in row:
+                out["runs"][f"{name}@{precision}"] = proxy(row, name, ours)
+    out["runs"]["reference"] = proxy(next(iter(rows.values())), "reference", REFERENCE_HISTORY)
     return out
 
 
@@ -624,9 +682,11 @@ def time_to_quality(args) -> dict:
     import time_to_quality as ttq
 
     size = int(args.time_to_quality)
-    results = ttq.compare(
-        size, args.ttq_schedule or ttq.default_schedules(size), log=lambda t: print("  " + t, flush=True)
-    )
+    # Each mixed precision of the main table also runs the single-scale schedule (with the module's
+    # default float32 finish), beside the coarse-to-fine ones.
+    mixed = [f"single@{p}" for p in args.precision if p != "32-true"]
+    schedules = args.ttq_schedule or ttq.default_schedules(size) + mixed
+    results = ttq.compare(size, schedules, log=lambda t: print("  " + t, flush=True))
     return {"status": "measured", "table": ttq.table(results), **results}
 
 
@@ -641,7 +701,8 @@ def precision_section(args) -> dict:
         for precision in args.precisions:
             torch = sys.modules["torch"]
             torch.cuda.reset_peak_memory_stats()
-            project = Project(size, args.device, precision, compile=False)
+            # float32_final_steps=0: the precision's own iterations and loss, without the float32 finish.
+            project = Project(size, args.device, precision, compile=False, float32_final_steps=0)
             project.fit(1, record=False)  # setup and warm-up
             times = project.fit(args.gpu_steps)
             with torch.no_grad():
@@ -689,15 +750,16 @@ def report(results: dict) -> str:
     env = results["environment"]
     lines.append(
         f"torch {env['torch']}, device {env['device']} ({env['cpu']}), {env['threads']} threads, "
-        f"precision {env['precision']}, {env['repeats']} rounds x {env['steps']} steps, interleaved; "
-        f"a sample is clean when other processes used < {CLEAN_OTHERS} of a core meanwhile"
+        f"precisions {', '.join(env['precision'])}, {env['repeats']} rounds x {env['steps']} steps, interleaved; "
+        f"a sample is clean when other processes used < {CLEAN_OTHERS} of a core meanwhile. The reference "
+        "runs in float32 in every row; the floor in the row's convolution dtype."
     )
     for key, title in (("s_per_iter", "All samples"), ("clean_s_per_iter", "Clean samples only")):
         lines += ["", f"{title} (median seconds per iteration; ratios of medians):", ""]
         lines += [
-            "| size (HxW) | project | +compile | reference | floor (layout) | project/ref | project/floor "
+            "| size (HxW) | precision | project | +compile | reference | floor (layout) | project/ref | project/floor "
             "| +compile/ref | +compile/floor | samples (clean) | others' cores |",
-            "|" + "---|" * 11,
+            "|" + "---|" * 12,
         ]
         for r in results["sizes"]:
             p, c, ref, fl = r.get("project"), r.get("project+compile"), r["reference"], r["floor"]
@@ -708,20 +770,22 @@ def report(results: dict) -> str:
             counts = "/".join(f"{len(v['samples'])}({v['clean_samples']})" for v in measured)
             others = median([o for v in measured for o in v["others_cores"]])
             lines.append(
-                f"| {r['size']} ({r['shape'][0]}x{r['shape'][1]}) | {fmt_s(ps)} | {fmt_s(cs)} | {fmt_s(rs)} "
-                f"| {fmt_s(fs)} ({fl['layout']}) | {fmt_ratio(ps, rs)} | {fmt_ratio(ps, fs)} | {fmt_ratio(cs, rs)} "
-                f"| {fmt_ratio(cs, fs)} | {counts} | {others:.2f} |"
+                f"| {r['size']} ({r['shape'][0]}x{r['shape'][1]}) | {r['precision']} | {fmt_s(ps)} | {fmt_s(cs)} "
+                f"| {fmt_s(rs)} | {fmt_s(fs)} ({fl['layout']}) | {fmt_ratio(ps, rs)} | {fmt_ratio(ps, fs)} "
+                f"| {fmt_ratio(cs, rs)} | {fmt_ratio(cs, fs)} | {counts} | {others:.2f} |"
             )
     lines.append("")
     for r in results["sizes"]:
         p, c, fl = r.get("project"), r.get("project+compile"), r["floor"]
         lines.append(
-            f"{r['size']} px: closure evaluations per iteration {(p or c)['closure_evaluations_per_iter']:.2f}; "
-            f"floor {fl['gflop']:.0f} GFLOP at {fl['gflop_per_s']:.0f} GFLOP/s"
-            + (f"; compile one-off {c['compile_one_off_s']:.0f} s" if c else "")
+            f"{r['size']} px, {r['precision']}: closure evaluations per iteration "
+            f"{(p or c)['closure_evaluations_per_iter']:.2f}; floor {fl['gflop']:.0f} GFLOP in {fl['dtype']} "
+            f"at {fl['gflop_per_s']:.0f} GFLOP/s" + (f"; compile one-off {c['compile_one_off_s']:.0f} s" if c else "")
         )
     lines.append("")
     for r in results["sizes"]:
+        if r["precision"] != results["sizes"][0]["precision"]:
+            continue
         agreement = r["loss_agreement"]
         lines.append(
             f"{r['size']} px: Gram products {r['gram_gflop']:.1f} GFLOP; setup (targets) {r['setup_s']:.2f} s; "
@@ -730,13 +794,12 @@ def report(results: dict) -> str:
             f"(relative difference {agreement['relative_difference']:.1e})"
         )
     w = results.get("whole_run", {})
-    if w.get("mode") in ("proxy", "full") and ("project" in w or "project+compile" in w):
+    if w.get("runs"):
         parts = []
-        for name in ("project", "project+compile", "reference"):
-            if name in w:
-                parts.append(f"{name} {w[name]['wall_s'] / 60:.1f} min")
+        for name, run in w["runs"].items():
+            parts.append(f"{name} {run['wall_s'] / 60:.1f} min" + (f" ({run['note']})" if run.get("note") else ""))
         lines.append("")
-        lines.append(f"Whole run, {w['steps']} iterations at {w['size']} px ({w['mode']}): " + ", ".join(parts))
+        lines.append(f"Whole run, {w['steps']} iterations at {w['size']} px ({w['mode']}): " + "; ".join(parts))
         if "lbfgs" in w:
             lb = w["lbfgs"]
             lines.append(
@@ -819,7 +882,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     for size in args.sizes:
         print(f"size {size} ...", flush=True)
-        results["sizes"].append(bench_size(args, size))
+        results["sizes"] += bench_size(args, size)
     results["whole_run"] = whole_run(args, results)
     results["memory"] = memory_check(args) if args.memory == "on" and not args.device.startswith("cuda") else []
     results["time_to_quality"] = time_to_quality(args)

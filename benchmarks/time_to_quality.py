@@ -43,6 +43,13 @@ def parse_schedule(text: str) -> tuple[list[int], list[int]]:
     return list(sizes), list(steps)
 
 
+def parse_run(text: str) -> tuple[str, str]:
+    """``256:100,512:150@bf16-mixed`` -> (schedule, precision); ``single@bf16-mixed`` is the
+    single-scale run at that precision; without ``@`` the precision is 32-true."""
+    schedule, _, precision = text.partition("@")
+    return schedule, precision or "32-true"
+
+
 def default_schedules(size: int) -> list[str]:
     return [f"{size // 4}:100,{size // 2}:100,{size}:100", f"{size // 2}:100,{size}:150"]
 
@@ -75,38 +82,70 @@ def compare(
     from nst_lightning.module import StyleTransfer
 
     class Clock(Callback):
-        """Wall time and loss of each step, and the image size it ran at."""
+        """Wall time and loss of each step, and the image size it ran at.
 
-        def __init__(self) -> None:
+        The loss is the one the step logged (that of the image the step started from). A run at a
+        precision other than 32-true logs losses computed at that precision, so there the clock
+        pauses before each step and computes the float32 loss of the same image instead: every run
+        is judged by the same function, and the judging costs no run any time.
+        """
+
+        def __init__(self, exact: bool) -> None:
+            self.exact = exact
             self.start = time.perf_counter()
+            self.paused = 0.0
+            self.at_start: tuple[float, int] | None = None
             self.steps: list[tuple[float, float, int]] = []
 
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            side = max(pl_module.image.shape[-2:])
-            self.steps.append((time.perf_counter() - self.start, float(outputs["loss"]), side))
+        def elapsed(self) -> float:
+            return time.perf_counter() - self.start - self.paused
 
-    def run(path: str, sizes: list[int] | None, steps: list[int] | None, max_steps: int) -> dict:
-        clock = Clock()
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if self.exact:
+                pause = time.perf_counter()
+                self.at_start = float32_loss(pl_module), max(pl_module.image.shape[-2:])
+                self.paused += time.perf_counter() - pause
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if self.exact:
+                loss, side = self.at_start
+            else:
+                loss, side = float(outputs["loss"]), max(pl_module.image.shape[-2:])
+            self.steps.append((self.elapsed(), loss, side))
+
+    def float32_loss(module) -> float:
+        # Before the first step of a new scale this is still the previous scale's image and loss
+        # (training_step changes the scale), and the clock records it with that size.
+        with torch.no_grad(), torch.autocast(module.image.device.type, enabled=False):
+            return float(module(module.image)["total"])
+
+    def run(path: str, sizes: list[int] | None, steps: list[int] | None, max_steps: int, precision: str) -> dict:
+        clock = Clock(exact=precision != "32-true")
         module = StyleTransfer(weights=path, scales=sizes, scale_steps=steps)
         data = StyleTransferDataModule(str(content), str(style), image_size=size)
         trainer = Trainer(
-            accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
+            accelerator="cpu", max_steps=max_steps, precision=precision, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, callbacks=[clock],
         )  # fmt: skip
         trainer.fit(module, datamodule=data)
-        with torch.no_grad():
-            final = float(module(module.image)["total"])  # the loss of the final image at full size
-        return {"seconds": time.perf_counter() - clock.start, "final_loss": final, "steps": clock.steps}
+        seconds = clock.elapsed()
+        # The loss of the final image at full size, in float32 whatever the run's precision.
+        return {"seconds": seconds, "precision": precision, "final_loss": float32_loss(module), "steps": clock.steps}
 
     with tempfile.TemporaryDirectory(prefix="nst-ttq-") as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = resolve_weights(weights, size, folder, content)
         log(f"single scale: {baseline_steps} iterations at {size} px ...")
-        runs = {"single": run(path, None, None, baseline_steps)}
+        runs = {"single": run(path, None, None, baseline_steps, "32-true")}
         for text in schedules:
-            sizes, steps = parse_schedule(text)
+            schedule, precision = parse_run(text)
+            if schedule == "single":
+                log(f"single scale at {precision} ...")
+                runs[text] = run(path, None, None, baseline_steps, precision)
+                continue
+            sizes, steps = parse_schedule(schedule)
             log(f"coarse to fine {text} ...")
-            runs[text] = run(path, sizes, steps, sum(steps))
+            runs[text] = run(path, sizes, steps, sum(steps), precision)
     target = runs["single"]["final_loss"]
     for result in runs.values():
         at_size = [(t, loss) for t, loss, side in result["steps"] if side == size]
@@ -137,7 +176,9 @@ def table(results: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in runs.items():
-        label = f"single scale, {steps} its" if name == "single" else name
+        schedule, precision = parse_run(name)
+        label = f"single scale, {steps} its" if schedule in ("single", "") else schedule
+        label += "" if precision == "32-true" else f" @ {precision}"
         reached, close = r["reached_s"], r["within_1pct_s"]
         lines.append(
             f"| {label} | {r['seconds']:.0f} | {r['final_loss']:.5g} | {'' if reached is None else f'{reached:.0f}'} "
@@ -159,7 +200,8 @@ def main() -> None:
     parser.add_argument(
         "--schedule",
         action="append",
-        help="a coarse-to-fine schedule as size:steps pairs, e.g. 256:200,512:50 (repeatable)",
+        help="a coarse-to-fine schedule as size:steps pairs, e.g. 256:200,512:50, or 'single' for the "
+        "single-scale run; '@bf16-mixed' after either runs it at that precision (repeatable)",
     )
     parser.add_argument(
         "--weights", default="scaled-random", help="scaled-random (default, a proxy), random, or a weights file"

@@ -44,3 +44,14 @@ def test_time_to_quality_compares_schedules_in_miniature():
     assert single["final_loss"] > 0 and multi["final_loss"] > 0
     table = time_to_quality.table(results)
     assert "single scale, 3 its" in table and "32:2,64:2" in table
+
+
+def test_runs_at_another_precision_are_judged_by_the_float32_loss():
+    assert time_to_quality.parse_run("256:100,512:150@bf16-mixed") == ("256:100,512:150", "bf16-mixed")
+    assert time_to_quality.parse_run("single") == ("single", "32-true")
+    results = time_to_quality.compare(48, ["single@bf16-mixed"], baseline_steps=3, log=lambda text: None)
+    single, mixed = results["runs"]["single"], results["runs"]["single@bf16-mixed"]
+    assert mixed["precision"] == "bf16-mixed" and len(mixed["steps"]) == 3
+    # Both start from the content image: the first recorded loss is the same float32 loss.
+    assert mixed["steps"][0][1] == pytest.approx(single["steps"][0][1], rel=1e-5)
+    assert "single scale, 3 its @ bf16-mixed" in time_to_quality.table(results)
