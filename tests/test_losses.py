@@ -117,3 +117,22 @@ def test_gram_gradient_is_autograds_in_either_layout(layout):
     (torch.bmm(flat, flat.transpose(1, 2)).div(60) * weights).sum().backward()
     torch.testing.assert_close(features.grad.reshape(2, 5, 12), flat.grad)
     assert features.grad.is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_gram_of_bfloat16_features_is_float32_and_its_gradient_bfloat16(layout):
+    features = torch.rand(2, 8, 6, 7).to(torch.bfloat16).contiguous(memory_format=layout)
+    target = torch.rand(2, 8, 8) * 0.3
+    ours = features.clone().requires_grad_()
+    gram = gram_matrix(ours)
+    # The backward pass keeps the bfloat16 activations, not a float32 copy of them.
+    assert [t.dtype for t in gram.grad_fn.saved_tensors] == [torch.bfloat16]
+    style_loss(gram, target).backward()
+    wide = features.double().requires_grad_()  # the exact reference: the same values, widened
+    expected = wide.flatten(2) @ wide.flatten(2).transpose(1, 2) / (8 * 6 * 7)
+    ((expected - target.double()) ** 2).mean().backward()
+    assert gram.dtype == torch.float32
+    torch.testing.assert_close(gram.double(), expected.detach(), rtol=1e-6, atol=1e-7)  # widened, not rounded
+    assert ours.grad.dtype == torch.bfloat16 and ours.grad.shape == features.shape
+    error = (ours.grad.double() - wide.grad).norm() / wide.grad.norm()
+    assert error < 1e-2  # bfloat16 rounding (~0.2%), not a wrong gradient
