@@ -353,6 +353,8 @@ class StyleTransfer(L.LightningModule):
         """Refuses, before any work, a run whose estimated peak memory exceeds what the device has
         free (the message suggests an image size that fits)."""
         hp = self.hparams
+        # A float32 finish needs the float32 footprint, whatever the rest of the run uses.
+        precision = str(self.trainer.precision) if hp.float32_final_steps == 0 else "32-true"
         check_fits(
             *content.shape[-2:],
             content_layers=self.content_layers,
@@ -361,7 +363,7 @@ class StyleTransfer(L.LightningModule):
             pooling=hp.pooling,
             optimizer=hp.optimizer,
             history_size=hp.lbfgs_history_size,
-            precision=str(self.trainer.precision),
+            precision=precision,
             weights=hp.weights,
             device=self.trainer.strategy.root_device.type,
         )

@@ -289,3 +289,14 @@ def test_reference_implementation_computes_the_same_loss(tmp_path, images):
     torch.testing.assert_close(float(ref.loss()), total_loss(module), rtol=1e-4, atol=0)
     ref.step()
     assert ref.evaluations == 1
+
+
+@pytest.mark.parametrize("final_steps, expected", [(50, "32-true"), (0, "bf16-mixed")])
+def test_the_memory_check_counts_the_float32_finish(tmp_path, images, monkeypatch, final_steps, expected):
+    seen = []
+    monkeypatch.setattr("nst_lightning.module.check_fits", lambda *args, **kwargs: seen.append(kwargs["precision"]))
+    module = make_module(float32_final_steps=final_steps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(tmp_path, steps=0, precision="bf16-mixed").fit(module, datamodule=datamodule(images))
+    assert seen == [expected]
