@@ -314,3 +314,13 @@ def test_a_signal_during_a_pair_stops_the_whole_batch(tmp_path, pairs_setup, cap
     assert run_batch(*batch_args(config, tmp_path, [files["c1"], files["c2"]], [files["s1"], files["s2"]])) == 143
     assert calls == [1, 2], "no pair starts after the signal"
     assert "the batch stopped at SIGTERM" in capsys.readouterr().err
+
+
+def test_a_batch_gets_the_automatic_precision_too(tmp_path, pairs_setup, monkeypatch):
+    import yaml
+
+    monkeypatch.setattr("nst_lightning.runtime.cpu_has_amx_bf16", lambda: True)
+    files, config = pairs_setup
+    assert run_batch(*batch_args(config, tmp_path, [files["c1"]], [files["s1"]])) == 0
+    saved = yaml.safe_load((runs_dir(tmp_path) / "c1__s1" / "version_0" / "config.yaml").read_text())
+    assert saved["trainer"]["precision"] == "bf16-mixed"
