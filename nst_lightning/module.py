@@ -455,13 +455,18 @@ class StyleTransfer(L.LightningModule):
     def _is_mixed(self) -> bool:
         return str(self.trainer.precision) in ("bf16-mixed", "16-mixed")
 
+    def _float32_start(self) -> int | None:
+        """The first step of a mixed-precision run's float32 finish; None where there is none."""
+        max_steps, final = self.trainer.max_steps, self.hparams.float32_final_steps
+        if not self._is_mixed() or max_steps < 0 or final == 0:
+            return None
+        return max(max_steps - final, 0)
+
     def in_float32_phase(self) -> bool:
         """Whether this step is one of the last ``float32_final_steps`` of a mixed-precision run,
         which run in float32 (without autocast)."""
-        if not self._is_mixed():
-            return False
-        max_steps = self.trainer.max_steps
-        return max_steps >= 0 and self.global_step >= max_steps - self.hparams.float32_final_steps
+        start = self._float32_start()
+        return start is not None and self.global_step >= start
 
     def _precision_context(self):
         """No autocast in the float32 phase, else the trainer's own (none, or mixed precision)."""
@@ -552,10 +557,10 @@ class StyleTransfer(L.LightningModule):
         scale = self._scale_at(self.global_step)
         if scale != self._scale:
             self._enter_scale(scale)
-        if self.in_float32_phase() and self.global_step == self.trainer.max_steps - self.hparams.float32_final_steps:
+        if self.global_step == self._float32_start():
             rank_zero_info(
-                f"step {self.global_step}: the last {self.hparams.float32_final_steps} iterations run in float32 "
-                "(model.float32_final_steps)"
+                f"step {self.global_step}: the last {self.trainer.max_steps - self.global_step} iterations run in "
+                "float32 (model.float32_final_steps)"
             )
         optimizer = self.optimizers()
         evaluations: list[dict[str, Tensor]] = []

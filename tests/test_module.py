@@ -186,13 +186,14 @@ def test_16_mixed_with_lbfgs_scales_the_loss_in_the_closure(tmp_path, images):
     assert losses[-1] < losses[0]
 
 
-def test_the_last_steps_of_a_mixed_precision_run_are_float32(tmp_path, images):
+def test_the_last_steps_of_a_mixed_precision_run_are_float32(tmp_path, images, caplog):
     module = make_module(float32_final_steps=2)
     dtypes = []
     module.extractor.body.conv1_1.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), caplog.at_level("INFO"):
         warnings.simplefilter("ignore")
         make_trainer(tmp_path, steps=5, precision="bf16-mixed").fit(module, datamodule=datamodule(images, size=32))
+    assert "step 3: the last 2 iterations run in float32" in caplog.text
     # The targets are computed once in float32 (setup: content and style), then one evaluation per
     # L-BFGS iteration.
     assert dtypes == [torch.float32] * 2 + [torch.bfloat16] * 3 + [torch.float32] * 2
