@@ -22,6 +22,10 @@ What one run measures, in one process (the memory check in child processes):
   at the shapes they have in the network, in contiguous and in channels-last layout (the faster
   counts): what no implementation of this loss can go below without changing the arithmetic.
 
+Each ``--precision`` (default 32-true, plus bf16-mixed on a CPU with AMX, where an unset precision
+becomes it) gets a row: the project and the floor at that precision (the floor in the dtype its
+convolutions run in), against the float32 reference; compiled only in the first row.
+
 Every round runs each variant ``--steps`` times, the variants' order rotating between rounds; the
 figures are medians over all rounds, so load from other processes hits all variants alike. Also:
 peak RSS (``ru_maxrss``) of this process, the L-BFGS history overhead, a whole-run figure (300
