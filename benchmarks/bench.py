@@ -352,9 +352,9 @@ class Floor:
         import torch
         from torch import nn
 
-        self.dtype = dtype = getattr(torch, CONV_DTYPES.get(precision, "float32"))
         if precision == "16-mixed" and not device.startswith("cuda"):
-            self.dtype = dtype = torch.bfloat16  # Lightning runs 16-mixed as bf16 on a CPU
+            precision = "bf16-mixed"  # as Lightning runs it on a CPU
+        self.dtype = dtype = getattr(torch, CONV_DTYPES.get(precision, "float32"))
         self.gflop = 0.0
         shapes = []
         with torch.no_grad():

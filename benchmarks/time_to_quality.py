@@ -177,7 +177,7 @@ def table(results: dict) -> str:
     ]
     for name, r in runs.items():
         schedule, precision = parse_run(name)
-        label = f"single scale, {steps} its" if schedule in ("single", "") else schedule
+        label = f"single scale, {steps} its" if schedule == "single" else schedule
         label += "" if precision == "32-true" else f" @ {precision}"
         reached, close = r["reached_s"], r["within_1pct_s"]
         lines.append(
