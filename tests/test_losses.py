@@ -107,22 +107,24 @@ def test_wasserstein2_has_finite_gradients():
     assert torch.isfinite(features.grad).all() and features.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("batch", [1, 2])  # one channels-last image takes the 1x1-convolution path
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_gram_gradient_is_autograds_in_either_layout(layout):
+def test_gram_gradient_is_autograds_in_either_layout(layout, batch):
     # The Gram backward is one product, written in the input's layout; it must equal autograd's.
-    features = torch.randn(2, 5, 3, 4).contiguous(memory_format=layout).requires_grad_(True)
-    weights = torch.randn(2, 5, 5)
+    features = torch.randn(batch, 5, 3, 4).contiguous(memory_format=layout).requires_grad_(True)
+    weights = torch.randn(batch, 5, 5)
     (gram_matrix(features) * weights).sum().backward()
-    flat = features.detach().reshape(2, 5, 12).requires_grad_(True)
+    flat = features.detach().reshape(batch, 5, 12).requires_grad_(True)
     (torch.bmm(flat, flat.transpose(1, 2)).div(60) * weights).sum().backward()
-    torch.testing.assert_close(features.grad.reshape(2, 5, 12), flat.grad)
+    torch.testing.assert_close(features.grad.reshape(batch, 5, 12), flat.grad)
     assert features.grad.is_contiguous(memory_format=layout)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_gram_of_bfloat16_features_is_float32_and_its_gradient_bfloat16(layout):
-    features = torch.rand(2, 8, 6, 7).to(torch.bfloat16).contiguous(memory_format=layout)
-    target = torch.rand(2, 8, 8) * 0.3
+def test_gram_of_bfloat16_features_is_float32_and_its_gradient_bfloat16(layout, batch):
+    features = torch.rand(batch, 8, 6, 7).to(torch.bfloat16).contiguous(memory_format=layout)
+    target = torch.rand(batch, 8, 8) * 0.3
     ours = features.clone().requires_grad_()
     gram = gram_matrix(ours)
     # The backward pass keeps the bfloat16 activations, not a float32 copy of them.
