@@ -27,8 +27,8 @@ class _Gram(torch.autograd.Function):
     so no layout conversion follows. For one channels-last image that product is a 1x1 convolution
     of the features with ``(g + g^T) / norm`` as its weight: oneDNN's 1x1 kernel reads and writes
     the long, thin (H*W, C) matrices at close to the convolutions' speed, where ``bmm`` ran the
-    C = 64 layer at 40-80 GFLOP/s (44 against 70 ms per 512 px iteration for the five default
-    layers, measured on 2 AVX2 cores).
+    C = 64 layer at 40-80 GFLOP/s (the five default layers at 512 px: 44-57 against 70-101 ms per
+    iteration, measured on 2 AVX2 cores).
 
     ``features`` may be bfloat16 (bf16-mixed): the product is still taken in float32 (an exact
     widening), but the float32 copy is not kept for the backward pass, whose product runs in
