@@ -120,6 +120,27 @@ def test_gram_gradient_is_autograds_in_either_layout(layout, batch):
     assert features.grad.is_contiguous(memory_format=layout)
 
 
+def test_gram_gradient_of_one_channels_last_image_is_a_1x1_convolution():
+    # The fast path (see _Gram): the gradient product runs as a convolution, not as bmm.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    features = torch.randn(1, 4, 5, 6).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    gram = gram_matrix(features)
+    with Ops() as ops:
+        gram.sum().backward()
+    assert "convolution.default" in ops.names and "bmm.default" not in ops.names
+    assert features.grad.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_gram_of_bfloat16_features_is_float32_and_its_gradient_bfloat16(layout, batch):
