@@ -419,22 +419,29 @@ def gram_gflop(module) -> float:
 # --------------------------------------------------------------------------------------------- sections
 
 
+def project_variants(args) -> list[tuple[str, bool, str]]:
+    """(precision, compiled, name) of each project variant: every precision eager, and the first
+    one compiled too where ``--compile`` asks for it."""
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    return [
+        (precision, compiled, "project+compile" if compiled else "project")
+        for index, precision in enumerate(args.precision)
+        for compiled in (compiles if index == 0 else [False])
+    ]
+
+
 def bench_size(args, size: int) -> list[dict]:
     """One row per precision of ``args.precision``: the project (eager and, at the first precision,
     compiled) and the floor at that precision, and the float32 reference, all interleaved."""
     variants: dict[str, object] = {}
-    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-    projects: dict[str, dict[str, Project]] = {}
-    for index, precision in enumerate(args.precision):
-        projects[precision] = {}
-        for compiled in compiles if index == 0 else [False]:
-            name = "project+compile" if compiled else "project"
-            # float32_final_steps=0: time the iterations of this precision, not the float32 finish.
-            project = Project(size, args.device, precision, compiled, float32_final_steps=0)
-            what = "setup and compile" if compiled else "setup"
-            print(f"  [{size} px] {name} {precision}: first fit ({what}) ...", flush=True)
-            project.fit(1, record=False)  # setup (targets) and, compiled, the compilation
-            projects[precision][name] = variants[f"{name}@{precision}"] = project
+    projects: dict[str, dict[str, Project]] = {precision: {} for precision in args.precision}
+    for precision, compiled, name in project_variants(args):
+        # float32_final_steps=0: time the iterations of this precision, not the float32 finish.
+        project = Project(size, args.device, precision, compiled, float32_final_steps=0)
+        what = "setup and compile" if compiled else "setup"
+        print(f"  [{size} px] {name} {precision}: first fit ({what}) ...", flush=True)
+        project.fit(1, record=False)  # setup (targets) and, compiled, the compilation
+        projects[precision][name] = variants[f"{name}@{precision}"] = project
     any_project = next(iter(projects[args.precision[0]].values()))
     height, width = any_project.shape
     reference = ReferenceRun(any_project, args.device)
@@ -513,11 +520,6 @@ def loss_agreement(project: Project) -> dict:
     return {"project": ours, "reference": theirs, "relative_difference": abs(ours - theirs) / abs(theirs)}
 
 
-def project_history() -> int:
-    """The L-BFGS history the project keeps by default (``StyleTransfer``'s ``lbfgs_history_size``)."""
-    return project_default("lbfgs_history_size")
-
-
 def lbfgs_overhead(args, height: int, width: int, history: int) -> dict:
     """Time L-BFGS spends outside the closure, with a short and with a full history, on a vector of
     the image's size (a cheap, badly conditioned quadratic stands in for the closure)."""
@@ -577,14 +579,11 @@ def whole_run(args, results: dict) -> dict:
         return {"mode": "off"}
     out: dict = {"mode": args.whole_run, "steps": WHOLE_RUN_STEPS, "size": WHOLE_RUN_SIZE, "runs": {}}
     if args.whole_run == "full":
-        compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-        for index, precision in enumerate(args.precision):
-            for compiled in compiles if index == 0 else [False]:
-                project = Project(WHOLE_RUN_SIZE, args.device, precision, compiled)
-                start = time.perf_counter()
-                project.fit(WHOLE_RUN_STEPS)
-                name = "project+compile" if compiled else "project"
-                out["runs"][f"{name}@{precision}"] = {"wall_s": time.perf_counter() - start}
+        for precision, compiled, name in project_variants(args):
+            project = Project(WHOLE_RUN_SIZE, args.device, precision, compiled)
+            start = time.perf_counter()
+            project.fit(WHOLE_RUN_STEPS)
+            out["runs"][f"{name}@{precision}"] = {"wall_s": time.perf_counter() - start}
         return out
     rows = {r["precision"]: r for r in results["sizes"] if r["size"] == WHOLE_RUN_SIZE}
     if not rows:
@@ -593,7 +592,7 @@ def whole_run(args, results: dict) -> dict:
     # The measured iterations carry a near-empty history; add the extra two-loop cost of a growing
     # then full history (linear in its length): sum over i of min(i, m) / m extra steps. The project
     # keeps its default history, the reference torch's 100.
-    ours = project_history()
+    ours = project_default("lbfgs_history_size")
     overheads = {m: lbfgs_overhead(args, height, width, m) for m in sorted({ours, REFERENCE_HISTORY})}
     out.update(lbfgs=overheads[ours], lbfgs_reference=overheads[REFERENCE_HISTORY])
     finish = project_default("float32_final_steps")
@@ -659,7 +658,7 @@ def memory_check(args) -> list[dict]:
     (``ru_maxrss`` is a process-wide high-water mark). The history is filled to its length."""
     cases = [(size, 20, 22) for size in args.sizes if size <= 512]
     if not args.quick and 256 in args.sizes:
-        history = project_history()
+        history = project_default("lbfgs_history_size")
         cases.append((256, history, history + 2))  # the default history, full
     if args.quick:
         cases = [(size, 5, 6) for size in args.sizes if size <= 512]

@@ -27,8 +27,8 @@ class _Gram(torch.autograd.Function):
     so no layout conversion follows. For one channels-last float32 image on a CPU that product is a
     1x1 convolution of the features with ``(g + g^T) / norm`` as its weight: oneDNN's 1x1 kernel
     reads and writes the long, thin (H*W, C) matrices at close to the convolutions' speed, where
-    ``bmm`` ran the C = 64 layer at 40-80 GFLOP/s (the five default layers at 512 px: 44-57 against 70-101 ms per
-    iteration, measured on 2 AVX2 cores).
+    ``bmm`` ran the C = 64 layer at 40-80 GFLOP/s (the five default layers at 512 px: 44-57 against
+    70-101 ms per iteration, measured on 2 AVX2 cores).
 
     ``features`` may be bfloat16 (bf16-mixed): the product is still taken in float32 (an exact
     widening), but the float32 copy is not kept for the backward pass, whose product runs in
@@ -53,14 +53,14 @@ class _Gram(torch.autograd.Function):
         b, c, h, w = features.shape
         # Scaled while it is C x C, not after the product, where it would be another pass over C x N.
         sym = (grad + grad.transpose(1, 2)).div_(ctx.norm).to(features.dtype)
+        channels_last = c > 1 and features.is_contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=features.device.type, enabled=False):
-            if c > 1 and features.is_contiguous(memory_format=torch.channels_last):
-                # out[c, n] = sum_k sym[c, k] features[k, n]: a 1x1 convolution. Float32 on a CPU only:
-                # that is where it was measured (bfloat16's bmm was measured on AMX), and cuDNN would
-                # run it in TF32 by default where bmm is float32.
-                if b == 1 and features.device.type == "cpu" and features.dtype == torch.float32:
-                    return F.conv2d(features, sym.reshape(c, c, 1, 1)), None
-                # (B, H*W, C) is the contiguous view of channels-last features.
+            # out[c, n] = sum_k sym[c, k] features[k, n]: a 1x1 convolution. Float32 on a CPU only:
+            # that is where it was measured (bfloat16's bmm was measured on AMX), and cuDNN would
+            # run it in TF32 by default where bmm is float32.
+            if channels_last and b == 1 and features.device.type == "cpu" and features.dtype == torch.float32:
+                return F.conv2d(features, sym.reshape(c, c, 1, 1)), None
+            if channels_last:  # (B, H*W, C) is the contiguous view of channels-last features
                 flat_t = features.permute(0, 2, 3, 1).reshape(b, h * w, c)
                 return torch.bmm(flat_t, sym).reshape(b, h, w, c).permute(0, 3, 1, 2), None
             return torch.bmm(sym, features.reshape(b, c, h * w)).reshape(b, c, h, w), None

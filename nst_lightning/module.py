@@ -354,7 +354,7 @@ class StyleTransfer(L.LightningModule):
         free (the message suggests an image size that fits)."""
         hp = self.hparams
         # A float32 finish needs the float32 footprint, whatever the rest of the run uses.
-        precision = str(self.trainer.precision) if hp.float32_final_steps == 0 else "32-true"
+        precision = "32-true" if self._float32_start() is not None else str(self.trainer.precision)
         check_fits(
             *content.shape[-2:],
             content_layers=self.content_layers,
