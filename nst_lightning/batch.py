@@ -34,7 +34,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerStatus
 from tqdm import tqdm
 
-from nst_lightning.cli import StyleTransferCLI
+from nst_lightning.cli import StyleTransferCLI, record_layer_means
 from nst_lightning.errors import ConfigError, ImageError, Interrupted, NSTError
 from nst_lightning.image_io import check_writable, find_images, image_format
 
@@ -287,6 +287,7 @@ class BatchCLI(StyleTransferCLI):
         self.config_init = self._instantiate(config)
         self.model = self.config_init.model
         self.datamodule = self.config_init.data
+        record_layer_means(config, self.model)
         overrides = dict(placement)
         root = Path(config.trainer.default_root_dir or ".")
         if config.trainer.logger in (None, True):

@@ -95,6 +95,10 @@ class StyleTransferCLI(LightningCLI):
                 "drop --weights_only false"
             )
         checkpoint = read_checkpoint(ckpt_path, mmap=True)
+        saved_means = (checkpoint.get("hyper_parameters") or {}).get("layer_means")
+        if config.model.get("layer_means") is None and saved_means and config.model.get("normalize"):
+            # The run goes on with the network it was normalised with, not with fresh measurements.
+            config.model.layer_means = dict(saved_means)
         check_same_config(ckpt_path, checkpoint, model=config.model.as_dict(), data=config.data.as_dict())
 
     def before_instantiate_classes(self) -> None:
@@ -115,6 +119,11 @@ class StyleTransferCLI(LightningCLI):
             check_writable_dir(root or os.getcwd(), "trainer.default_root_dir")
         check_writable(config.output.path)
 
+    def after_instantiate_classes(self) -> None:
+        model = getattr(self, "model", None)  # the batch command builds its models later, per pair
+        if model is not None:
+            record_layer_means(self._subcommand_config(), model)
+
     @staticmethod
     def _choose_precision(config) -> None:
         """Where the config sets no ``trainer.precision`` (nor a precision plugin), the fastest that
@@ -131,6 +140,12 @@ class StyleTransferCLI(LightningCLI):
             f"(about 2x faster); the last {config.model.float32_final_steps} iterations run in float32 "
             "(model.float32_final_steps); --trainer.precision 32-true keeps float32 throughout"
         )
+
+
+def record_layer_means(config, model: StyleTransfer) -> None:
+    """Puts the layer means the model was normalised with into ``config`` (``model.layer_means``), so
+    that the run's saved config.yaml says which were used and rerunning it uses exactly those."""
+    config.model.layer_means = model.hparams.get("layer_means")
 
 
 def _stop(prefix: str, message: str, code: int) -> NoReturn:

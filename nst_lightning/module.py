@@ -38,6 +38,9 @@ INITS = ("content", "style", "noise")
 _SCALE_START, _SCALE_BACKOFF, _SCALE_GROWTH_INTERVAL, _SCALE_TRIES = 2.0**16, 2.0**-4, 100, 12
 # Function evaluations the strong-Wolfe line search may spend in one L-BFGS iteration (torch's max_ls).
 _LINE_SEARCH_EVALS = 25
+# A mean activation above this, in a network that is not normalised, is on Caffe's scale (torchvision's
+# weights give about 1, Caffe-converted ones 20-300), where the default loss weights overflow.
+_LARGE_ACTIVATIONS = 10.0
 # A checkpoint's targets may differ from this run's by this much (relative) and still be "the same images".
 _TARGET_TOLERANCE = 1e-2
 
@@ -137,6 +140,11 @@ class StyleTransfer(L.LightningModule):
         backbone: feature network: vgg19, vgg16 or resnet18.
         weights: backbone weights: 'imagenet' (torchvision, via the torch hub cache), 'random'
             (tests and dry runs only) or the path of a torchvision state dict.
+        normalize: normalise the network as Gatys et al. did: each layer divided by its mean
+            activation on the shipped sample images, so the loss weights mean the same for any
+            weights file (torchvision's and Caffe-converted ones, whose activations are ~100x larger).
+        layer_means: the mean activation of each layer, measured when null; the run's saved
+            config.yaml records the values used, so rerunning it uses exactly those.
         pooling: 'max' (as the backbone was trained) or 'avg' (as Gatys et al. recommend).
         init: the image the optimisation starts from: content, style, noise or the path of an image.
         seed: seed of the noise init.
@@ -167,6 +175,8 @@ class StyleTransfer(L.LightningModule):
         preserve_color: Literal["none", "luminance", "histogram"] = "none",
         backbone: str = "vgg19",
         weights: str = "imagenet",
+        normalize: bool = True,
+        layer_means: dict[str, float] | None = None,
         pooling: Literal["max", "avg"] = "max",
         init: str = "content",
         seed: int = 0,
@@ -204,15 +214,22 @@ class StyleTransfer(L.LightningModule):
             float32_final_steps=float32_final_steps,
         )
         self.save_hyperparameters()
+        self.extractor = FeatureExtractor(
+            content_layers + style_layers, backbone, weights, pooling, normalize=normalize, layer_means=layer_means
+        )
+        # The means actually used go into the hyper-parameters, and so into checkpoints and hparams.yaml.
+        self.save_hyperparameters({**self.hparams, "layer_means": self.extractor.layer_means})
         self.content_layers = content_layers
         self.style_layers = style_layers
         self.style_layer_weights = dict(zip(style_layers, style_layer_weights, strict=True))
-        self.extractor = FeatureExtractor(content_layers + style_layers, backbone, weights, pooling)
         self.register_parameter("image", None)  # made in setup(), once the content image is known
         self.register_buffer("loss_scale", torch.tensor(_SCALE_START))
         # The last image whose loss and gradient were finite: what a numerical fault falls back to.
         self.register_buffer("last_finite_image", None, persistent=False)
         self._finite_steps = 0
+        self._last_evaluation: tuple[bool, dict[str, Tensor], Tensor | None] | None = None
+        self.evaluations = 0
+        """Function evaluations (forward and backward passes) made so far in this process."""
         self._scale = 0  # index into the sizes of a coarse-to-fine run
         self._style_group_weights: list[float] = []
         if compile:
@@ -292,9 +309,14 @@ class StyleTransfer(L.LightningModule):
         of its region; its weight is its blend weight times the number of styles (1 for equal
         blends), so each region gets the full style weight.
         """
+        self._last_evaluation = None  # new targets: a new function
         content, styles = self._prepare(inputs)
         content, styles = content.to(device), [style.to(device) for style in styles]
         content_features = self.extractor(content)
+        # The largest mean activation of a layer in use: what a message about an overflow can point to.
+        self._activation_scale = max(
+            (float(f.clamp(min=0).mean()), layer) for layer, f in content_features.items()
+        )
         style_features = [self.extractor(style) for style in styles]
         self.register_buffer("content_image", inputs.content.to(device))
         self.content_targets = nn.ModuleDict(
@@ -483,6 +505,10 @@ class StyleTransfer(L.LightningModule):
     def _evaluate(self, optimizer: Any) -> dict[str, Tensor]:
         """One function evaluation: losses and the image gradient.
 
+        The image last evaluated is not evaluated again: its losses and gradient are handed back.
+        (With one L-BFGS iteration per step, the line search ends on the point the next step starts
+        from, which it has just evaluated; torch's L-BFGS would evaluate it again.)
+
         Under 16-mixed the closure does its own dynamic loss scaling (Lightning's GradScaler cannot
         drive L-BFGS): the loss is multiplied by ``loss_scale`` before the backward pass and the
         gradient divided after it; an overflowing gradient is recomputed at a smaller scale, so
@@ -491,6 +517,11 @@ class StyleTransfer(L.LightningModule):
         A non-finite loss or gradient raises :class:`NumericalError` at once, naming the likely cause;
         every finite evaluation first records its image in ``last_finite_image``.
         """
+        memo = self._last_evaluation
+        if memo is not None and memo[0] == self.in_float32_phase() and self._is_last_finite_image():
+            self.image.grad = memo[2]
+            return memo[1]
+        self.evaluations += 1
         for _ in range(_SCALE_TRIES):
             optimizer.zero_grad()
             with self._precision_context():
@@ -505,8 +536,7 @@ class StyleTransfer(L.LightningModule):
                         f"the gradient became non-finite at step {self.global_step} although the loss was "
                         f"{float(total.detach()):.4g}: lower model.lr or the loss weights{self._precision_hint()}"
                     )
-                self._remember_finite_image()
-                return losses
+                return self._remember(losses)
             scale = float(self.loss_scale)
             self.manual_backward(total * scale)
             grad = self.image.grad
@@ -515,14 +545,28 @@ class StyleTransfer(L.LightningModule):
                 self._finite_steps += 1
                 if self._finite_steps % _SCALE_GROWTH_INTERVAL == 0:
                     self.loss_scale.mul_(2.0)
-                self._remember_finite_image()
-                return losses
+                return self._remember(losses)
             self.loss_scale.mul_(_SCALE_BACKOFF)
             self._finite_steps = 0
         raise NumericalError(
             f"the gradient overflowed float16 at every loss scale tried (step {self.global_step}): "
             "use --trainer.precision bf16-mixed or 32-true"
         )
+
+    def _remember(self, losses: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Keeps a finite evaluation: its image (``last_finite_image``), losses and gradient."""
+        image = self.image.detach()
+        if self.last_finite_image is None or self.last_finite_image.shape != image.shape:
+            self.last_finite_image = image.clone()
+        else:
+            self.last_finite_image.copy_(image)
+        # The gradient tensor itself: zero_grad() replaces image.grad rather than zeroing it.
+        self._last_evaluation = (self.in_float32_phase(), losses, self.image.grad)
+        return losses
+
+    def _is_last_finite_image(self) -> bool:
+        last = self.last_finite_image
+        return last is not None and last.shape == self.image.shape and torch.equal(last, self.image.detach())
 
     def _precision_hint(self) -> str:
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
@@ -532,6 +576,13 @@ class StyleTransfer(L.LightningModule):
         """The message for a non-finite total loss: which term, why, and what to change."""
         step, total = self.global_step, float(losses["total"].detach())
         terms = {"content": "content_weight", "style": "style_weight", "tv": "tv_weight"}
+        mean, layer = getattr(self, "_activation_scale", (0.0, ""))
+        if not self.hparams.normalize and mean > _LARGE_ACTIVATIONS:
+            return (
+                f"the loss became {total} at step {step}: this network's activations are on a large scale (mean "
+                f"{mean:.3g} at {layer}, as with Caffe-converted weights) and model.normalize is false, so the "
+                "loss weights are far too strong for it: set model.normalize true"
+            )
         for term in terms:
             if not torch.isfinite(losses[term]):
                 return (
@@ -546,13 +597,6 @@ class StyleTransfer(L.LightningModule):
             f"loss ({float(losses[key]):.3g}) is beyond float32's range (about 3.4e38); lower model.{weight}"
         )
 
-    def _remember_finite_image(self) -> None:
-        image = self.image.detach()
-        if self.last_finite_image is None or self.last_finite_image.shape != image.shape:
-            self.last_finite_image = image.clone()
-        else:
-            self.last_finite_image.copy_(image)
-
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         scale = self._scale_at(self.global_step)
         if scale != self._scale:
@@ -564,6 +608,7 @@ class StyleTransfer(L.LightningModule):
             )
         optimizer = self.optimizers()
         evaluations: list[dict[str, Tensor]] = []
+        made = self.evaluations
 
         def closure() -> Tensor:
             losses = self._evaluate(optimizer)
@@ -582,7 +627,7 @@ class StyleTransfer(L.LightningModule):
         first = evaluations[0]
         self.log("loss", first["total"].detach(), prog_bar=True, batch_size=1)
         self.log_dict({f"loss/{k}": v for k, v in first.items() if k != "total"}, batch_size=1)
-        self.log("closure_evaluations", float(len(evaluations)), batch_size=1)
+        self.log("closure_evaluations", float(self.evaluations - made), batch_size=1)
         return first["total"].detach()
 
     # ------------------------------------------------------------------ checkpoints

@@ -5,7 +5,14 @@ import torch
 from torch import nn
 
 from nst_lightning.errors import ConfigError, WeightsError
-from nst_lightning.features import BACKBONES, FeatureExtractor, hub_cache_file, layer_names, load_backbone
+from nst_lightning.features import (
+    BACKBONES,
+    FeatureExtractor,
+    calibration_images,
+    hub_cache_file,
+    layer_names,
+    load_backbone,
+)
 
 STYLE = ["conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1"]
 
@@ -154,3 +161,52 @@ def test_channels_last_gives_the_same_activations_and_a_contiguous_image_gradien
     sum(v.square().mean() for v in a.values()).backward()
     # L-BFGS flattens the gradient with view(-1): it must stay in the image's own (NCHW) layout.
     assert image.is_contiguous() and image.grad.is_contiguous()
+
+
+# ---------------------------------------------------------------- the normalised network
+
+
+def _mean_rectified(extractor, images, layer):
+    return sum(float(extractor(image)[layer].clamp(min=0).mean()) for image in images) / len(images)
+
+
+def test_normalising_gives_every_layer_a_mean_activation_of_one(weights_file):
+    layers = ["conv1_1", "relu2_1", "conv4_2", "pool3"]
+    raw = FeatureExtractor(layers, weights=str(weights_file))
+    normal = FeatureExtractor(layers, weights=str(weights_file), normalize=True)
+    images = calibration_images()
+    for layer in ("conv1_1", "relu2_1", "conv4_2"):
+        assert _mean_rectified(normal, images, layer) == pytest.approx(1.0, rel=1e-3)
+    # Only the scale changes: each layer is the raw network's, divided by its mean (pooling passes
+    # its input's on).
+    image = images[0]
+    got, want = normal(image), raw(image)
+    means = normal.layer_means
+    torch.testing.assert_close(got["conv4_2"], want["conv4_2"] / means["conv4_2"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got["pool3"], want["pool3"] / means["conv3_4"], rtol=1e-4, atol=1e-5)
+    assert list(means) == [n for n in layer_names(normal.body) if n.startswith("conv")], "every convolution"
+
+
+def test_given_layer_means_are_used_as_they_are(weights_file):
+    measured = FeatureExtractor(["conv2_1"], weights=str(weights_file), normalize=True).layer_means
+    doubled = {name: 2 * value for name, value in measured.items()}
+    given = FeatureExtractor(["conv2_1"], weights=str(weights_file), normalize=True, layer_means=doubled)
+    assert given.layer_means == doubled
+    image = torch.rand(1, 3, 32, 32)
+    base = FeatureExtractor(["conv2_1"], weights=str(weights_file), normalize=True)
+    torch.testing.assert_close(given(image)["conv2_1"] * 2, base(image)["conv2_1"], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match="layer_means has no value for conv1_2, conv2_1"):
+        FeatureExtractor(["conv2_1"], weights=str(weights_file), normalize=True, layer_means={"conv1_1": 1.0})
+    with pytest.raises(WeightsError, match="no positive mean activation at conv1_2.*normalize false"):
+        FeatureExtractor(["conv2_1"], weights=str(weights_file), normalize=True, layer_means=measured | {"conv1_2": 0})
+
+
+def test_other_backbones_divide_the_returned_activations():
+    with pytest.warns(UserWarning, match="random"):
+        raw = FeatureExtractor(["layer1", "maxpool"], backbone="resnet18", weights="random")
+    normal = FeatureExtractor(["layer1", "maxpool"], backbone="resnet18", weights="random", normalize=True)
+    assert set(normal.layer_means) == {"layer1", "relu"}, "pooling takes the ReLU's factor"
+    image = torch.rand(1, 3, 64, 64)
+    got, want = normal(image), raw(image)
+    torch.testing.assert_close(got["layer1"], want["layer1"] / normal.layer_means["layer1"])
+    torch.testing.assert_close(got["maxpool"], want["maxpool"] / normal.layer_means["relu"])
