@@ -51,12 +51,34 @@ def _say(message: str) -> None:
         pass
 
 
-class LossWatch:
-    """The bookkeeping behind the stall and rise reports: feed it each step's loss, get messages back."""
+# What a rising loss means, by the optimiser that made the step, and what to change.
+_RISE_ADVICE = {
+    "lbfgs": (
+        "L-BFGS without a line search overshot; it usually recovers, but if this recurs set "
+        "model.lbfgs_line_search to strong_wolfe or lower model.lr"
+    ),
+    "strong_wolfe": "the L-BFGS line search accepted a worse point; lower model.lr if this recurs",
+    "adam": "Adam's steps are too large for this image; lower model.lr if this recurs",
+}
 
-    def __init__(self, stall_steps: int, line_search: bool) -> None:
+
+def optimizer_kind(optimizer: torch.optim.Optimizer | None) -> str:
+    """``lbfgs``, ``strong_wolfe`` (L-BFGS with its line search), ``adam`` or ``other``."""
+    if isinstance(optimizer, torch.optim.LBFGS):
+        return "strong_wolfe" if optimizer.defaults.get("line_search_fn") else "lbfgs"
+    return "adam" if isinstance(optimizer, torch.optim.Adam) else "other"
+
+
+class LossWatch:
+    """The bookkeeping behind the stall and rise reports: feed it each step's loss, get messages back.
+
+    ``optimizer`` is what :func:`optimizer_kind` says of the run's optimiser: the rise report names
+    what went wrong with it.
+    """
+
+    def __init__(self, stall_steps: int, optimizer: str = "lbfgs") -> None:
         self.stall_steps = stall_steps
-        self.line_search = line_search
+        self.optimizer = optimizer
         self.best = math.inf
         self.best_step = 0
         self.previous: float | None = None
@@ -67,20 +89,12 @@ class LossWatch:
         """Messages for the loss of ``step`` (the loss at the point where that step started)."""
         messages = []
         previous, self.previous = self.previous, loss
-        if previous is not None and not self.rise_reported and loss > previous * (1 + RISE_REPORTED) + 1e-12:
+        # Relative to the loss's size, whatever its sign: a rise is a rise.
+        if previous is not None and not self.rise_reported and loss - previous > RISE_REPORTED * abs(previous) + 1e-12:
             self.rise_reported = True
-            if self.line_search:
-                messages.append(
-                    f"the L-BFGS line search failed at step {step}: the loss rose from {previous:.4g} to {loss:.4g}; "
-                    "lower model.lr if this recurs"
-                )
-            else:
-                messages.append(
-                    f"the loss rose at step {step}, from {previous:.4g} to {loss:.4g}: L-BFGS without a line search "
-                    "overshot; it usually recovers, but if this recurs set model.lbfgs_line_search to strong_wolfe "
-                    "or lower model.lr"
-                )
-        if loss < self.best * (1 - STALL_IMPROVEMENT):
+            advice = _RISE_ADVICE.get(self.optimizer, "lower model.lr if this recurs")
+            messages.append(f"the loss rose at step {step}, from {previous:.4g} to {loss:.4g}: {advice}")
+        if loss < self.best - STALL_IMPROVEMENT * abs(self.best) or self.best == math.inf:
             self.best, self.best_step = loss, step
         elif self.stall_steps and not self.stall_reported and step - self.best_step >= self.stall_steps:
             self.stall_reported = True
@@ -147,8 +161,7 @@ class RunGuard(L.Callback):
                 self._handlers[signum] = signal.signal(signum, self._on_signal)
         self._armed = True
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        line_search = bool(optimizer is not None and optimizer.defaults.get("line_search_fn"))
-        self._watch = LossWatch(self.stall_steps, line_search)
+        self._watch = LossWatch(self.stall_steps, optimizer_kind(optimizer))
         self._still = 0
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -187,7 +200,7 @@ class RunGuard(L.Callback):
         image = getattr(pl_module, "image", None)
         if self._watch is not None and image is not None and self._image_before is not None:
             if image.shape != self._image_before.shape:  # a coarse-to-fine run moved to its next scale:
-                self._watch = LossWatch(self.stall_steps, self._watch.line_search)  # a new loss to watch
+                self._watch = LossWatch(self.stall_steps, self._watch.optimizer)  # a new loss to watch
         if self._watch is not None and isinstance(loss, torch.Tensor) and trainer.is_global_zero:
             for message in self._watch.update(step, float(loss)):
                 warnings.warn(message, stacklevel=2)

@@ -17,7 +17,7 @@ from PIL import Image
 from nst_lightning.checkpoint import AtomicCheckpointIO
 from nst_lightning.cli import cli_main
 from nst_lightning.errors import Interrupted, NumericalError
-from nst_lightning.guard import INTERRUPTED_CHECKPOINT, LossWatch, RunGuard
+from nst_lightning.guard import INTERRUPTED_CHECKPOINT, LossWatch, RunGuard, optimizer_kind
 from nst_lightning.image_io import atomic_write, load_image, tensor_to_pil
 from nst_lightning.module import StyleTransfer
 from tests.conftest import datamodule, leftovers, make_module, make_trainer, start_cli, wait_for, write_config
@@ -201,24 +201,42 @@ def test_checkpoints_are_written_by_the_atomic_checkpoint_io(tmp_path, images):
 
 
 def test_loss_watch_reports_a_rise_once():
-    watch = LossWatch(stall_steps=0, line_search=False)
+    watch = LossWatch(stall_steps=0, optimizer="lbfgs")
     assert watch.update(1, 10.0) == [] and watch.update(2, 8.0) == []
     (message,) = watch.update(3, 20.0)
     assert "the loss rose at step 3, from 8 to 20" in message and "strong_wolfe" in message
     assert watch.update(4, 50.0) == [], "once per run"
-    line_search = LossWatch(stall_steps=0, line_search=True)
+    line_search = LossWatch(stall_steps=0, optimizer="strong_wolfe")
     line_search.update(1, 1.0)
-    assert "line search failed at step 2" in line_search.update(2, 2.0)[0]
+    assert "line search accepted a worse point" in line_search.update(2, 2.0)[0]
+
+
+def test_loss_watch_names_the_optimiser_that_made_the_step():
+    adam = LossWatch(stall_steps=0, optimizer="adam")
+    adam.update(1, 1.0)
+    (message,) = adam.update(2, 2.0)
+    assert "Adam" in message and "L-BFGS" not in message and "strong_wolfe" not in message
+    assert optimizer_kind(torch.optim.Adam([torch.zeros(1, requires_grad=True)])) == "adam"
+    lbfgs = torch.optim.LBFGS([torch.zeros(1, requires_grad=True)], line_search_fn="strong_wolfe")
+    assert optimizer_kind(lbfgs) == "strong_wolfe"
+
+
+def test_loss_watch_reads_a_falling_negative_loss_as_falling():
+    watch = LossWatch(stall_steps=5, optimizer="lbfgs")
+    losses = [-1.0 - 0.1 * step for step in range(30)]
+    assert not [m for step, loss in enumerate(losses, 1) for m in watch.update(step, loss)]
+    (message,) = watch.update(31, -1.0)
+    assert "rose" in message
 
 
 def test_loss_watch_reports_a_stalled_loss_once():
-    watch = LossWatch(stall_steps=5, line_search=False)
+    watch = LossWatch(stall_steps=5)
     losses = [10.0, 5.0, 4.0] + [3.9999] * 10
     messages = [(step, m) for step, loss in enumerate(losses, 1) for m in watch.update(step, loss)]
     assert len(messages) == 1
     step, message = messages[0]
     assert step == 8 and "improved by less than 0.1% in the last 5 steps" in message
-    improving = LossWatch(stall_steps=5, line_search=False)
+    improving = LossWatch(stall_steps=5)
     assert not [m for step in range(1, 50) for m in improving.update(step, 0.9**step)]
 
 
