@@ -99,6 +99,13 @@ def test_wasserstein2_matches_the_closed_form_for_diagonal_gaussians():
     assert wasserstein2_gaussian(m2, c2, m2, c2, sqrtm_psd(c2)).item() == pytest.approx(0.0, abs=1e-4)
 
 
+def test_wasserstein2_of_a_gaussian_with_itself_is_zero_not_negative():
+    # Caffe-scale activations: tr(S) + tr(S) - 2 tr(sqrt(S^1/2 S S^1/2)) loses float32 digits.
+    torch.manual_seed(0)
+    mean, cov = mean_covariance(torch.rand(1, 256, 16, 16) * 300)
+    assert float(wasserstein2_gaussian(mean, cov, mean, cov, sqrtm_psd(cov))) == 0.0
+
+
 def test_wasserstein2_has_finite_gradients():
     features = torch.randn(1, 4, 6, 6, requires_grad=True)
     target_mean, target_cov = mean_covariance(torch.randn(1, 4, 6, 6))
