@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import functools
 import gc
-import logging
 import os
 import sys
 import time
@@ -37,7 +36,7 @@ from tqdm import tqdm
 
 from nst_lightning.callbacks import partial_path
 from nst_lightning.checkpoint import check_same_config, read_checkpoint
-from nst_lightning.cli import StyleTransferCLI, trainer_error
+from nst_lightning.cli import StyleTransferCLI, quiet_lightning, trainer_error
 from nst_lightning.errors import CheckpointError, ConfigError, ImageError, Interrupted, NSTError
 from nst_lightning.guard import INTERRUPTED_CHECKPOINT, RunGuard
 from nst_lightning.image_io import (
@@ -384,21 +383,6 @@ def _as_rank_zero() -> Iterator[None]:
         rank_zero_only.rank = saved
 
 
-@contextlib.contextmanager
-def _quiet_lightning() -> Iterator[None]:
-    """Lightning's per-run info lines (devices, seed, "Trainer.fit stopped") off for the batch:
-    the batch prints a line per pair instead. Warnings still show."""
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
-
-
 def _seconds(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:.1f} s"
@@ -573,7 +557,7 @@ def batch_main(args: Sequence[str]) -> int:
     cli.check_outputs(pairs)
     for folder in sorted({pair.output.parent for pair in pairs}):
         check_writable(folder / f"check{pairs[0].output.suffix}")
-    with _quiet_lightning():
+    with quiet_lightning():
         if settings.world_size == 1:
             cli.check_trainer()
             results: list[PairResult] = []

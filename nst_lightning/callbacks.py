@@ -164,10 +164,13 @@ class ImageWriter(L.Callback):
         for folder in folders:
             try:
                 # A folder of its own: nothing already there can be replaced.
-                target = Path(tempfile.mkdtemp(prefix="nst-lightning-", dir=folder)) / self.path.name
-                return save_image(image, target)
-            except (OSError, NSTError):
+                own = Path(tempfile.mkdtemp(prefix="nst-lightning-", dir=folder))
+            except OSError:
                 continue
+            try:
+                return save_image(image, own / self.path.name)
+            except NSTError:
+                own.rmdir()  # the write left nothing in it (atomic_write removes its temporary file)
         return None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:

@@ -240,8 +240,9 @@ def trainer_error(trainer: Any, err: BaseException) -> ConfigError:
 
 
 @contextlib.contextmanager
-def _quiet_lightning() -> Iterator[None]:
-    """Lightning's info lines (GPU available..., tips) off while a throw-away Trainer is built."""
+def quiet_lightning() -> Iterator[None]:
+    """Lightning's info lines (devices, seed, tips, "Trainer.fit stopped") off inside: for a
+    throw-away Trainer, and for a batch, which prints a line per pair instead. Warnings still show."""
     loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
@@ -268,7 +269,7 @@ def check_trainer_settings(trainer: Any) -> None:
         if isinstance(trainer[key], (str, int, list))
     }
     try:
-        with _quiet_lightning(), warnings.catch_warnings():
+        with quiet_lightning(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trial = Trainer(
                 **plain, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
