@@ -135,7 +135,8 @@ class StyleTransferDataModule(L.LightningDataModule):
     def check_sizes(self, size: int | None = None, available: int | None = None) -> None:
         """Refuses, before any image is resized, sizes whose images alone would not fit in the memory
         available (``data.image_size 100000``, ``data.style_scale 10000``): the resize itself would
-        otherwise be what runs out (see :func:`~nst_lightning.memory.input_bytes`)."""
+        otherwise be what runs out (see :func:`~nst_lightning.memory.input_bytes`). The run's own
+        estimate (``StyleTransfer.setup``) then applies to the sizes that pass."""
         size = size or self.image_size
         free = available if available is not None else memory.available_bytes("cpu")
         content_bytes, style_bytes = self._input_bytes(size)
@@ -152,7 +153,12 @@ class StyleTransferDataModule(L.LightningDataModule):
             side = int(size * math.sqrt(free / (content_bytes + style_bytes))) // 16 * 16
             while side >= 16 and sum(self._input_bytes(side)) > free:
                 side -= 16
-            fix = f"try data.image_size {side}" if side >= 16 else "no image size fits: free memory first"
+            fix = (
+                f"lower data.image_size: the images alone fit up to about {side} (the run needs more; its "
+                "estimate names a size that fits)"
+                if side >= 16
+                else "no image size fits: free memory first"
+            )
         gib = 2**30
         raise ConfigError(
             f"{what}: about {(content_bytes + style_bytes) / gib:,.1f} GiB just to prepare the images, but "

@@ -35,9 +35,6 @@ BACKWARD_ACTIVATIONS = 3
 # Bytes per pixel to prepare one input image: the resized 8-bit RGB image and Pillow's intermediate
 # (it resizes one axis at a time), the float32 tensor, and the extractor's normalised copy of it.
 PREPARE_BYTES_PER_PIXEL = 3 + 3 + 4 * 3 + 4 * 3
-# The target pass over a style image (no gradient) holds about three maps of the first block's 64
-# float32 channels at once.
-STYLE_PASS_BYTES_PER_PIXEL = 3 * 64 * 4
 # Approximate size of torchvision's ImageNet checkpoints (classifier included), which torch.load
 # reads whole.
 IMAGENET_FILE_BYTES = {"vgg19": 548 * 2**20, "vgg16": 528 * 2**20}
@@ -175,11 +172,12 @@ def estimate_peak_bytes(height: int, width: int, **kwargs) -> int:
 
 
 def input_bytes(content: tuple[int, int], styles: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """Bytes to prepare the input images, (content, styles), from their (width, height) once resized:
-    what is allocated before the estimate of :func:`estimate_peak` applies, and on any device in
-    the CPU's memory (Pillow resizes there)."""
+    """Bytes to prepare the input images, (content, styles), from their (width, height) once resized,
+    in the CPU's memory on any device (Pillow resizes there). A lower bound of what a run needs,
+    cheap to compute for any size: the guard against absurd sizes (``data.image_size 1000000000``),
+    for which :func:`check_fits` would spend its time looking for a size that fits."""
     content_bytes = content[0] * content[1] * PREPARE_BYTES_PER_PIXEL
-    style_bytes = sum(w * h * (PREPARE_BYTES_PER_PIXEL + STYLE_PASS_BYTES_PER_PIXEL) for w, h in styles)
+    style_bytes = sum(w * h * PREPARE_BYTES_PER_PIXEL for w, h in styles)
     return content_bytes, style_bytes
 
 

@@ -351,7 +351,7 @@ def test_a_binary_config_file_is_one_line(tmp_path, capsys):
     "args, message",
     [
         (["--data.image_size", "100000"], "data.image_size 100000 makes the content image 100000x75000 px"),
-        (["--data.image_size", "1000000000"], "try data.image_size"),
+        (["--data.image_size", "1000000000"], "lower data.image_size: the images alone fit up to about"),
         (["--data.style_scale", "10000"], "data.style_scale 10000 makes the style image 320000x320000 px"),
     ],
 )
@@ -365,7 +365,7 @@ def test_absurd_sizes_are_refused_before_anything_is_allocated(tmp_path, images,
 def test_the_datamodule_checks_before_it_resizes(images, monkeypatch):
     monkeypatch.setattr("nst_lightning.memory.available_bytes", lambda device="cpu": 8 * 2**30)
     data = StyleTransferDataModule(str(images["content"]), str(images["style"]), image_size=100_000)
-    with pytest.raises(ConfigError, match="lower data.image_size|try data.image_size"):
+    with pytest.raises(ConfigError, match="lower data.image_size"):
         data.inputs()
 
 
