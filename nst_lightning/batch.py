@@ -14,7 +14,7 @@ import argparse
 import contextlib
 import functools
 import gc
-import logging
+import os
 import sys
 import time
 import traceback
@@ -34,9 +34,19 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerStatus
 from tqdm import tqdm
 
-from nst_lightning.cli import StyleTransferCLI, record_layer_means
-from nst_lightning.errors import ConfigError, ImageError, Interrupted, NSTError
-from nst_lightning.image_io import check_writable, find_images, image_format
+from nst_lightning.callbacks import partial_path
+from nst_lightning.checkpoint import check_same_config, read_checkpoint
+from nst_lightning.cli import StyleTransferCLI, quiet_lightning, record_layer_means, trainer_error
+from nst_lightning.errors import CheckpointError, ConfigError, ImageError, Interrupted, NSTError
+from nst_lightning.guard import INTERRUPTED_CHECKPOINT, RunGuard
+from nst_lightning.image_io import (
+    check_outputs_apart,
+    check_replaceable,
+    check_writable,
+    file_kind,
+    find_images,
+    image_format,
+)
 
 NAME_FIELDS = ("content", "style", "n")
 
@@ -45,8 +55,9 @@ NAME_FIELDS = ("content", "style", "n")
 _GATHER_TIMEOUT = timedelta(days=7)
 
 # In a batch, unlike ``fit``: no per-pair progress bar or model summary (the bar is over pairs), and
-# no checkpoints (a batch does not resume a pair, and each checkpoint is hundreds of MB at 512 px).
-# The configuration may turn them back on.
+# no checkpoints at the end of a pair (each is hundreds of MB at 512 px, and a finished pair is not
+# resumed); an interrupted pair still gets its checkpoint, from which the next run resumes it. The
+# configuration may turn them back on.
 BATCH_TRAINER_DEFAULTS = {
     "trainer.enable_progress_bar": False,
     "trainer.enable_model_summary": False,
@@ -67,7 +78,7 @@ class BatchSettings:
             the names of the two images without extension, ``{n}`` the pair's number (1, 2, ...).
             The extension picks the format; a ``/`` makes subfolders.
         skip_existing: leave out the pairs whose output file already exists (to finish an
-            interrupted batch).
+            interrupted batch; an interrupted pair is resumed from its checkpoint either way).
         devices: processes per node, each on its own device (a GPU, or a share of the CPU); the
             pairs are dealt out among all processes of all nodes.
         num_nodes: machines taking part (Lightning's launcher: MASTER_ADDR, MASTER_PORT and
@@ -126,6 +137,10 @@ def _as_list(value: list[str] | str | None) -> list[str] | None:
     if value is None:
         return None
     return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+class _ResumeRefused(Exception):
+    """An interrupted pair's checkpoint does not fit this run: the pair starts over."""
 
 
 @dataclass(frozen=True)
@@ -204,6 +219,8 @@ class BatchCLI(StyleTransferCLI):
     Parse errors are raised as :class:`ConfigError` rather than printed with the usage.
     """
 
+    writes_output_path = False  # output.path is not used: each pair has its own output
+
     def __init__(self, args: Sequence[str]) -> None:
         self.settings: BatchSettings | None = None
         parser_kwargs = {
@@ -259,17 +276,52 @@ class BatchCLI(StyleTransferCLI):
             )
         try:
             self.instantiate_trainer(logger=False)
-        except (MisconfigurationException, ValueError, RuntimeError) as err:
-            raise ConfigError(f"the trainer: section does not work here: {' '.join(str(err).split())}") from None
+        except (MisconfigurationException, ValueError, TypeError, ImportError, RuntimeError) as err:
+            raise trainer_error(trainer, err) from None
         finally:
             self.config_init = None
+
+    def check_outputs(self, pairs: Sequence[Pair]) -> None:
+        """Before any pair runs: no pair's output (nor its partial image) may be one of the batch's
+        inputs, or exist as something other than a regular file."""
+        inputs = sorted({("batch.contents", p.content) for p in pairs} | {("batch.styles", p.style) for p in pairs})
+        inputs += self.input_files(self._base_config)
+        outputs = []
+        for pair in pairs:
+            outputs.append(("the output", pair.output, "batch.output_dir or batch.name"))
+            outputs.append(("the partial image", partial_path(pair.output), "batch.output_dir or batch.name"))
+        check_outputs_apart(outputs, inputs)
+        for _, path, _ in outputs:
+            check_replaceable(path, "output")
+
+    def pending_checkpoint(self, pair: Pair) -> Path:
+        """Where an interrupted pair's checkpoint goes, and where the next run of the batch looks for
+        it: ``<default_root_dir>/lightning_logs/batch/<run>/interrupted.ckpt``, whatever the logger."""
+        root = Path(self._base_config.trainer.default_root_dir or ".")
+        return root / "lightning_logs" / "batch" / pair.run / INTERRUPTED_CHECKPOINT
 
     def fit_pair(self, pair: Pair, placement: dict[str, Any]) -> tuple[bool, str]:
         """Optimises one pair; returns (finished, log folder).
 
         ``placement`` holds trainer arguments that override the configuration (the device of this
-        process in a sharded batch).
+        process in a sharded batch). A pair interrupted in an earlier run resumes from its checkpoint
+        (:meth:`pending_checkpoint`), which is removed once the pair is done; a checkpoint that does
+        not fit this run's settings or images is reported and the pair starts over.
         """
+        pending = self.pending_checkpoint(pair)
+        if file_kind(pending) != "file":
+            return self._fit_pair(pair, placement, None)
+        try:
+            return self._fit_pair(pair, placement, pending)
+        except _ResumeRefused as err:  # another configuration or other images since the interruption
+            print(
+                f"nst-lightning: pair {pair.n}: cannot resume from {pending} ({err}); starting the pair over",
+                file=sys.stderr,
+                flush=True,
+            )
+            return self._fit_pair(pair, placement, None)
+
+    def _fit_pair(self, pair: Pair, placement: dict[str, Any], resume: Path | None) -> tuple[bool, str]:
         config = self._base_config.clone()
         config.data.content = str(pair.content)
         config.data.style = str(pair.style)
@@ -296,9 +348,26 @@ class BatchCLI(StyleTransferCLI):
             # No logger: the pair's snapshots and config.yaml still need a folder of their own.
             overrides["default_root_dir"] = str(root / "lightning_logs" / "batch" / pair.run)
         self.trainer = self.instantiate_trainer(**overrides)
+        pending = self.pending_checkpoint(pair)
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, RunGuard):
+                callback.interrupted_path = pending
         try:
-            self.trainer.fit(self.model, datamodule=self.datamodule)
-            return self.trainer.state.status == TrainerStatus.FINISHED, str(self.trainer.log_dir or "")
+            self.check_run_outputs(self.trainer, self.input_files(config))
+            if resume is not None:  # the same checks as fit's --ckpt_path, before the pair starts
+                checkpoint = read_checkpoint(resume, mmap=True)
+                check_same_config(resume, checkpoint, model=config.model.as_dict(), data=config.data.as_dict())
+                del checkpoint
+            self.trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=resume)
+            finished = self.trainer.state.status == TrainerStatus.FINISHED
+            if finished and file_kind(pending) == "file":
+                pending.unlink()  # done: the next run must not resume from it
+            return finished, str(self.trainer.log_dir or "")
+        except CheckpointError as err:
+            # Refused before the first step (its settings, targets or size): not a failure of the pair.
+            if resume is not None and self.trainer.global_step == 0:
+                raise _ResumeRefused(str(err)) from None
+            raise
         finally:
             self.trainer = self.model = self.datamodule = self.config_init = None
 
@@ -313,21 +382,6 @@ def _as_rank_zero() -> Iterator[None]:
         yield
     finally:
         rank_zero_only.rank = saved
-
-
-@contextlib.contextmanager
-def _quiet_lightning() -> Iterator[None]:
-    """Lightning's per-run info lines (devices, seed, "Trainer.fit stopped") off for the batch:
-    the batch prints a line per pair instead. Warnings still show."""
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
 
 
 def _seconds(seconds: float) -> str:
@@ -395,14 +449,21 @@ def run_share(
     try:
         for pair in pairs:
             bar.set_postfix_str(pair.run)
-            if settings.skip_existing and pair.output.exists():
+            # The final path only ever holds a finished image; an interrupted pair is resumed even so.
+            pending = file_kind(cli.pending_checkpoint(pair)) == "file"
+            if settings.skip_existing and pair.output.exists() and not pending:
                 result = PairResult(pair, "skipped", rank=rank)
                 report(f"{prefix}pair {pair.n}/{total} skipped: {pair.output} exists")
             else:
+                if pending:
+                    report(f"{prefix}pair {pair.n}/{total}: resuming from {cli.pending_checkpoint(pair)}")
                 try:
                     result = _run_pair(cli, pair, placement, rank, report)
-                except BaseException:  # Ctrl-C (Lightning turns it into SystemExit): stop the batch
+                except BaseException as err:  # Ctrl-C (Lightning turns it into SystemExit): stop the batch
                     results.append(PairResult(pair, "interrupted", rank=rank))
+                    if isinstance(err, Interrupted):
+                        done = sum(r.status == "done" for r in results)
+                        err.advice = resume_advice(pair, err, settings.skip_existing, done)
                     raise
                 if result.status == "done":
                     report(f"{prefix}pair {pair.n}/{total} done: {pair.output} ({_seconds(result.seconds)})")
@@ -414,6 +475,21 @@ def run_share(
     finally:
         bar.close()
     return results
+
+
+def resume_advice(pair: Pair, err: Interrupted, skip_existing: bool, done: int) -> str:
+    """How to go on after an interruption during ``pair``: the same command resumes that pair from
+    its checkpoint (:meth:`BatchCLI.pending_checkpoint`); skip_existing skips the pairs done."""
+    how = (
+        f"pair {pair.n} resumes from its checkpoint {err.checkpoint}"
+        if err.checkpoint is not None
+        else f"pair {pair.n} starts over"
+    )
+    if skip_existing:
+        return f"run the same command again: {how}, and the pairs done are skipped"
+    if done:
+        return f"run the same command again, with --batch.skip_existing true to skip the {done} pair(s) done: {how}"
+    return f"run the same command again: {how}"
 
 
 def summary(results: Sequence[PairResult], seconds: float, world_size: int) -> str:
@@ -479,9 +555,10 @@ def batch_main(args: Sequence[str]) -> int:
     pairs = make_pairs(
         expand(contents, "batch.contents"), expand(styles, "batch.styles"), settings.output_dir, settings.name
     )
+    cli.check_outputs(pairs)
     for folder in sorted({pair.output.parent for pair in pairs}):
         check_writable(folder / f"check{pairs[0].output.suffix}")
-    with _quiet_lightning():
+    with quiet_lightning():
         if settings.world_size == 1:
             cli.check_trainer()
             results: list[PairResult] = []
@@ -506,6 +583,13 @@ def _launch(cli: BatchCLI, pairs: list[Pair], settings: BatchSettings, args: lis
     accelerator = cli.config.trainer.accelerator
     if not isinstance(accelerator, str):
         raise ConfigError("a sharded batch needs trainer.accelerator as a name: auto, cpu or gpu")
+    if settings.num_nodes > 1 and not other_nodes_announced():
+        raise ConfigError(
+            f"batch.num_nodes is {settings.num_nodes}, but nothing says other machines take part (no NODE_RANK, "
+            "SLURM, torchrun or LSF environment), so this process would wait for them forever: run the "
+            "same command on every machine with MASTER_ADDR, MASTER_PORT and NODE_RANK set (or under SLURM or "
+            "torchrun), or set batch.num_nodes 1"
+        )
     try:
         # Gloo carries the few objects the processes exchange, on every kind of device.
         strategy = DDPStrategy(process_group_backend="gloo", timeout=_GATHER_TIMEOUT)
@@ -518,3 +602,14 @@ def _launch(cli: BatchCLI, pairs: list[Pair], settings: BatchSettings, args: lis
             f"trainer.accelerator {accelerator}: {' '.join(str(err).split())}"
         ) from None
     return fabric.launch(functools.partial(_sharded, cli=cli, pairs=pairs, started=started))
+
+
+def other_nodes_announced() -> bool:
+    """Whether a launcher's environment says this process is one node of several: Lightning's own
+    (``NODE_RANK``), or one of the cluster environments Lightning detects."""
+    from lightning.fabric.plugins.environments import LSFEnvironment, SLURMEnvironment, TorchElasticEnvironment
+
+    # Kubeflow is not in the list: Lightning cannot detect it (its detect() raises), only be told.
+    if "NODE_RANK" in os.environ:
+        return True
+    return any(env.detect() for env in (SLURMEnvironment, TorchElasticEnvironment, LSFEnvironment))

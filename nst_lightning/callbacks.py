@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -10,16 +11,37 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from nst_lightning.errors import ConfigError, Interrupted, NSTError, NumericalError
-from nst_lightning.image_io import check_writable, save_image
+from nst_lightning.checkpoint import estimate_checkpoint_bytes
+from nst_lightning.errors import ConfigError, ImageError, Interrupted, NSTError, NumericalError
+from nst_lightning.guard import RunGuard
+from nst_lightning.image_io import (
+    check_replaceable,
+    check_room,
+    check_writable,
+    estimate_image_bytes,
+    file_kind,
+    save_image,
+)
+
+
+def partial_path(path: str | Path) -> Path:
+    """Where the image of a run that did not finish goes: ``result.png`` -> ``result.partial.png``.
+    The final path only ever holds a finished image."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.partial{path.suffix}")
 
 
 class ImageWriter(L.Callback):
     """Writes the stylised image: the final output, snapshots and TensorBoard images.
 
-    When a run ends early the image is written all the same, once at least one step is done: after
-    an interruption (the partial image), a numerical fault (the last image whose loss was finite) or
-    any other error (the current image, if finite). Every file is written atomically.
+    When a run ends early the image is written all the same, once at least one step is done, to
+    :func:`partial_path` (``result.partial.png``), never to ``path``: after an interruption (the
+    partial image), a numerical fault (the last image whose loss was finite) or any other error (the
+    current image, if finite). A run whose steps are all done but which fails afterwards (say, its
+    last checkpoint cannot be written) writes its finished image to ``path``. Where the final image
+    cannot be written (a full disk), it is kept in the run's log folder or the system's temporary
+    folder and the error says where. Every file is written atomically; before the run starts, the
+    disks must have room for its images and checkpoint.
 
     Args:
         path: file the final image is written to (the format follows the extension).
@@ -43,11 +65,44 @@ class ImageWriter(L.Callback):
         self.path = Path(path)
         self.snapshot_every_n_steps = snapshot_every_n_steps
         self.log_image_every_n_steps = log_image_every_n_steps
+        self._final_handled = False  # the finished image was written (or its failure reported)
+
+    @property
+    def partial_path(self) -> Path:
+        return partial_path(self.path)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # Fail before any computation if the output cannot be written.
+        # Fail before any computation if the output cannot be written, or the disks have no room.
+        self._final_handled = False
         if trainer.is_global_zero:
             check_writable(self.path)
+            check_replaceable(self.partial_path, "output")
+            self._check_room(trainer, pl_module)
+
+    def _check_room(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The run's images and checkpoint must fit on their disks: estimated from the image size
+        (and for the checkpoint the L-BFGS history), see :func:`~nst_lightning.image_io.check_room`."""
+        content_size = getattr(trainer.datamodule, "content_size", None)
+        if content_size is None:
+            return  # another datamodule: no size to go by
+        width, height = content_size()
+        image = estimate_image_bytes(width, height, self.path)
+        needs: dict[Path, int] = {self.path.parent: image}
+        steps = max(trainer.max_steps, 1)
+        log_dir = Path(trainer.log_dir) if trainer.log_dir is not None else None
+        if log_dir is not None and self.snapshot_every_n_steps > 0:
+            needs[log_dir / "snapshots"] = (steps // self.snapshot_every_n_steps) * estimate_image_bytes(width, height)
+        if log_dir is not None and self.log_image_every_n_steps > 0 and trainer.loggers:
+            needs[log_dir] = (steps // self.log_image_every_n_steps + 1) * estimate_image_bytes(width, height)
+        hparams = getattr(pl_module, "hparams", None)
+        if trainer.checkpoint_callback is not None and hparams is not None and "lbfgs_history_size" in hparams:
+            folder = RunGuard.checkpoint_dir(trainer)
+            try:
+                size = estimate_checkpoint_bytes(height, width, hparams, steps)
+            except ConfigError:  # an image too small for the layers: the module's setup says so, better
+                size = 0
+            needs[folder] = needs.get(folder, 0) + size
+        check_room(needs, "the run's image, snapshots and checkpoint")
 
     @staticmethod
     def _due(step: int, every: int) -> bool:
@@ -79,24 +134,74 @@ class ImageWriter(L.Callback):
             return
         if self.log_image_every_n_steps > 0 and not self._due(trainer.global_step, self.log_image_every_n_steps):
             self._log_image(trainer, pl_module)
-        save_image(pl_module.output_image(), self.path)
+        self._final_handled = True
+        self._save_final(trainer, pl_module.output_image())
         step, max_steps = trainer.global_step, trainer.max_steps
         early = f" of {max_steps}: the run ended early" if 0 <= step < max_steps else ""
         rank_zero_info(f"Wrote the stylised image to {self.path} (step {step}{early})")
+
+    def _save_final(self, trainer: L.Trainer, image: torch.Tensor) -> None:
+        """Writes the finished image to ``path`` and drops a partial image of an earlier, interrupted
+        run of this output. Where ``path`` cannot be written, the image goes to the first folder
+        that takes it (the run's log folder, the system's temporary folder) and the
+        :class:`ImageError` says where; a finished image is never just lost."""
+        try:
+            save_image(image, self.path)
+        except ImageError as err:
+            kept = self._save_elsewhere(trainer, image)
+            if kept is not None:
+                raise ImageError(f"{err}; the finished image was saved to {kept} instead: move it from there") from None
+            raise ImageError(
+                f"{err}; it could not be saved anywhere else either: free some space and rerun the same command, "
+                "with --ckpt_path and the run's last checkpoint if one was written"
+            ) from None
+        if file_kind(self.partial_path) == "file":
+            self.partial_path.unlink(missing_ok=True)
+
+    def _save_elsewhere(self, trainer: L.Trainer, image: torch.Tensor) -> Path | None:
+        folders = [Path(trainer.log_dir)] if trainer.log_dir is not None else []
+        folders.append(Path(tempfile.gettempdir()))
+        for folder in folders:
+            try:
+                # A folder of its own: nothing already there can be replaced.
+                own = Path(tempfile.mkdtemp(prefix="nst-lightning-", dir=folder))
+            except OSError:
+                continue
+            try:
+                return save_image(image, own / self.path.name)
+            except NSTError:
+                own.rmdir()  # the write left nothing in it (atomic_write removes its temporary file)
+        return None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """Keeps the work of a run that ends with an error or an interruption (see the class docstring).
 
         A second Ctrl-C (``SystemExit``) or a bare ``KeyboardInterrupt`` means "quit now": nothing is written.
         """
-        if not trainer.is_global_zero or not isinstance(exception, Exception):
+        if not trainer.is_global_zero or not isinstance(exception, Exception) or self._final_handled:
             return
         image = getattr(pl_module, "image", None)
-        step = trainer.global_step
+        step, max_steps = trainer.global_step, trainer.max_steps
         if image is None or step < 1:
             return  # nothing computed yet: an existing output stays as it is
         if not bool(torch.isfinite(image).all()):
-            rank_zero_warn(f"the image of step {step} is not finite: {self.path} was left as it was")
+            rank_zero_warn(f"the image of step {step} is not finite: nothing was written")
+            return
+        finished = not isinstance(exception, (Interrupted, NumericalError)) and (
+            0 <= max_steps <= step or trainer.should_stop
+        )
+        if finished:  # every step is done: the image is complete, only what came after failed
+            self._final_handled = True
+            failure = " ".join(str(exception).split()) or type(exception).__name__
+            try:
+                self._save_final(trainer, pl_module.output_image())
+            except NSTError as err:
+                rank_zero_warn(f"the run's {step} steps are done, but {err}")
+                return
+            rank_zero_info(
+                f"The run's {step} steps are done: wrote the complete image to {self.path}; what failed afterwards: "
+                f"{failure}"
+            )
             return
         if isinstance(exception, Interrupted):
             what = "partial image (interrupted)"
@@ -105,10 +210,12 @@ class ImageWriter(L.Callback):
         else:
             what = "partial image (the run failed)"
         try:
-            save_image(pl_module.output_image(), self.path)
+            save_image(pl_module.output_image(), self.partial_path)
         except NSTError as err:
             rank_zero_warn(f"could not write the {what}: {err}")
             return
-        rank_zero_info(f"Wrote the {what} to {self.path} (step {step} of {trainer.max_steps})")
+        rank_zero_info(
+            f"Wrote the {what} to {self.partial_path} (step {step} of {max_steps}; {self.path} is left as it was)"
+        )
         if isinstance(exception, Interrupted):
-            exception.image = self.path
+            exception.image = self.partial_path

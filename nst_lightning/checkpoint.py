@@ -21,7 +21,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from nst_lightning.errors import CheckpointError
-from nst_lightning.image_io import atomic_write
+from nst_lightning.image_io import atomic_write, file_kind
+from nst_lightning.memory import estimate_peak
 
 # Settings that may change when a run is resumed: ``init`` and ``seed`` only shape the first image,
 # and the images are compared through the targets they give (``StyleTransfer.on_load_checkpoint``).
@@ -47,10 +48,13 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bo
     With ``mmap`` the tensors are mapped rather than read, for a cheap look at the metadata.
     """
     file = Path(path)
-    if not file.exists():
+    kind = file_kind(file)  # from stat alone: a FIFO would block torch.load for good
+    if kind == "missing":
         raise CheckpointError(f"checkpoint not found: {file} (check --ckpt_path)")
-    if file.is_dir():
+    if kind == "folder":
         raise CheckpointError(f"{file} is a folder: --ckpt_path takes a .ckpt file, such as {file / 'last.ckpt'}")
+    if kind != "file":
+        raise CheckpointError(f"{file} is {kind}, not a checkpoint file: --ckpt_path takes a .ckpt file")
     try:
         checkpoint = torch.load(
             file, map_location=map_location, weights_only=True, mmap=mmap and zipfile.is_zipfile(file)
@@ -123,6 +127,24 @@ def check_same_config(path: str | os.PathLike, checkpoint: Mapping, model: Mappi
     differences += config_differences(checkpoint.get("datamodule_hyper_parameters") or {}, data, "data")
     if differences:
         raise config_mismatch(path, differences)
+
+
+def estimate_checkpoint_bytes(height: int, width: int, hparams: Mapping[str, Any], max_steps: int) -> int:
+    """The size of a run's checkpoint, from the image size and the model's settings: the image, the
+    optimiser's state (L-BFGS: two image-sized vectors per step of history, which fills up over the
+    first ``lbfgs_history_size`` steps) and the targets, as :mod:`nst_lightning.memory` counts them."""
+    estimate = estimate_peak(
+        height,
+        width,
+        hparams["content_layers"],
+        hparams["style_layers"],
+        backbone=hparams["backbone"],
+        pooling=hparams["pooling"],
+        optimizer=hparams["optimizer"],
+        history_size=max(1, min(hparams["lbfgs_history_size"], max_steps)),
+        weights="random",  # the weights are not in checkpoints
+    )
+    return estimate.optimizer + estimate.targets + 2**16  # plus Lightning's metadata
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import lightning as L
@@ -10,8 +11,12 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from nst_lightning import memory
 from nst_lightning.errors import ConfigError, ImageError
-from nst_lightning.image_io import fit_size, open_mask, open_rgb, pil_to_float
+from nst_lightning.image_io import fit_size, image_size, open_mask, open_rgb, pil_to_float
+
+# An image enlarged by more than this factor to reach its size is reported (it brings no detail).
+UPSCALE_REPORTED = 2.0
 
 
 @dataclass
@@ -108,15 +113,91 @@ class StyleTransferDataModule(L.LightningDataModule):
                     f"mask {path} is {mask.size[0]}x{mask.size[1]} px but the content image is "
                     f"{self._content.size[0]}x{self._content.size[1]}: give masks of the content image's size"
                 )
+        self._report_upscaling()
+
+    def _source_sizes(self) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+        """(width, height) of the content and style images as read: from the decoded images once
+        :meth:`setup` has run, else from the files' headers (nothing decoded)."""
+        if self._content is not None:
+            return self._content.size, [img.size for img in self._styles]
+        return image_size(self.content), [image_size(path) for path in self.styles]
+
+    def content_size(self, size: int | None = None) -> tuple[int, int]:
+        """(width, height) of the content image (and the output) at longest side ``size`` (default:
+        ``image_size``), computed without resizing anything."""
+        return fit_size(*self._source_sizes()[0], size or self.image_size)
+
+    def style_sizes(self, size: int | None = None) -> list[tuple[int, int]]:
+        """(width, height) of each style image for an output of longest side ``size``."""
+        side = max(1, round(self.style_scale * (size or self.image_size)))
+        return [fit_size(*source, side) for source in self._source_sizes()[1]]
+
+    def check_sizes(self, size: int | None = None, available: int | None = None) -> None:
+        """Refuses, before any image is resized, sizes whose images alone would not fit in the memory
+        available (``data.image_size 100000``, ``data.style_scale 10000``): the resize itself would
+        otherwise be what runs out (see :func:`~nst_lightning.memory.input_bytes`). The run's own
+        estimate (``StyleTransfer.setup``) then applies to the sizes that pass."""
+        size = size or self.image_size
+        free = available if available is not None else memory.available_bytes("cpu")
+        content_bytes, style_bytes = self._input_bytes(size)
+        if free is None or content_bytes + style_bytes <= free:
+            return
+        content, styles = self.content_size(size), self.style_sizes(size)
+        if style_bytes > content_bytes and self.style_scale > 1:
+            biggest = max(styles, key=lambda wh: wh[0] * wh[1])
+            what = f"data.style_scale {self.style_scale:g} makes the style image {biggest[0]}x{biggest[1]} px"
+            fix = "lower data.style_scale"
+        else:
+            what = f"data.image_size {size} makes the content image {content[0]}x{content[1]} px"
+            # The bytes grow with the square of the size: start there, then step down to one that fits.
+            side = int(size * math.sqrt(free / (content_bytes + style_bytes))) // 16 * 16
+            while side >= 16 and sum(self._input_bytes(side)) > free:
+                side -= 16
+            fix = (
+                f"lower data.image_size: the images alone fit up to about {side} (the run needs more; its "
+                "estimate names a size that fits)"
+                if side >= 16
+                else "no image size fits: free memory first"
+            )
+        gib = 2**30
+        raise ConfigError(
+            f"{what}: about {(content_bytes + style_bytes) / gib:,.1f} GiB just to prepare the images, but "
+            f"{free / gib:,.1f} GiB of memory is available: {fix}"
+        )
+
+    def _input_bytes(self, size: int) -> tuple[int, int]:
+        return memory.input_bytes(self.content_size(size), self.style_sizes(size))
+
+    def _report_upscaling(self) -> None:
+        """One warning naming the images enlarged by more than :data:`UPSCALE_REPORTED` to reach
+        their size (a 1x1 image, a thumbnail): the output gets no detail from them."""
+        (content_w, content_h), sources = self._content.size, [img.size for img in self._styles]
+        targets = [("content", self.content, (content_w, content_h), self.content_size())]
+        targets += [
+            ("style", path, source, target)
+            for path, source, target in zip(self.styles, sources, self.style_sizes(), strict=True)
+        ]
+        enlarged = [
+            f"the {which} image {path} ({source[0]}x{source[1]} px) to {target[0]}x{target[1]} px"
+            for which, path, source, target in targets
+            if max(target) > UPSCALE_REPORTED * max(source)
+        ]
+        if enlarged:
+            warnings.warn(
+                f"upscaling {'; '.join(enlarged)}: an enlarged image brings no detail of its own; give larger "
+                "images, or a smaller data.image_size (data.style_scale for a style image)",
+                stacklevel=2,
+            )
 
     def inputs(self, size: int | None = None) -> Inputs:
         """The images for an output whose longest side is ``size`` (default: ``image_size``)."""
         if self._content is None:
             self.setup("fit")
         size = size or self.image_size
-        content_size = fit_size(*self._content.size, size)
-        style_side = max(1, round(self.style_scale * size))
-        styles = [pil_to_float(_resize(img, fit_size(*img.size, style_side))) for img in self._styles]
+        self.check_sizes(size)  # before any resize allocates
+        content_size = self.content_size(size)
+        targets = self.style_sizes(size)
+        styles = [pil_to_float(_resize(img, target)) for img, target in zip(self._styles, targets, strict=True)]
         masks = [pil_to_float(_resize(mask, content_size)) for mask in self._masks] or None
         return Inputs(pil_to_float(_resize(self._content, content_size)), styles, self.blend, masks)
 

@@ -36,8 +36,10 @@ class Interrupted(NSTError):
     """The run was stopped by SIGINT (Ctrl-C) or SIGTERM at a step boundary, after saving its work.
 
     The callbacks that save the work fill in :attr:`image` and :attr:`checkpoint` (or
-    :attr:`checkpoint_error`) before the exception leaves ``Trainer.fit``. The CLI exits with
-    :attr:`exit_code`, 128 + the signal number (130 for SIGINT, 143 for SIGTERM), as shells do.
+    :attr:`checkpoint_error`) before the exception leaves ``Trainer.fit``; a caller that resumes
+    runs its own way (``batch``) sets :attr:`advice`, how to go on, instead of the ``--ckpt_path``
+    default. The CLI exits with :attr:`exit_code`, 128 + the signal number (130 for SIGINT, 143 for
+    SIGTERM), as shells do.
     """
 
     def __init__(self, signum: int, step: int, max_steps: int) -> None:
@@ -46,6 +48,7 @@ class Interrupted(NSTError):
         self.image: object | None = None
         self.checkpoint: object | None = None
         self.checkpoint_error: str | None = None
+        self.advice: str | None = None
 
     @property
     def exit_code(self) -> int:
@@ -59,8 +62,10 @@ class Interrupted(NSTError):
         text = f"{name}: stopped after step {self.step} of {self.max_steps}"
         if self.image is not None:
             text += f"; the partial image is in {self.image}"
-        if self.checkpoint is not None:
-            text += f"; to go on, run the same command with --ckpt_path {self.checkpoint}"
-        elif self.checkpoint_error:
+        if self.checkpoint is None and self.checkpoint_error:
             text += f"; no checkpoint could be written: {self.checkpoint_error}"
+        if self.advice:
+            text += f"; to go on, {self.advice}"
+        elif self.checkpoint is not None:
+            text += f"; to go on, run the same command with --ckpt_path {self.checkpoint}"
         return text

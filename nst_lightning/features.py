@@ -117,11 +117,15 @@ def _imagenet_state_dict(backbone: str) -> dict:
 
 
 def _file_state_dict(path: str) -> dict:
+    from nst_lightning.image_io import file_kind  # the filesystem checks live there
+
     file = Path(path)
-    if not file.is_file():
+    kind = file_kind(file)  # from stat alone: a FIFO would block torch.load, /dev/zero never end
+    if kind != "file":
+        what = "weights file not found: " if kind == "missing" else ""
+        found = "" if kind == "missing" else f" is {kind}, not a weights file"
         raise WeightsError(
-            f"weights file not found: {file} (model.weights takes 'imagenet', 'random' or the path of a "
-            "torchvision state dict)"
+            f"{what}{file}{found} (model.weights takes 'imagenet', 'random' or the path of a torchvision state dict)"
         )
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
@@ -134,6 +138,14 @@ def _file_state_dict(path: str) -> dict:
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise WeightsError(f"{file} does not hold a state dict (a mapping of parameter names to tensors)")
+    # NaN or Inf in the weights would only show as a non-finite loss at the first step.
+    damaged = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if damaged:
+        more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+        raise WeightsError(
+            f"weights file {file} holds NaN or infinite values (in {damaged[0]}{more}): the file is damaged; "
+            "get the weights again"
+        )
     return state
 
 

@@ -118,6 +118,9 @@ class RunGuard(L.Callback):
         if stall_steps < 0:
             raise ConfigError(f"guard.stall_steps must be 0 (off) or a number of steps, got {stall_steps}")
         self.stall_steps = stall_steps
+        # Where the interruption's checkpoint goes; None: checkpoint_dir/interrupted.ckpt. A batch
+        # sets a fixed place per pair, where the next run of the same command finds it.
+        self.interrupted_path: Path | None = None
         self.signal_received: int | None = None
         self._armed = False
         self._handlers: dict[int, Any] = {}
@@ -233,7 +236,7 @@ class RunGuard(L.Callback):
         self._armed = False
         if not isinstance(exception, Interrupted) or not trainer.is_global_zero:
             return
-        path = self.checkpoint_dir(trainer) / INTERRUPTED_CHECKPOINT
+        path = self.interrupted_path or self.checkpoint_dir(trainer) / INTERRUPTED_CHECKPOINT
         try:
             trainer.save_checkpoint(path, weights_only=False)
         except Exception as err:  # noqa: BLE001 - report it in the interruption's message, keep the exit code

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fnmatch
 import glob
 import io
 import os
 import re
+import shutil
+import stat
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -117,19 +121,51 @@ def _too_large(path: Path, width: int, height: int, limit: int) -> ImageError:
     )
 
 
-def open_rgb(path: str | os.PathLike) -> Image.Image:
-    """Read an image file as an upright 8-bit sRGB Pillow image.
+# What a path that is not a regular file is, by ``stat`` file type (for the messages).
+_SPECIAL_KINDS = (
+    (stat.S_ISFIFO, "a named pipe (FIFO), which would block a reader until something writes to it"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
-    EXIF orientation is applied; an embedded ICC profile is converted to sRGB; greyscale, palette,
-    alpha, CMYK and 16-bit images are converted; for an animated file the first frame is used (with a
-    warning). Images over :func:`max_image_pixels` are refused before they are decoded (decompression
-    bombs). Any file Pillow cannot decode gives an :class:`ImageError`.
-    """
-    path = Path(path)
-    if not path.exists():
+
+def file_kind(path: str | os.PathLike) -> str:
+    """What ``path`` is, from ``os.stat`` alone (nothing is opened, so a FIFO cannot block):
+    ``"file"`` (a regular file, or a link to one), ``"folder"``, ``"missing"`` (also a dangling
+    link), or a description such as ``"a named pipe (FIFO), ..."``, ``"a character device"`` or
+    ``"a symbolic link loop"``. Only a ``"file"`` is ever read or replaced."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, ValueError):  # ValueError: a NUL byte, which no file name has
+        return "missing"
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "a symbolic link loop (a link that points back to itself)"
+        if err.errno == errno.ENOTDIR:
+            return "missing"
+        return f"not accessible ({err.strerror or err})"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    for test, kind in _SPECIAL_KINDS:
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """``Image.open(path)``, lazily (the header only), for a regular file within the pixel limit; any
+    problem, inside the block too, is an :class:`ImageError` of one line."""
+    kind = file_kind(path)
+    if kind == "missing":
         raise ImageError(f"image not found: {path} (check the path in data.content / data.style)")
-    if path.is_dir():
+    if kind == "folder":
         raise ImageError(f"{path} is a folder, not an image file: give the path of an image file")
+    if kind != "file":
+        raise ImageError(f"{path} is {kind}, not an image file: give the path of a regular image file")
     limit = max_image_pixels()
     try:
         with _pixel_limit(limit), Image.open(path) as img:
@@ -138,16 +174,7 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
                 raise _too_large(path, width, height, limit)
             if width < 1 or height < 1:
                 raise ImageError(f"{path} is {width}x{height} pixels: an image needs at least one pixel")
-            frames = getattr(img, "n_frames", 1)
-            if frames > 1:
-                warnings.warn(f"{path} is animated ({frames} frames): using the first frame", stacklevel=2)
-                img.seek(0)
-            img.load()
-            icc = img.info.get("icc_profile")
-            img = ImageOps.exif_transpose(img)
-            if img.mode == "P":
-                img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-            return _to_rgb(_to_srgb(img, icc, path))
+            yield img
     except ImageError:
         raise
     except Image.DecompressionBombError as err:
@@ -169,6 +196,37 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
         raise ImageError(f"cannot read image {path}: {detail} (is the file complete and a valid image?)") from None
 
 
+def open_rgb(path: str | os.PathLike) -> Image.Image:
+    """Read an image file as an upright 8-bit sRGB Pillow image.
+
+    EXIF orientation is applied; an embedded ICC profile is converted to sRGB; greyscale, palette,
+    alpha, CMYK and 16-bit images are converted; for an animated file the first frame is used (with a
+    warning). Only regular files are opened (a FIFO or a device is refused before it can block).
+    Images over :func:`max_image_pixels` are refused before they are decoded (decompression bombs).
+    Any file Pillow cannot decode gives an :class:`ImageError`.
+    """
+    path = Path(path)
+    with _opened(path) as img:
+        frames = getattr(img, "n_frames", 1)
+        if frames > 1:
+            warnings.warn(f"{path} is animated ({frames} frames): using the first frame", stacklevel=2)
+            img.seek(0)
+        img.load()
+        icc = img.info.get("icc_profile")
+        img = ImageOps.exif_transpose(img)
+        if img.mode == "P":
+            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        return _to_rgb(_to_srgb(img, icc, path))
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image file from its header, without decoding it (a quick look before
+    anything is allocated); as stored, so an EXIF rotation may swap the two, which changes neither
+    the pixel count nor the longest side. Errors as :func:`open_rgb`."""
+    with _opened(Path(path)) as img:
+        return img.size
+
+
 def find_images(entry: str | os.PathLike, key: str = "images") -> list[Path]:
     """The image files that one entry of a list stands for, sorted.
 
@@ -179,8 +237,11 @@ def find_images(entry: str | os.PathLike, key: str = "images") -> list[Path]:
     """
     text = str(entry)
     path = Path(text)
-    if path.is_file():
+    kind = file_kind(path)
+    if kind == "file":
         return [path]
+    if kind not in ("folder", "missing"):
+        raise ImageError(f"{key}: {path} is {kind}, not an image file: give image files, folders or glob patterns")
     if path.is_dir():
         found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not found:
@@ -259,8 +320,7 @@ def check_writable(path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     image_format(path)
-    if path.is_dir():
-        raise ImageError(f"output {path} is a folder: give a file name such as {path / 'stylised.png'}")
+    check_replaceable(path, "output")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".nst-check-", delete=True):
@@ -270,6 +330,124 @@ def check_writable(path: str | os.PathLike) -> Path:
             f"cannot write to {path.parent} ({err.strerror or err}): choose a writable output path"
         ) from None
     return path
+
+
+def check_replaceable(path: str | os.PathLike, what: str = "output") -> Path:
+    """Refuse an output path that exists and is not a regular file: writing would replace a folder,
+    a device node, a FIFO or a socket (the atomic write renames over whatever is there)."""
+    path = Path(path)
+    kind = file_kind(path)
+    if kind == "folder":
+        raise ImageError(f"{what} {path} is a folder: give a file name such as {path / 'stylised.png'}")
+    if kind not in ("file", "missing"):
+        raise ImageError(f"{what} {path} exists and is {kind}, not a regular file: choose another {what} path")
+    return path
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file: the same resolved path (through links, ``..``), or where both
+    exist the same file on disk (``os.path.samefile``: hard links, bind mounts, case-insensitive names)."""
+    try:
+        if Path(a).resolve() == Path(b).resolve():
+            return True
+    except (OSError, RuntimeError):  # a symbolic link loop
+        pass
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def _file_key(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symbolic link loop: compare it as written
+        return path.absolute()
+
+
+def check_outputs_apart(outputs: Iterable[tuple[str, Path, str]], inputs: Iterable[tuple[str, Path]]) -> None:
+    """Refuse, with an :class:`ImageError` naming both, any output that is the same file as an input
+    (see :func:`same_file`), so that a run never replaces what it reads.
+
+    ``outputs`` are ``(what, path, setting to change)``, ``inputs`` ``(setting, path)``. An output
+    whose file name is a glob pattern (``snapshots/step_*.png``) stands for every file of that name
+    in its folder.
+    """
+    by_path: dict[Path, tuple[str, Path]] = {}
+    by_key: dict[tuple[int, int], tuple[str, Path]] = {}
+    for setting, path in inputs:
+        path = Path(path)
+        by_path.setdefault(_resolved(path), (setting, path))
+        key = _file_key(path)
+        if key is not None:
+            by_key.setdefault(key, (setting, path))
+    for label, output, setting in outputs:
+        output = Path(output)
+        if glob.has_magic(output.name):
+            folder = _resolved(output.parent)
+            folder_key = _file_key(output.parent)
+            clash = next(
+                (
+                    found
+                    for resolved, found in by_path.items()
+                    if fnmatch.fnmatch(resolved.name, output.name)
+                    and (resolved.parent == folder or (folder_key and _file_key(resolved.parent) == folder_key))
+                ),
+                None,
+            )
+        else:
+            key = _file_key(output)
+            clash = by_path.get(_resolved(output)) or (by_key.get(key) if key else None)
+        if clash is not None:
+            what, path = clash
+            raise ImageError(
+                f"{label} {output} would be the same file as {what} {path}, which the run would replace: "
+                f"choose another {setting} (nothing was written)"
+            )
+
+
+def estimate_image_bytes(width: int, height: int, path: str | os.PathLike = "image.png") -> int:
+    """An upper bound on the size of an 8-bit RGB image file: the raw pixels (what PNG's deflate
+    gives for noise, and TIFF stores uncompressed), plus headers; JPEG and WebP come out smaller."""
+    image_format(path)
+    return height * (3 * width + 1) * 101 // 100 + 4096
+
+
+def check_room(needs: Mapping[Path, int], what: str = "the run's files") -> None:
+    """Refuse a run whose files will not fit: ``needs`` maps folders to the bytes to be written there;
+    folders on one filesystem add up. An :class:`ImageError` says where, how much and how much is free."""
+    by_device: dict[int, tuple[Path, int, int]] = {}
+    for folder, size in needs.items():
+        existing = Path(folder)
+        while not existing.exists() and existing != existing.parent:  # a folder still to be made
+            existing = existing.parent
+        try:
+            device = os.stat(existing).st_dev
+            free = shutil.disk_usage(existing).free
+        except OSError:
+            continue  # cannot be told: the write itself will say
+        first, total, _ = by_device.get(device, (Path(folder), 0, free))
+        by_device[device] = (first, total + size, free)
+    for folder, total, free in by_device.values():
+        if total > free:
+            raise ImageError(
+                f"{what} need about {_megabytes(total)} in {folder} but only {_megabytes(free)} is free there: "
+                "free some disk space, or choose another output.path / trainer.default_root_dir"
+            )
+
+
+def _megabytes(size: int) -> str:
+    if size < 2**20:
+        return f"{size / 2**10:,.1f} kB"
+    return f"{size / 2**20:,.1f} MB" if size < 2**30 else f"{size / 2**30:,.1f} GB"
 
 
 def _umask() -> int:
@@ -292,9 +470,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     The bytes go to a temporary file in the same folder, which is flushed to disk and then renamed
     over ``path``; the folder is synced too. A crash, a signal or a full disk at any point leaves
     either the old file or the complete new one, never a truncated file, and no temporary file.
-    Missing folders are created. ``OSError`` is raised as it comes (callers word it).
+    Missing folders are created. A path that exists and is not a regular file is refused with an
+    ``OSError`` (``EEXIST``). ``OSError`` is raised as it comes (callers word it).
     """
     path = Path(path)
+    kind = file_kind(path)
+    if kind not in ("file", "missing"):  # never rename over a folder, a device node, a FIFO...
+        raise OSError(errno.EEXIST, f"{path} exists and is {kind}, not a regular file")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -32,6 +32,9 @@ CPU_RUNTIME_BYTES = 750 * 2**20
 # Gradients alive at once during the backward pass, in units of the largest activation: the
 # gradient arriving at a layer, the one leaving it, and the sum where two branches meet.
 BACKWARD_ACTIVATIONS = 3
+# Bytes per pixel to prepare one input image: the resized 8-bit RGB image and Pillow's intermediate
+# (it resizes one axis at a time), the float32 tensor, and the extractor's normalised copy of it.
+PREPARE_BYTES_PER_PIXEL = 3 + 3 + 4 * 3 + 4 * 3
 # Approximate size of torchvision's ImageNet checkpoints (classifier included), which torch.load
 # reads whole.
 IMAGENET_FILE_BYTES = {"vgg19": 548 * 2**20, "vgg16": 528 * 2**20}
@@ -166,6 +169,16 @@ def estimate_peak(
 def estimate_peak_bytes(height: int, width: int, **kwargs) -> int:
     """The estimated peak memory of a run in bytes (see :func:`estimate_peak` for the arguments)."""
     return estimate_peak(height, width, **kwargs).total
+
+
+def input_bytes(content: tuple[int, int], styles: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """Bytes to prepare the input images, (content, styles), from their (width, height) once resized,
+    in the CPU's memory on any device (Pillow resizes there). A lower bound of what a run needs,
+    cheap to compute for any size: the guard against absurd sizes (``data.image_size 1000000000``),
+    for which :func:`check_fits` would spend its time looking for a size that fits."""
+    content_bytes = content[0] * content[1] * PREPARE_BYTES_PER_PIXEL
+    style_bytes = sum(w * h * PREPARE_BYTES_PER_PIXEL for w, h in styles)
+    return content_bytes, style_bytes
 
 
 def available_bytes(device: str = "cpu") -> int | None:

@@ -243,11 +243,14 @@ class StyleTransfer(L.LightningModule):
             return
         self._check_precision()
         sizes = self._sizes()
-        inputs = self.datamodule.inputs(sizes[0])
-        self._check_size(inputs.content, "content")
-        for style in inputs.styles:
+        # Sizes and memory are checked before any image is resized: a resize to an absurd size would
+        # itself be what runs out of memory.
+        self._check_size(self.datamodule.content_size(sizes[0]), "content")
+        for style in self.datamodule.style_sizes(sizes[0]):
             self._check_size(style, "style")
-        self._check_memory(self.datamodule.inputs(sizes[-1]).content)
+        width, height = self.datamodule.content_size(sizes[-1])
+        self._check_memory(height, width)
+        inputs = self.datamodule.inputs(sizes[0])
         # setup() runs before Lightning moves the module, so compute the targets where the
         # optimisation will run rather than on the CPU.
         device = self.trainer.strategy.root_device
@@ -371,14 +374,15 @@ class StyleTransfer(L.LightningModule):
                 optimizer._numel_cache = None  # L-BFGS caches the parameter count
         self._scale = index
 
-    def _check_memory(self, content: Tensor) -> None:
+    def _check_memory(self, height: int, width: int) -> None:
         """Refuses, before any work, a run whose estimated peak memory exceeds what the device has
         free (the message suggests an image size that fits)."""
         hp = self.hparams
         # A float32 finish needs the float32 footprint, whatever the rest of the run uses.
         precision = "32-true" if self._float32_start() is not None else str(self.trainer.precision)
         check_fits(
-            *content.shape[-2:],
+            height,
+            width,
             content_layers=self.content_layers,
             style_layers=self.style_layers,
             backbone=hp.backbone,
@@ -390,9 +394,9 @@ class StyleTransfer(L.LightningModule):
             device=self.trainer.strategy.root_device.type,
         )
 
-    def _check_size(self, image: Tensor, which: str) -> None:
+    def _check_size(self, size: tuple[int, int], which: str) -> None:
         need = self.extractor.min_image_side
-        height, width = image.shape[-2:]
+        width, height = size
         if min(height, width) < need:
             deepest = list(self.extractor.body.named_children())[-1][0]
             raise ConfigError(

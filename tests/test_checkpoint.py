@@ -48,7 +48,8 @@ def test_a_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch
 @pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE")
 def test_a_full_disk_during_a_run_is_one_line_and_keeps_the_image(tmp_path, images):
     # The child may not write files over 1 MB (EFBIG, as a full disk gives ENOSPC): the images and
-    # logs fit, the ~2.5 MB checkpoint at the end of the run does not.
+    # logs fit, the ~2.5 MB checkpoint at the end of the run does not (the room check before the run
+    # sees a disk with room: the limit is on file sizes).
     config = write_config(tmp_path, images, trainer={"max_steps": 3})
 
     def small_files():
@@ -63,6 +64,9 @@ def test_a_full_disk_during_a_run_is_one_line_and_keeps_the_image(tmp_path, imag
     lines = [line for line in result.stderr.splitlines() if line.startswith("nst-lightning: error:")]
     assert len(lines) == 1 and "cannot write checkpoint" in lines[0] and "File too large" in lines[0], result.stderr
     assert not list(tmp_path.rglob("*.ckpt")) and leftovers(tmp_path) == []
+    # All 3 steps were done: the image is the finished one, said to be complete, at the final path.
+    assert "The run's 3 steps are done: wrote the complete image to" in result.stderr
+    assert "partial" not in result.stderr and not (tmp_path / "out" / "result.partial.png").exists()
     with Image.open(tmp_path / "out" / "result.png") as img:  # the run's image, written whole
         img.load()
         assert img.size == (32, 24)

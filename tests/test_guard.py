@@ -86,11 +86,15 @@ def test_a_signal_saves_image_and_checkpoint_and_the_run_resumes(tmp_path, image
     assert "Wrote the partial image (interrupted)" in stderr
     check_files_complete(tmp_path)
 
-    # The output holds exactly the checkpoint's image, and the checkpoint the L-BFGS state of that step.
+    # The partial image goes beside the output, never to it: the final path only holds a finished image.
+    partial = tmp_path / "out" / "result.partial.png"
+    assert f"the partial image is in {partial}" in lines[0]
+    assert not (tmp_path / "out" / "result.png").exists()
+    # It holds exactly the checkpoint's image, and the checkpoint the L-BFGS state of that step.
     saved = torch.load(ckpt, weights_only=True)
     step = saved["global_step"]
     assert step >= 1 and f"stopped after step {step} of" in lines[0]
-    output = np.asarray(Image.open(tmp_path / "out" / "result.png"))
+    output = np.asarray(Image.open(partial))
     np.testing.assert_array_equal(output, np.asarray(tensor_to_pil(saved["state_dict"]["image"])))
     assert saved["optimizer_states"][0]["state"][0]["n_iter"] == step
 
@@ -103,6 +107,8 @@ def test_a_signal_saves_image_and_checkpoint_and_the_run_resumes(tmp_path, image
     torch.testing.assert_close(first["image"], saved["state_dict"]["image"])
     assert first["n_iter"] == step, "the L-BFGS history came back"
     assert len(list((run_dir(tmp_path, 1) / "checkpoints").glob(f"*step={step + 2}.ckpt"))) == 1
+    # Finished: the image is at the final path, and the partial one is gone.
+    assert Image.open(tmp_path / "out" / "result.png").size == (32, 24) and not partial.exists()
 
 
 class FirstStep(Callback):
@@ -165,7 +171,7 @@ def test_a_second_ctrl_c_quits_at_once_without_damaging_files(tmp_path, images):
     assert "Traceback" not in stderr and "SIGINT received again: quitting at once" in stderr
     assert not list(tmp_path.rglob("*.ckpt"))
     check_files_complete(tmp_path)
-    assert Image.open(tmp_path / "out" / "result.png").size == (32, 24)
+    assert Image.open(tmp_path / "out" / "result.partial.png").size == (32, 24)
 
 
 class SendSignal(Callback):
@@ -288,7 +294,8 @@ def test_cli_numerical_fault_is_one_line_and_the_output_holds_the_last_finite_im
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("nst-lightning: error:")]
     assert len(lines) == 1 and "lower model.lr" in lines[0] and "Traceback" not in err
-    output = load_image(tmp_path / "out" / "result.png")
+    assert not (tmp_path / "out" / "result.png").exists(), "an unfinished run never writes the final path"
+    output = load_image(tmp_path / "out" / "result.partial.png")
     assert output.shape == (1, 3, 24, 32) and torch.isfinite(output).all()
 
 
