@@ -260,6 +260,24 @@ def test_strong_wolfe_line_search_keeps_moving(tmp_path, images):
     assert module.optimizers().optimizer.defaults["max_eval"] > 1
 
 
+class Evaluations(Callback):
+    def __init__(self):
+        self.per_step = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.per_step.append(float(trainer.callback_metrics["closure_evaluations"]))
+
+
+def test_a_line_search_step_does_not_evaluate_its_end_point_twice(tmp_path, images):
+    # Each step starts where the previous line search ended: that point's evaluation is reused, so
+    # an accepted first trial costs one evaluation per step, not two.
+    counter = Evaluations()
+    module = make_module(lbfgs_line_search="strong_wolfe", init="content")
+    make_trainer(tmp_path, steps=12, callbacks=[counter]).fit(module, datamodule=datamodule(images))
+    assert module.evaluations == sum(counter.per_step)
+    assert sum(counter.per_step[1:]) < 1.5 * len(counter.per_step[1:]), counter.per_step
+
+
 def test_compile_is_opt_in():
     assert make_module()._compiled_call_impl is None
     compiled = make_module(compile=True)  # compilation itself happens at the first call, not here
