@@ -32,9 +32,8 @@ peak RSS (``ru_maxrss``) of this process, the L-BFGS history overhead, a whole-r
 iterations at 512 px: a proxy built from the measured parts, or with ``--whole-run full`` the real
 run) and the memory estimator (:mod:`nst_lightning.memory`) against the measured peak RSS of a child
 process per size. On a CUDA device, ``--precisions`` adds 32-true / bf16-mixed / 16-mixed at
-``--gpu-sizes``: iterations per second and the final loss against 32-true. Last, unless
-``--time-to-quality off``, the coarse-to-fine schedules against the single-scale run of
-``benchmarks/time_to_quality.py`` (with its scaled-random proxy weights), at 256 px by default.
+``--gpu-sizes``: iterations per second and the final loss against 32-true. Time to quality (what
+reaches the seed's final loss soonest) is ``benchmarks/time_to_quality.py``.
 """
 
 from __future__ import annotations
@@ -105,22 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--gpu-sizes", type=int, nargs="+", default=[512, 1024], help="sizes of the CUDA precision section")
     p.add_argument("--gpu-steps", type=int, default=50, help="steps for the final-loss agreement (CUDA)")
-    p.add_argument(
-        "--time-to-quality",
-        default="256",
-        metavar="SIZE|off",
-        help="final size of the coarse-to-fine vs single-scale comparison (default 256; 512 takes ~40 min)",
-    )
-    p.add_argument("--ttq-schedule", action="append", help="a size:steps,... schedule for it (repeatable)")
     p.add_argument("--quick", action="store_true", help="256 px, 3 rounds of 1 step, no compile, short memory check")
     p.add_argument("--json", type=Path, default=None, help="also write all results to this JSON file")
     p.add_argument("--memory-child", nargs=3, type=int, metavar=("SIZE", "HISTORY", "STEPS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.time_to_quality != "off" and not args.time_to_quality.isdigit():
-        p.error(f"--time-to-quality takes a size in pixels or off, not {args.time_to_quality!r}")
     if args.quick:
         args.sizes, args.repeats, args.steps, args.compile = [256], 3, 1, "off"
-        args.time_to_quality = "off"
         args.gpu_sizes, args.gpu_steps = [512], 20
     return args
 
@@ -678,21 +667,6 @@ def memory_check(args) -> list[dict]:
     return rows
 
 
-def time_to_quality(args) -> dict:
-    """Coarse-to-fine schedules against the single-scale run (``benchmarks/time_to_quality.py``)."""
-    if args.time_to_quality == "off" or args.device != "cpu":
-        return {"status": "off (--time-to-quality SIZE runs it)"}
-    import time_to_quality as ttq
-
-    size = int(args.time_to_quality)
-    # Each mixed precision of the main table also runs the single-scale schedule (with the module's
-    # default float32 finish), beside the coarse-to-fine ones.
-    mixed = [f"single@{p}" for p in args.precision if p != "32-true"]
-    schedules = args.ttq_schedule or ttq.default_schedules(size) + mixed
-    results = ttq.compare(size, schedules, log=lambda t: print("  " + t, flush=True))
-    return {"status": "measured", "table": ttq.table(results), **results}
-
-
 def precision_section(args) -> dict:
     """CUDA only: iterations per second at each precision and size, and the final loss after
     ``--gpu-steps`` iterations against 32-true from the same start."""
@@ -828,11 +802,6 @@ def report(results: dict) -> str:
             )
     lines.append("")
     lines.append(f"Peak RSS of the benchmark process: {results['peak_rss_mib']:.0f} MiB")
-    ttq = results["time_to_quality"]
-    if "table" in ttq:
-        lines += ["", "Time to quality (runs one after the other, not interleaved):", "", ttq["table"]]
-    else:
-        lines.append(f"Time to quality: {ttq['status']}")
     prec = results["precision"]
     if "rows" in prec:
         lines += [
@@ -888,7 +857,6 @@ def main(argv: list[str] | None = None) -> None:
         results["sizes"] += bench_size(args, size)
     results["whole_run"] = whole_run(args, results)
     results["memory"] = memory_check(args) if args.memory == "on" and not args.device.startswith("cuda") else []
-    results["time_to_quality"] = time_to_quality(args)
     results["precision"] = precision_section(args)
     results["peak_rss_mib"] = peak_rss_mib()
     results["environment"]["load_average_end"] = os.getloadavg()

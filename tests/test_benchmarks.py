@@ -33,25 +33,38 @@ def test_proxy_weights_give_every_convolution_unit_mean_square(tmp_path):
     assert squares == pytest.approx([1.0] * 16, rel=1e-3)
 
 
-def test_schedules_parse():
-    assert time_to_quality.parse_schedule("128:100,256:50") == ([128, 256], [100, 50])
+def test_stages_parse():
+    stage = time_to_quality.parse_stage("256:150:content_weight=3;lbfgs_line_search=null;scales=[128, 256]")
+    assert (stage.size, stage.steps) == (256, 150)
+    assert stage.model == {"content_weight": 3.0, "lbfgs_line_search": None, "scales": [128, 256]}
+    assert time_to_quality.parse_stage("512:300").model == {}
 
 
-def test_time_to_quality_compares_schedules_in_miniature():
-    results = time_to_quality.compare(64, ["32:2,64:2"], baseline_steps=3, log=lambda text: None)
-    single, multi = results["runs"]["single"], results["runs"]["32:2,64:2"]
-    assert len(single["steps"]) == 3 and [side for _, _, side in multi["steps"]] == [32, 32, 64, 64]
-    assert single["final_loss"] > 0 and multi["final_loss"] > 0
-    table = time_to_quality.table(results)
-    assert "single scale, 3 its" in table and "32:2,64:2" in table
+def test_time_to_quality_judges_every_run_by_the_final_size_objective_in_miniature(tmp_path):
+    from pathlib import Path
 
-
-def test_runs_at_another_precision_are_judged_by_the_float32_loss():
-    assert time_to_quality.parse_run("256:100,512:150@bf16-mixed") == ("256:100,512:150", "bf16-mixed")
-    assert time_to_quality.parse_run("single") == ("single", "32-true")
-    results = time_to_quality.compare(48, ["single@bf16-mixed"], baseline_steps=3, log=lambda text: None)
-    single, mixed = results["runs"]["single"], results["runs"]["single@bf16-mixed"]
-    assert mixed["precision"] == "bf16-mixed" and len(mixed["steps"]) == 3
-    # Both start from the content image: the first recorded loss is the same float32 loss.
-    assert mixed["steps"][0][1] == pytest.approx(single["steps"][0][1], rel=1e-5)
-    assert "single scale, 3 its @ bf16-mixed" in time_to_quality.table(results)
+    ttq = time_to_quality
+    base = {"weights": "random"}
+    per_eval = ttq.evaluation_seconds(base, [32, 48], ttq.CONTENT, ttq.STYLE, rounds=1)
+    assert set(per_eval) == {32, 48} and all(t > 0 for t in per_eval.values())
+    runs = [
+        ttq.run_stages("seed", [ttq.Stage(48, 4)], base, 48, ttq.CONTENT, ttq.STYLE, per_eval, tmp_path, print),
+        ttq.run_stages(
+            "coarse", [ttq.Stage(32, 2, {"content_weight": 3.0}), ttq.Stage(48, 2)],
+            base, 48, ttq.CONTENT, ttq.STYLE, per_eval, tmp_path, print,
+        ),  # fmt: skip
+    ]
+    seed, coarse = runs
+    assert [step[3] for step in coarse["steps"]] == [32, 32, 48, 48]
+    # Coarse steps are not judged; every step at the final size is, the last with the final image.
+    assert [step[4] is None for step in coarse["steps"]] == [True, True, False, False]
+    assert all(step[4] is not None for step in seed["steps"])
+    assert seed["steps"][-1][4] == seed["final_loss"]
+    evaluations = [step[2] for step in seed["steps"]]
+    assert evaluations == sorted(evaluations) and seed["steps"][-1][1] == pytest.approx(evaluations[-1] * per_eval[48])
+    ttq.summarise(runs)
+    assert seed["reached"]["0%"]["modelled"] == seed["steps"][-1][1]
+    text = ttq.table(runs, 48, "random", per_eval)
+    assert "| seed |" in text and "| coarse |" in text
+    ttq.sheet(runs, Path(tmp_path) / "sheet.png")
+    assert (Path(tmp_path) / "sheet.png").stat().st_size > 0
