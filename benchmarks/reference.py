@@ -6,8 +6,9 @@ loss layers, the targets computed once when those modules are built, ReLUs made 
 closure that clamps the image and sums the losses, L-BFGS. Departures, so that it computes the same
 function as nst-lightning and its per-iteration time compares like with like:
 
-- the loss layers are nst-lightning's defaults (``conv4_2`` content; ``conv1_1`` ... ``conv5_1``
-  style, taken before the ReLU), with the same Gram normalisation and weights (content 1, style 1e6);
+- the loss layers are nst-lightning's defaults (``relu4_2`` content; ``relu1_1`` ... ``relu5_1``
+  style, where the tutorial takes the convolutions), with the same Gram normalisation and weights
+  (content 1, style 1e6), on the network as it comes (not normalised);
 - L-BFGS runs ``max_iter=1`` per ``step`` (one iteration, one function evaluation), history 100;
 - the targets are computed by the network without the loss modules (the tutorial's way needs the
   content and style images to have the same size; here they keep their own, as in nst-lightning).
@@ -25,8 +26,8 @@ from torch import Tensor, nn
 
 from nst_lightning.features import IMAGENET_MEAN, IMAGENET_STD, layer_names
 
-CONTENT_LAYERS = ("conv4_2",)
-STYLE_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1")
+CONTENT_LAYERS = ("relu4_2",)
+STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 
 
 def gram_matrix(input: Tensor) -> Tensor:  # noqa: A002 - the tutorial's names

@@ -22,8 +22,8 @@ from torch import nn
 from nst_lightning.errors import ConfigError
 from nst_lightning.features import BACKBONES
 
-CONTENT_LAYERS = ("conv4_2",)
-STYLE_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1")
+CONTENT_LAYERS = ("relu4_2",)
+STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 
 # Resident memory of a process that has imported torch, torchvision and Lightning and runs a Trainer
 # (measured: about 690 MiB after the imports with a CUDA build of torch on Linux, whose libraries are

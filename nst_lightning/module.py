@@ -167,8 +167,8 @@ class StyleTransfer(L.LightningModule):
 
     def __init__(
         self,
-        content_layers: Sequence[str] = ("conv4_2",),
-        style_layers: Sequence[str] = ("conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1"),
+        content_layers: Sequence[str] = ("relu4_2",),
+        style_layers: Sequence[str] = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"),
         style_layer_weights: Sequence[float] | None = None,
         content_weight: float = 1.0,
         style_weight: float = 1e6,

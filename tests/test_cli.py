@@ -48,7 +48,7 @@ def test_fit_writes_output_checkpoint_and_tensorboard(tmp_path, images):
 
     acc = scalars(run)
     tags = acc.Tags()["scalars"]
-    for tag in ("loss", "loss/content", "loss/style", "loss/style_conv1_1", "loss/style_conv5_1", "loss/tv"):
+    for tag in ("loss", "loss/content", "loss/style", "loss/style_relu1_1", "loss/style_relu5_1", "loss/tv"):
         assert tag in tags, tag
     losses = [event.value for event in acc.Scalars("loss")]
     assert len(losses) == 8, "one scalar per step"

@@ -57,6 +57,6 @@ def test_bad_arguments():
         estimate_peak(0, 10)
     with pytest.raises(ConfigError, match="unknown"):
         estimate_peak(64, 64, content_layers=["conv9_9"])
-    with pytest.raises(ConfigError, match="too small for layer conv5_1"):
+    with pytest.raises(ConfigError, match="too small for layer relu5_1"):
         estimate_peak(12, 64)
     estimate_peak(12, 64, content_layers=["conv2_1"], style_layers=["conv1_1"])
