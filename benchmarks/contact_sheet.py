@@ -33,7 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's package, even where another copy is installed
 SAMPLES = REPO / "nst_lightning" / "samples"
-CELL = 256  # the longest side of a cell on the sheet, in pixels
+CELL = 256  # the longest side of a cell on the sheet, in pixels (--cell)
 
 
 def sample(name: str, kind: str) -> Path:
@@ -124,34 +124,37 @@ def thumbnail(path_or_image, side: int):
     return image
 
 
-def compose(columns: list[str], rows: list[tuple[Path, Path]], cells: dict, title: str, path: Path) -> None:
-    """The sheet: a header row of column labels, then per pair the inputs and one cell per column."""
+def compose(
+    columns: list[str], rows: list[tuple[Path, Path]], cells: dict, title: str, path: Path, side: int = CELL
+) -> None:
+    """The sheet: a header row of column labels, then per pair the inputs and one cell per column.
+    A ``.jpg`` path is written as a JPEG (quality 85)."""
     from PIL import Image, ImageDraw
 
     pad, header, caption = 8, 40, 22
-    width = pad + (CELL // 2 + pad) + len(columns) * (CELL + pad)
-    height = header + pad + len(rows) * (CELL + caption + pad) + 24
+    width = pad + (side // 2 + pad) + len(columns) * (side + pad)
+    height = header + pad + len(rows) * (side + caption + pad) + 24
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
     big, small = label_font(16), label_font(12)
     draw.text((pad, 4), title, fill="black", font=small)
     for j, label in enumerate(columns):
-        draw.text((pad + CELL // 2 + pad + j * (CELL + pad), 20), label, fill="black", font=big)
+        draw.text((pad + side // 2 + pad + j * (side + pad), 20), label, fill="black", font=big)
     for i, (content, style) in enumerate(rows):
-        top = header + pad + i * (CELL + caption + pad)
-        sheet.paste(thumbnail(content, CELL // 2), (pad, top))
-        sheet.paste(thumbnail(style, CELL // 2), (pad, top + CELL // 2 + 4))
+        top = header + pad + i * (side + caption + pad)
+        sheet.paste(thumbnail(content, side // 2), (pad, top))
+        sheet.paste(thumbnail(style, side // 2), (pad, top + side // 2 + 4))
         for j, label in enumerate(columns):
             cell = cells.get((label, i))
-            left = pad + CELL // 2 + pad + j * (CELL + pad)
+            left = pad + side // 2 + pad + j * (side + pad)
             if cell is None:
                 continue
-            image = thumbnail(cell["image"], CELL)
+            image = thumbnail(cell["image"], side)
             sheet.paste(image, (left, top))
             text = f"loss {cell['losses']['total']:.4g} ({cell['seconds']:.0f} s)"
             draw.text((left, top + image.height + 4), text, fill="black", font=small)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
+    sheet.save(path, **({"quality": 85, "optimize": True} if path.suffix.lower() in (".jpg", ".jpeg") else {}))
 
 
 def main() -> None:
@@ -166,6 +169,7 @@ def main() -> None:
     parser.add_argument("--pair", action="append", help="CONTENT:STYLE (sample names or paths); repeatable")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cells", default="outputs/contact_cells", help="folder of cached cells")
+    parser.add_argument("--cell", type=int, default=CELL, help="longest side of a cell on the sheet (px)")
     parser.add_argument("--cached-only", action="store_true", help="lay out the cells made so far; run none")
     parser.add_argument("-o", "--output", required=True, help="the sheet (PNG); its JSON goes beside it")
     args = parser.parse_args()
@@ -219,7 +223,7 @@ def main() -> None:
         f"weights {Path(args.weights).name}, {base['model'].get('backbone', 'vgg19')}, {args.size} px, "
         f"{args.steps} L-BFGS iterations, {args.precision}; base {args.base or 'defaults'}"
     )
-    compose([label for label, _ in settings], rows, cells, title, output)
+    compose([label for label, _ in settings], rows, cells, title, output, args.cell)
     output.with_suffix(".json").write_text(json.dumps(record, indent=1))
     print(f"wrote {output}")
 

@@ -92,8 +92,9 @@ def default_runs(size: int) -> list[tuple[str, list[Stage]]]:
         ("history 100", [Stage(size, 300, {"lbfgs_history_size": 100})]),
         (f"{half}:150 + {size}:100", [Stage(half, 150), Stage(size, 100)]),
         (f"{half}:150 content x3 + {size}:100", [Stage(half, 150, {"content_weight": 3.0}), Stage(size, 100)]),
+        (f"{half}:150 content x10 + {size}:100", [Stage(half, 150, {"content_weight": 10.0}), Stage(size, 100)]),
         (f"{quarter}:100 + {half}:100 + {size}:80", [Stage(quarter, 100), Stage(half, 100), Stage(size, 80)]),
-        ("adam, lr 0.02", [Stage(size, 300, {"optimizer": "adam"})]),
+        ("Adam 50 + L-BFGS 250", [Stage(size, 50, {"optimizer": "adam"}), Stage(size, 250)]),
     ]
 
 
