@@ -24,10 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nst_lightning.features import IMAGENET_MEAN, IMAGENET_STD, layer_names
-
-CONTENT_LAYERS = ("relu4_2",)
-STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+from nst_lightning.backbones import IMAGENET_MEAN, IMAGENET_STD, layer_names
+from nst_lightning.checks import CONTENT_LAYERS, STYLE_LAYERS  # nst-lightning's defaults: the same function
 
 
 def gram_matrix(input: Tensor) -> Tensor:  # noqa: A002 - the tutorial's names

@@ -68,3 +68,23 @@ def test_time_to_quality_judges_every_run_by_the_final_size_objective_in_miniatu
     assert "| seed |" in text and "| coarse |" in text
     ttq.sheet(runs, Path(tmp_path) / "sheet.png")
     assert (Path(tmp_path) / "sheet.png").stat().st_size > 0
+
+
+def test_reference_implementation_computes_the_same_loss(tmp_path, images):
+    # benchmarks/reference.py is the yardstick of the benchmark: it must minimise the same function.
+    import warnings
+
+    from reference import Reference
+
+    from nst_lightning.backbones import load_backbone
+    from tests.conftest import datamodule, make_module, make_trainer
+
+    module = make_module(init="content", normalize=False)  # the tutorial's network is not normalised
+    dm = datamodule(images, size=48)  # the reference runs the whole VGG-19: pool5 needs 32 px
+    make_trainer(tmp_path, steps=0).fit(module, datamodule=dm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = Reference(load_backbone("vgg19", "random"), dm.content_image, dm.inputs().styles[0])
+    torch.testing.assert_close(float(ref.loss()), float(module(module.image.detach())["total"]), rtol=1e-4, atol=0)
+    ref.step()
+    assert ref.evaluations == 1
