@@ -17,11 +17,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import common  # before nst_lightning: this checkout's package, not an installed copy
 import torch
 from torch import Tensor, nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from nst_lightning.backbones import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "common", "scaled_random_vgg19", "write_scaled_random_vgg19"]
 
 
 @torch.no_grad()

@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """A plain, tutorial-style Gatys implementation: the benchmark's yardstick.
 
 Written after the PyTorch neural-style tutorial (``get_style_model_and_losses``): a normalisation
@@ -20,14 +21,13 @@ Nothing else is optimised: default memory layout, no compilation, per-module Pyt
 
 from __future__ import annotations
 
+import common  # before nst_lightning: this checkout's package, not an installed copy
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nst_lightning.features import IMAGENET_MEAN, IMAGENET_STD, layer_names
-
-CONTENT_LAYERS = ("relu4_2",)
-STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+from nst_lightning.backbones import IMAGENET_MEAN, IMAGENET_STD, layer_names
+from nst_lightning.checks import CONTENT_LAYERS, STYLE_LAYERS  # nst-lightning's defaults: the same function
 
 
 def gram_matrix(input: Tensor) -> Tensor:  # noqa: A002 - the tutorial's names
@@ -142,3 +142,30 @@ class Reference:
             return loss
 
         return float(self.optimizer.step(closure))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python benchmarks/reference.py --size 256 --steps 5``: the reference alone on the sample pair
+    (random weights, as the timing harness runs it): seconds per iteration and the loss."""
+    parser = common.base_parser(main.__doc__)
+    parser.add_argument("--size", type=int, default=256, help="longest side of the content image (default 256)")
+    parser.add_argument("--steps", type=int, default=5, help="L-BFGS iterations (default 5)")
+    args = parser.parse_args(argv)
+    common.setup_torch(args.threads, args.device)
+    from nst_lightning.backbones import load_backbone
+    from nst_lightning.data import StyleTransferDataModule
+
+    data = StyleTransferDataModule(str(common.CONTENT), str(common.STYLE), image_size=args.size)
+    content, style = data.content_image.to(args.device), data.style_image.to(args.device)
+    ref = Reference(load_backbone("vgg19", "random"), content, style)
+    ref.step()  # warm-up
+    clock = common.Clock(args.device)
+    for _ in range(args.steps):
+        clock.start()
+        ref.step()
+        clock.stop()
+    print(f"{args.size} px: {common.median(clock.times):.3f} s per iteration, loss {float(ref.loss()):.6g}")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +11,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from nst_lightning.checkpoint import estimate_checkpoint_bytes
+from nst_lightning.checks import check_output
 from nst_lightning.errors import ConfigError, ImageError, Interrupted, NSTError, NumericalError
+from nst_lightning.files import check_replaceable, check_room, remove_file
 from nst_lightning.guard import RunGuard
-from nst_lightning.image_io import (
-    check_replaceable,
-    check_room,
-    check_writable,
-    estimate_image_bytes,
-    file_kind,
-    save_image,
-)
+from nst_lightning.image_io import check_writable, estimate_image_bytes, save_image, save_image_elsewhere
 
 
 def partial_path(path: str | Path) -> Path:
@@ -56,12 +50,9 @@ class ImageWriter(L.Callback):
         snapshot_every_n_steps: int = 0,
         log_image_every_n_steps: int = 10,
     ) -> None:
-        for name, value in (
-            ("snapshot_every_n_steps", snapshot_every_n_steps),
-            ("log_image_every_n_steps", log_image_every_n_steps),
-        ):
-            if value < 0:
-                raise ConfigError(f"output.{name} must be 0 (off) or a number of steps, got {value}")
+        check_output(
+            path=path, snapshot_every_n_steps=snapshot_every_n_steps, log_image_every_n_steps=log_image_every_n_steps
+        )
         self.path = Path(path)
         self.snapshot_every_n_steps = snapshot_every_n_steps
         self.log_image_every_n_steps = log_image_every_n_steps
@@ -81,11 +72,11 @@ class ImageWriter(L.Callback):
 
     def _check_room(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The run's images and checkpoint must fit on their disks: estimated from the image size
-        (and for the checkpoint the L-BFGS history), see :func:`~nst_lightning.image_io.check_room`."""
-        content_size = getattr(trainer.datamodule, "content_size", None)
-        if content_size is None:
-            return  # another datamodule: no size to go by
-        width, height = content_size()
+        (and for the checkpoint the L-BFGS history), see :func:`~nst_lightning.files.check_room`."""
+        images = getattr(pl_module, "images", None)  # what the data module handed the module
+        if images is None:
+            return  # another module or data module: no size to go by
+        width, height = images.content_size()
         image = estimate_image_bytes(width, height, self.path)
         needs: dict[Path, int] = {self.path.parent: image}
         steps = max(trainer.max_steps, 1)
@@ -148,30 +139,15 @@ class ImageWriter(L.Callback):
         try:
             save_image(image, self.path)
         except ImageError as err:
-            kept = self._save_elsewhere(trainer, image)
+            folders = [trainer.log_dir, None] if trainer.log_dir is not None else [None]  # None: the temporary folder
+            kept = save_image_elsewhere(image, self.path.name, folders)
             if kept is not None:
                 raise ImageError(f"{err}; the finished image was saved to {kept} instead: move it from there") from None
             raise ImageError(
                 f"{err}; it could not be saved anywhere else either: free some space and rerun the same command, "
                 "with --ckpt_path and the run's last checkpoint if one was written"
             ) from None
-        if file_kind(self.partial_path) == "file":
-            self.partial_path.unlink(missing_ok=True)
-
-    def _save_elsewhere(self, trainer: L.Trainer, image: torch.Tensor) -> Path | None:
-        folders = [Path(trainer.log_dir)] if trainer.log_dir is not None else []
-        folders.append(Path(tempfile.gettempdir()))
-        for folder in folders:
-            try:
-                # A folder of its own: nothing already there can be replaced.
-                own = Path(tempfile.mkdtemp(prefix="nst-lightning-", dir=folder))
-            except OSError:
-                continue
-            try:
-                return save_image(image, own / self.path.name)
-            except NSTError:
-                own.rmdir()  # the write left nothing in it (atomic_write removes its temporary file)
-        return None
+        remove_file(self.partial_path)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """Keeps the work of a run that ends with an error or an interruption (see the class docstring).

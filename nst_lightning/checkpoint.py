@@ -5,7 +5,8 @@ lies in the system temporary folder (``tempfile.mkstemp()`` without ``dir``) and
 ``shutil.move``: where that folder is on another filesystem (a tmpfs ``/tmp``, say) the move is a
 copy into the target, which truncates a good checkpoint first, and nothing is synced to disk.
 :class:`AtomicCheckpointIO` writes beside the target and renames instead (see
-:func:`nst_lightning.image_io.atomic_write`).
+:func:`nst_lightning.files.atomic_write`). It is a Trainer plugin (``plugins=[AtomicCheckpointIO()]``),
+which the command line adds unless the configuration names a CheckpointIO of its own.
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ from __future__ import annotations
 import io
 import os
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.plugins import TorchCheckpointIO
 
-from nst_lightning.errors import CheckpointError
-from nst_lightning.image_io import atomic_write, file_kind
+from nst_lightning.errors import CheckpointError, ConfigError
+from nst_lightning.files import atomic_write, file_kind
 from nst_lightning.memory import estimate_peak
 
 # Settings that may change when a run is resumed: ``init`` and ``seed`` only shape the first image,
@@ -113,7 +114,7 @@ def config_mismatch(path: str | os.PathLike, differences: Iterable[str]) -> Chec
     """The error for resuming ``path`` with other settings, pointing at the run's own config file."""
     config = Path(path).resolve().parent.parent / "config.yaml"
     how = "resume with the same settings"
-    if config.is_file():
+    if file_kind(config) == "file":
         how = f"resume with that run's settings (--config {config})"
     return CheckpointError(
         f"checkpoint {path} was made with other settings ({'; '.join(differences)}): {how}, or start a new run "
@@ -127,6 +128,41 @@ def check_same_config(path: str | os.PathLike, checkpoint: Mapping, model: Mappi
     differences += config_differences(checkpoint.get("datamodule_hyper_parameters") or {}, data, "data")
     if differences:
         raise config_mismatch(path, differences)
+
+
+def upgrade_state_dict(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's state dict in today's layout, in place: in checkpoints written before the objective
+    became a module of its own, the targets and the content image (``content_targets.*``,
+    ``style_targets.*``, ``content_image``) sit at the top level; they move under ``objective.``."""
+    for key in [k for k in state if k == "content_image" or k.startswith(("content_targets.", "style_targets."))]:
+        state[f"objective.{key}"] = state.pop(key)
+    return state
+
+
+def saved_scale(state: Mapping[str, Any], image: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> int | None:
+    """The scale of a coarse-to-fine run (one (width, height) per scale in ``sizes``) at which a checkpoint's
+    image was saved, where it is not ``image``'s; None where it is. Another size is refused."""
+    saved = state.get("image")
+    if saved is None or saved.shape == image.shape:
+        return None
+    shapes = [(*image.shape[:2], height, width) for width, height in sizes]
+    if tuple(saved.shape) not in shapes:
+        raise ConfigError(
+            f"the checkpoint holds a {saved.shape[-1]}x{saved.shape[-2]} image but this run's is "
+            f"{image.shape[-1]}x{image.shape[-2]}: resume with the same data.image_size, model.scales and images"
+        )
+    return shapes.index(tuple(saved.shape))
+
+
+def check_resume(checkpoint: Mapping[str, Any], hparams: Mapping[str, Any], objective: Any) -> None:
+    """A checkpoint resumes this run only with its model settings (``hparams``) and with the targets that
+    this run's images give (``objective.check_same_targets``): other images would give others."""
+    differences = config_differences(checkpoint.get("hyper_parameters") or {}, hparams, "model")
+    if differences:
+        raise config_mismatch("the checkpoint", differences)
+    prefix = "objective."
+    state = checkpoint.get("state_dict") or {}
+    objective.check_same_targets({key[len(prefix) :]: v for key, v in state.items() if key.startswith(prefix)})
 
 
 def estimate_checkpoint_bytes(height: int, width: int, hparams: Mapping[str, Any], max_steps: int) -> int:

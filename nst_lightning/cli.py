@@ -1,49 +1,54 @@
-"""The command line: LightningCLI over StyleTransfer and StyleTransferDataModule."""
+"""The command line's settings: LightningCLI over StyleTransfer and StyleTransferDataModule, ``fit`` and ``batch``.
+
+It builds settings and nothing else: every section is checked (:mod:`nst_lightning.checks`) before
+anything loads, then LightningCLI builds the classes and runs ``Trainer.fit``. ``batch`` is
+:class:`BatchCLI`, the same CLI class with a ``batch:`` section; :mod:`nst_lightning.batch` runs the
+pairs, each one a LightningCLI run of its own configuration. The entry point, which turns errors into
+one line and an exit status, is :func:`nst_lightning.main.cli_main`.
+"""
 
 from __future__ import annotations
 
-import codecs
-import contextlib
-import logging
+import argparse
 import os
 import sys
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from lightning.fabric.utilities.exceptions import MisconfigurationException
+from jsonargparse import Namespace
 from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.trainer.states import TrainerStatus
 
+from nst_lightning import batch, checks
 from nst_lightning.callbacks import ImageWriter, partial_path
-from nst_lightning.checkpoint import check_same_config, read_checkpoint
-from nst_lightning.data import StyleTransferDataModule
-from nst_lightning.errors import CheckpointError, ConfigError, Interrupted, NSTError
+from nst_lightning.checkpoint import AtomicCheckpointIO, check_same_config, read_checkpoint
+from nst_lightning.data import StyleTransferDataModule, check_files_fit
+from nst_lightning.errors import CheckpointError, ConfigError
+from nst_lightning.files import check_outputs_apart, check_writable_dir
 from nst_lightning.guard import RunGuard
-from nst_lightning.image_io import check_outputs_apart, check_writable, check_writable_dir, file_kind
-from nst_lightning.module import INITS, StyleTransfer
-from nst_lightning.runtime import automatic_precision, keep_freed_memory, set_default_threads
+from nst_lightning.image_io import check_writable
+from nst_lightning.module import StyleTransfer
+from nst_lightning.pairs import BatchSettings, Pair
+from nst_lightning.precision import choose_precision
 
 # Trainer defaults that differ from Lightning's: the seed's 300 iterations, one GPU at most
 # (one image is one optimisation), and a scalar per step in TensorBoard.
-TRAINER_DEFAULTS = {
-    "trainer.max_steps": 300,
-    "trainer.devices": 1,
-    "trainer.log_every_n_steps": 1,
+TRAINER_DEFAULTS = {"trainer.max_steps": 300, "trainer.devices": 1, "trainer.log_every_n_steps": 1}
+# In a batch, unlike ``fit``: no per-pair progress bar or model summary (the bar is over pairs), and
+# no checkpoints at the end of a pair (each is hundreds of MB at 512 px, and a finished pair is not
+# resumed); an interrupted pair still gets its checkpoint, from which the next run resumes it. The
+# configuration may turn them back on.
+BATCH_TRAINER_DEFAULTS = {
+    "trainer.enable_progress_bar": False,
+    "trainer.enable_model_summary": False,
+    "trainer.enable_checkpointing": False,
 }
-# ``--ckpt_path`` values that Lightning resolves itself once the trainer exists.
-_SPECIAL_CKPT_PATHS = {"last", "best", "hpc"}
-# Exit statuses: a bad command line or config (argparse's convention), a user-facing error.
-EXIT_USAGE, EXIT_ERROR = 2, 1
-# Options whose value jsonargparse may read as a file: --config, and a section given as a file.
-_FILE_OPTIONS = ("--config", "-c", "--model", "--data", "--trainer", "--output", "--guard", "--batch")
-# What a Trainer raises for settings that cannot work on this machine (no GPU, devices 0, no torch_xla).
-_TRAINER_ERRORS = (MisconfigurationException, ValueError, TypeError, ImportError, RuntimeError)
-_ACCELERATORS = ("gpu", "cuda", "mps", "tpu", "hpu", "xla")
+# Exit status of a bad command line or config (argparse's convention).
+EXIT_USAGE = 2
 
 
 class StyleTransferArgumentParser(LightningArgumentParser):
@@ -66,7 +71,8 @@ class StyleTransferCLI(LightningCLI):
     # Whether output.path is this command's image (a batch names its own outputs).
     writes_output_path = True
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, trainer_overrides: dict[str, Any] | None = None, **kwargs) -> None:
+        self.trainer_overrides = dict(trainer_overrides or {})
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
@@ -90,20 +96,24 @@ class StyleTransferCLI(LightningCLI):
         parser.add_lightning_class_args(RunGuard, "guard")
         parser.set_defaults(TRAINER_DEFAULTS)
 
-    def _subcommand_config(self):
-        subcommand = self.config.get("subcommand")
-        return self.config[subcommand] if subcommand else self.config
+    @staticmethod
+    def _command(config: Namespace) -> Namespace:
+        """The part of ``config`` for the subcommand being run (``fit``), or all of it (``batch``)."""
+        subcommand = config.get("subcommand")
+        return config[subcommand] if subcommand else config
 
-    def _parse_ckpt_path(self) -> None:
-        """Checks ``--ckpt_path`` before anything loads: a readable nst-lightning checkpoint, made with
-        the model and data settings of this run.
+    def _subcommand_config(self) -> Namespace:
+        return self._command(self.config)
 
-        LightningCLI's own version would instead overwrite this run's model settings with the
-        checkpoint's, silently; here a difference is refused with the list of differing keys.
-        """
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """LightningCLI's parsing, then ``--ckpt_path`` checked before anything loads: a readable
+        nst-lightning checkpoint, made with the model and data settings of this run (a difference is
+        refused with the list of differing keys). A run normalised with measured layer means goes on
+        with the checkpoint's means, not with fresh measurements."""
+        super().parse_arguments(parser, args)
         config = self._subcommand_config()
         ckpt_path = config.get("ckpt_path")
-        if not ckpt_path or str(ckpt_path) in _SPECIAL_CKPT_PATHS or "://" in str(ckpt_path):
+        if not ckpt_path or str(ckpt_path) in checks.SPECIAL_CKPT_PATHS or "://" in str(ckpt_path):
             return
         if config.get("weights_only") is False:
             raise CheckpointError(
@@ -113,25 +123,27 @@ class StyleTransferCLI(LightningCLI):
         checkpoint = read_checkpoint(ckpt_path, mmap=True)
         saved_means = (checkpoint.get("hyper_parameters") or {}).get("layer_means")
         if config.model.get("layer_means") is None and saved_means and config.model.get("normalize"):
-            # The run goes on with the network it was normalised with, not with fresh measurements.
             config.model.layer_means = dict(saved_means)
         check_same_config(ckpt_path, checkpoint, model=config.model.as_dict(), data=config.data.as_dict())
+
+    def _parse_ckpt_path(self) -> None:
+        """Nothing: LightningCLI's own version would overwrite this run's model settings with the
+        checkpoint's, silently, where :meth:`parse_arguments` refuses a difference.
+
+        Private API of LightningCLI, overridden because there is no public switch for it (pinned by
+        tests/test_private_api.py, which fails if LightningCLI stops calling it).
+        """
 
     def before_instantiate_classes(self) -> None:
         """Refuses settings that cannot work before the model, and its weights, load."""
         config = self._subcommand_config()
-        max_steps = config.trainer.max_steps
-        if max_steps is None or max_steps < 1:
-            raise ConfigError(
-                f"trainer.max_steps must be at least 1 (one step is one L-BFGS iteration), got {max_steps}"
-            )
-        # These classes are cheap to build (no weights, no images): a throw-away build checks their
-        # settings now rather than after the model has loaded.
-        data = StyleTransferDataModule(**config.data.as_dict())
-        for section, cls in (("output", ImageWriter), ("guard", RunGuard)):
-            cls(**config[section].as_dict())
-        self._choose_precision(config)
-        check_trainer_settings(config.trainer)
+        checks.check_max_steps(config.trainer.max_steps)
+        checks.check_data(**config.data.as_dict())
+        checks.check_output(**config.output.as_dict())
+        checks.check_guard(**config.guard.as_dict())
+        choose_precision(config)
+        checks.check_trainer_settings(config.trainer)
+        checks.check_model(**config.model.as_dict())
         root = config.trainer.default_root_dir
         if root is None or "://" not in str(root):
             check_writable_dir(root or os.getcwd(), "trainer.default_root_dir")
@@ -143,7 +155,7 @@ class StyleTransferCLI(LightningCLI):
             )
             check_writable(output)
         if config.data.content:  # a batch sets its images pair by pair
-            data.check_sizes()  # from the files' headers: nothing is decoded or resized yet
+            check_files_fit(**config.data.as_dict())  # from the files' headers: nothing is decoded or resized yet
 
     def input_files(self, config: Any | None = None) -> list[tuple[str, Path]]:
         """Every file the run reads, as (setting, path): the images, masks, init image, weights file,
@@ -159,17 +171,18 @@ class StyleTransferCLI(LightningCLI):
         add("data.content", config.data.content)
         add("data.style", config.data.style)
         add("data.style_masks", config.data.style_masks)
-        if config.model.init not in INITS:
+        if config.model.init not in checks.INITS:
             add("model.init", config.model.init)
         if config.model.weights not in ("imagenet", "random"):
             add("model.weights", config.model.weights)
         ckpt_path = config.get("ckpt_path")
-        if ckpt_path and str(ckpt_path) not in _SPECIAL_CKPT_PATHS:
+        if ckpt_path and str(ckpt_path) not in checks.SPECIAL_CKPT_PATHS:
             add("--ckpt_path", str(ckpt_path))
         add("--config", [str(getattr(path, "absolute", path)) for path in config.get("config") or []])
         return files
 
-    def check_run_outputs(self, trainer: Trainer, inputs: Sequence[tuple[str, Path]]) -> None:
+    @staticmethod
+    def check_run_outputs(trainer: Trainer, inputs: Sequence[tuple[str, Path]]) -> None:
         """The files a run writes in its log folder (config.yaml, hparams.yaml, snapshots,
         checkpoints) must not be inputs either; known once the trainer (and its logger) exists.
 
@@ -195,11 +208,17 @@ class StyleTransferCLI(LightningCLI):
         self.check_run_outputs(self.trainer, self.input_files())
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """LightningCLI's, with two changes: a run without a logger still gets a folder of its own,
-        ``lightning_logs/version_N`` (Lightning would put its config.yaml, snapshots and checkpoints
-        straight into ``default_root_dir``, the working folder by default, over any config.yaml
-        there); and settings that cannot work here are one :class:`ConfigError`."""
+        """LightningCLI's, with three changes: checkpoints are written atomically (:class:`AtomicCheckpointIO`,
+        unless the configuration names a CheckpointIO plugin of its own); a run without a logger still
+        gets a folder of its own, ``lightning_logs/version_N`` (Lightning would put its config.yaml,
+        snapshots and checkpoints straight into ``default_root_dir``, the working folder by default,
+        over any config.yaml there); and settings that cannot work here are one :class:`ConfigError`."""
+        kwargs = {**self.trainer_overrides, **kwargs}
         trainer = self._subcommand_config().trainer
+        plugins = self._command(self.config_init).trainer.plugins
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])
         if trainer.logger is False and "logger" not in kwargs and "default_root_dir" not in kwargs:
             root = trainer.default_root_dir or os.getcwd()
             if "://" not in str(root):
@@ -207,192 +226,110 @@ class StyleTransferCLI(LightningCLI):
                 kwargs["default_root_dir"] = TensorBoardLogger(save_dir=root).log_dir
         try:
             return super().instantiate_trainer(**kwargs)
-        except _TRAINER_ERRORS as err:
-            raise trainer_error(trainer, err) from None
+        except checks.TRAINER_ERRORS as err:
+            raise checks.trainer_error(trainer, err) from None
 
     def after_instantiate_classes(self) -> None:
-        model = getattr(self, "model", None)  # the batch command builds its models later, per pair
-        if model is not None:
-            record_layer_means(self._subcommand_config(), model)
-
-    @staticmethod
-    def _choose_precision(config) -> None:
-        """Where the config sets no ``trainer.precision`` (nor a precision plugin), the fastest that
-        reaches the float32 result on this machine (:func:`~nst_lightning.runtime.automatic_precision`)."""
-        trainer = config.trainer
-        if trainer.precision is not None or trainer.plugins:
-            return
-        chosen = automatic_precision(trainer.accelerator)
-        if chosen is None:
-            return
-        trainer.precision = chosen
-        rank_zero_info(
-            f"trainer.precision is not set: using {chosen}, since this CPU computes bfloat16 in AMX tiles "
-            f"(about 2x faster); the last {config.model.float32_final_steps} iterations run in float32 "
-            "(model.float32_final_steps); --trainer.precision 32-true keeps float32 throughout"
-        )
+        """Puts the layer means the model was normalised with into the config (``model.layer_means``), so
+        that the run's saved config.yaml says which were used and rerunning it uses exactly those."""
+        self._subcommand_config().model.layer_means = self.model.hparams.get("layer_means")
 
 
-def record_layer_means(config, model: StyleTransfer) -> None:
-    """Puts the layer means the model was normalised with into ``config`` (``model.layer_means``), so
-    that the run's saved config.yaml says which were used and rerunning it uses exactly those."""
-    config.model.layer_means = model.hparams.get("layer_means")
+class BatchCLI(StyleTransferCLI):
+    """``python cli.py batch``: the ``fit`` command's configuration plus a ``batch:`` section
+    (:class:`~nst_lightning.pairs.BatchSettings`), and the :class:`~nst_lightning.batch.PairRunner` of
+    :func:`nst_lightning.batch.run_batch`.
 
-
-def trainer_error(trainer: Any, err: BaseException) -> ConfigError:
-    """The one line for trainer settings that Lightning refuses on this machine."""
-    detail = " ".join(str(err).split()) or type(err).__name__
-    accelerator = trainer.accelerator
-    if isinstance(accelerator, str) and accelerator.lower() in _ACCELERATORS:
-        return ConfigError(
-            f"trainer.accelerator {accelerator} cannot be used on this machine ({detail}): use --trainer.accelerator "
-            "cpu, or auto (a GPU where there is one)"
-        )
-    return ConfigError(
-        f"the trainer settings cannot work here (trainer.accelerator {accelerator}, trainer.devices "
-        f"{trainer.devices}): {detail}"
-    )
-
-
-@contextlib.contextmanager
-def quiet_lightning() -> Iterator[None]:
-    """Lightning's info lines (devices, seed, tips, "Trainer.fit stopped") off inside: for a
-    throw-away Trainer, and for a batch, which prints a line per pair instead. Warnings still show."""
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
-
-
-def check_trainer_settings(trainer: Any) -> None:
-    """Refuses, before anything loads, trainer settings that cannot work: an accelerator this machine
-    does not have, no device, and more than one process for one image (``devices 2`` or
-    ``num_nodes 2`` would run the same optimisation several times over, or wait for good for
-    nodes that never come). A throw-away Trainer (nothing is run or written) resolves the settings
-    as the real one will."""
-    devices = trainer.devices
-    if devices in (0, "0") or (isinstance(devices, (list, tuple)) and not devices):
-        raise ConfigError(f"trainer.devices {devices} selects no device: set trainer.devices 1")
-    plain = {
-        key: trainer[key]
-        for key in ("accelerator", "devices", "num_nodes", "strategy")
-        if isinstance(trainer[key], (str, int, list))
-    }
-    try:
-        with quiet_lightning(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            trial = Trainer(
-                **plain, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
-            )
-    except _TRAINER_ERRORS as err:
-        raise trainer_error(trainer, err) from None
-    if trial.world_size > 1:
-        raise ConfigError(
-            f"trainer.devices {trainer.devices} and trainer.num_nodes {trainer.num_nodes} would start "
-            f"{trial.world_size} processes, each doing the same image (and a second node on this machine would be "
-            "waited for forever): one image is one optimisation on one device, so set trainer.devices 1 and "
-            "trainer.num_nodes 1; to share many images among devices, use batch.devices / batch.num_nodes "
-            "with python cli.py batch"
-        )
-
-
-def check_config_files(argv: Sequence[str]) -> None:
-    """A ``--config`` file (or a section given as a file) is read by jsonargparse, which would block
-    for good on a FIFO and end in a UnicodeDecodeError traceback on a binary file: only regular
-    files of UTF-8 text get that far. A value that is not a path is left to jsonargparse."""
-    values = []
-    for position, arg in enumerate(argv):
-        option, equals, value = arg.partition("=")
-        if option in _FILE_OPTIONS and equals:
-            values.append((option, value))
-        elif arg in _FILE_OPTIONS and position + 1 < len(argv):
-            values.append((arg, argv[position + 1]))
-    for option, value in values:
-        kind = file_kind(value)
-        if kind in ("missing", "file"):
-            if kind == "file":
-                _check_text(option, Path(value))
-            continue  # missing: not a path (inline YAML), or jsonargparse says it is not found
-        raise ConfigError(f"{option} {value} is {kind}, not a config file: give a YAML file")
-
-
-def _check_text(option: str, path: Path) -> None:
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    try:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 20):
-                decoder.decode(chunk)
-            decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        raise ConfigError(f"{option} {path} is not a text file (it is not UTF-8): give a YAML config file") from None
-    except OSError as err:
-        raise ConfigError(f"cannot read {option} {path}: {err.strerror or err}") from None
-
-
-def _stop(prefix: str, message: str, code: int) -> NoReturn:
-    print(f"nst-lightning: {prefix}: {message}", file=sys.stderr)
-    raise SystemExit(code) from None
-
-
-def cli_main(args: list[str] | None = None) -> None:
-    """Entry point of ``python cli.py`` (and the ``nst-lightning`` command): ``fit`` runs one
-    optimisation, ``batch`` many (see :mod:`nst_lightning.batch`).
-
-    Exit status: 0 when the run is done; 1 with one line on stderr for a problem with the input (or
-    a batch in which some pair failed); 2 for a command line or config that does not parse;
-    128 + the signal's number after Ctrl-C (130) or SIGTERM (143), once the partial image and a
-    checkpoint are saved.
-    Torch uses one thread per physical core unless ``OMP_NUM_THREADS`` (or ``MKL_NUM_THREADS``) says
-    otherwise; freed memory is kept for the next iteration (see :func:`~nst_lightning.runtime.keep_freed_memory`).
+    Constructed on the command line's arguments, it parses and checks every section once (so a bad
+    setting is one error, not one failure per pair), building the model and the trainer once as a
+    check; :meth:`run_pair` then runs each pair as a LightningCLI run of that pair's configuration.
+    Parse errors are raised as :class:`ConfigError` rather than printed with the usage.
     """
-    set_default_threads()
-    keep_freed_memory()
-    # The loader only paces the steps: worker processes would not help. The extractor is meant to
-    # stay in eval mode. Neither needs a warning on every run.
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", r".*module\(s\) in eval mode.*")
-    # Raised inside Lightning 2.6 itself on every step; nothing a user can act on.
-    warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\).*")
-    argv = sys.argv[1:] if args is None else list(args)
-    try:
-        check_config_files(argv)
-    except NSTError as err:
-        _stop("error", str(err), EXIT_USAGE)
-    if argv[:1] == ["batch"]:
-        _batch_main(argv[1:])
-        return
-    try:
-        StyleTransferCLI(args=args)
-    except Interrupted as err:
-        _stop("interrupted", str(err), err.exit_code)
-    except NSTError as err:
-        _stop("error", str(err), EXIT_ERROR)
-    except SIGTERMException:  # Lightning's own SIGTERM handling, before RunGuard took over
-        _stop("interrupted", "SIGTERM before the optimisation started: nothing was written", 143)
-    except KeyboardInterrupt:
-        _stop("interrupted", "Ctrl-C before the optimisation started: nothing was written", 130)
-    except SystemExit as exit_:
-        # Lightning answers a Ctrl-C inside fit, before RunGuard is armed, with sys.exit(1).
-        if isinstance(exit_.__context__, KeyboardInterrupt):
-            _stop("interrupted", "Ctrl-C before the optimisation started: nothing was written", 130)
-        raise
 
+    writes_output_path = False  # output.path is not used: each pair has its own output
 
-def _batch_main(args: list[str]) -> None:
-    from nst_lightning.batch import batch_main  # imports this module
+    def __init__(self, args: ArgsType, trainer_overrides: dict[str, Any] | None = None) -> None:
+        self.pair_run = trainer_overrides is not None
+        parser_kwargs = {
+            "exit_on_error": False,
+            "description": "Stylise every content image with every style image (see batch.* below).",
+        }
+        overrides = trainer_overrides if self.pair_run else {"logger": False}  # the check builds a trainer
+        try:
+            super().__init__(args=args, run=False, parser_kwargs=parser_kwargs, trainer_overrides=overrides)
+        except argparse.ArgumentError as err:
+            message = " ".join(str(err).split())
+            raise ConfigError(f"{message} (python cli.py batch --help lists the keys)") from None
+        self.settings: BatchSettings = self.config_init.batch
+        self.root_dir = Path(self.config.trainer.default_root_dir or ".")
+        self.accelerator = self.config.trainer.accelerator
+        if not self.pair_run:  # the classes were a check: the pairs build their own
+            self.model = self.datamodule = self.trainer = self.config_init = None
 
-    try:
-        status = batch_main(args)
-    except Interrupted as err:
-        _stop("interrupted", f"the batch stopped at {err}", err.exit_code)
-    except NSTError as err:
-        _stop("error", str(err), EXIT_ERROR)
-    except KeyboardInterrupt:
-        _stop("interrupted", "Ctrl-C: the batch stopped (batch.skip_existing: true skips the pairs done)", 130)
-    if status:
-        raise SystemExit(status)
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_class_arguments(BatchSettings, "batch")
+        # The pairs come from batch.contents and batch.styles; "" marks data.content/style unset.
+        parser.set_defaults({"data.content": "", "data.style": "", **BATCH_TRAINER_DEFAULTS})
+
+    def after_instantiate_classes(self) -> None:
+        if self.pair_run:  # the check's model records nothing: each pair's config.yaml gets its own
+            super().after_instantiate_classes()
+
+    def contents_and_styles(self) -> tuple[list[str], list[str]]:
+        """batch.contents and batch.styles, or data.content and data.style where they are null."""
+        chosen = []
+        for key, fallback in (("contents", "content"), ("styles", "style")):
+            entries = getattr(self.settings, key)
+            if entries is None:
+                value = self.config.data[fallback]
+                if not value:
+                    raise ConfigError(f"no {fallback} images: set batch.{key} (files, folders or glob patterns)")
+                entries = [value] if isinstance(value, str) else list(value)
+            chosen.append(entries)
+        return chosen[0], chosen[1]
+
+    def pair_config(self, pair: Pair) -> Namespace:
+        """This batch's configuration for one pair; its config.yaml reruns exactly that pair with ``batch``."""
+        config = self.config.clone()
+        config.data.content = str(pair.content)
+        config.data.style = str(pair.style)
+        config.output.path = str(pair.output)
+        config.batch.contents = [str(pair.content)]
+        config.batch.styles = [str(pair.style)]
+        config.batch.output_dir = str(pair.output.parent)
+        config.batch.name = pair.output.name.replace("{", "{{").replace("}", "}}")
+        config.batch.skip_existing = False
+        config.batch.devices = config.batch.num_nodes = 1
+        return config
+
+    def run_pair(self, pair: Pair, placement: dict[str, Any], resume: Path | None, pending: Path) -> tuple[bool, str]:
+        """One pair (see :meth:`nst_lightning.batch.PairRunner.run_pair`), built by LightningCLI from
+        :meth:`pair_config`; ``placement`` overrides trainer settings (the device of this process)."""
+        config = self.pair_config(pair)
+        overrides = dict(placement)
+        runs = self.root_dir / "lightning_logs" / "batch"
+        if config.trainer.logger in (None, True):
+            overrides["logger"] = TensorBoardLogger(save_dir=runs, name=pair.run)
+        elif config.trainer.logger is False:
+            # No logger: the pair's snapshots and config.yaml still need a folder of their own.
+            overrides["default_root_dir"] = str(runs / pair.run)
+        files = [item for item in self.input_files(config) if item[0] == "--config"]
+        del config.config  # the files were read: the pair's values are in the namespace
+        run = BatchCLI(config, trainer_overrides=overrides)
+        for callback in run.trainer.callbacks:
+            if isinstance(callback, RunGuard):
+                callback.interrupted_path = pending
+        try:
+            self.check_run_outputs(run.trainer, [*run.input_files(), *files])
+            if resume is not None:  # the same checks as fit's --ckpt_path, before the pair starts
+                checkpoint = read_checkpoint(resume, mmap=True)
+                check_same_config(resume, checkpoint, model=run.config.model.as_dict(), data=run.config.data.as_dict())
+                del checkpoint
+            run.trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=resume)
+            return run.trainer.state.status == TrainerStatus.FINISHED, str(run.trainer.log_dir or "")
+        except CheckpointError as err:
+            # Refused before the first step (its settings, targets or size): not a failure of the pair.
+            if resume is not None and run.trainer.global_step == 0:
+                raise batch.ResumeRefused(str(err)) from None
+            raise

@@ -1,22 +1,34 @@
-"""The data side: content, style and mask images in, tensors out, and a loader that paces the steps."""
+"""The data side: content, style and mask images in, tensors at any size out, handed to the module.
+
+:class:`StyleTransferDataModule` reads each image once (in ``setup``) and then hands itself, as an
+:class:`ImageSource`, to the module being fitted: the module asks it for the images at each size of a
+coarse-to-fine run, and never looks for its data anywhere else. Its loader only paces the steps (the
+image is the model; there is nothing to batch).
+"""
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import lightning as L
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from nst_lightning import memory
+from nst_lightning import runtime
+from nst_lightning.checks import check_data
 from nst_lightning.errors import ConfigError, ImageError
-from nst_lightning.image_io import fit_size, image_size, open_mask, open_rgb, pil_to_float
+from nst_lightning.image_io import RGBImage, fit_size, open_mask, open_rgb, resized
+from nst_lightning.image_io import image_size as header_size
 
 # An image enlarged by more than this factor to reach its size is reported (it brings no detail).
 UPSCALE_REPORTED = 2.0
+# Bytes per pixel to prepare one input image: the resized 8-bit RGB image and Pillow's intermediate
+# (it resizes one axis at a time), the float32 tensor, and the extractor's normalised copy of it.
+PREPARE_BYTES_PER_PIXEL = 3 + 3 + 4 * 3 + 4 * 3
 
 
 @dataclass
@@ -33,6 +45,25 @@ class Inputs:
     """None, or one (1, 1, H, W) mask per style at the content's size."""
 
 
+class ImageSource(Protocol):
+    """What a module needs of its data: sizes first (nothing resized), then the images at a size."""
+
+    image_size: int
+
+    def content_size(self, size: int | None = None) -> tuple[int, int]: ...
+
+    def style_sizes(self, size: int | None = None) -> list[tuple[int, int]]: ...
+
+    def inputs(self, size: int | None = None) -> Inputs: ...
+
+
+@runtime_checkable
+class ImageConsumer(Protocol):
+    """A module that takes its images from the data module (``StyleTransfer``)."""
+
+    def use_images(self, source: ImageSource) -> None: ...
+
+
 class _PacingLoader(DataLoader):
     """A loader of step indices. It holds no state worth saving (every item is just a tick), so it
     declares itself resumable: a run resumed mid-epoch simply goes on until ``max_steps``."""
@@ -42,6 +73,75 @@ class _PacingLoader(DataLoader):
 
     def load_state_dict(self, state_dict: dict) -> None:
         pass
+
+
+def _content_size(source: tuple[int, int], size: int) -> tuple[int, int]:
+    return fit_size(*source, size)
+
+
+def _style_sizes(sources: Sequence[tuple[int, int]], size: int, style_scale: float) -> list[tuple[int, int]]:
+    side = max(1, round(style_scale * size))
+    return [fit_size(*source, side) for source in sources]
+
+
+def input_bytes(content: tuple[int, int], styles: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """Bytes to prepare the input images, (content, styles), from their (width, height) once resized,
+    in the CPU's memory on any device (Pillow resizes there). A lower bound of what a run needs,
+    cheap to compute for any size: the guard against absurd sizes (``data.image_size 1000000000``),
+    for which :func:`nst_lightning.memory.check_fits` would spend its time looking for a size that fits."""
+    content_bytes = content[0] * content[1] * PREPARE_BYTES_PER_PIXEL
+    style_bytes = sum(w * h * PREPARE_BYTES_PER_PIXEL for w, h in styles)
+    return content_bytes, style_bytes
+
+
+def check_sizes(
+    content: tuple[int, int],
+    styles: Sequence[tuple[int, int]],
+    size: int,
+    style_scale: float,
+    available: int | None = None,
+) -> None:
+    """Refuses, before any image is resized, sizes whose images alone would not fit in the memory
+    available (``data.image_size 100000``, ``data.style_scale 10000``): the resize itself would
+    otherwise be what runs out (see :func:`input_bytes`). ``content`` and
+    ``styles`` are the images' (width, height) as read. The run's own estimate (``StyleTransfer.setup``)
+    then applies to the sizes that pass."""
+    free = available if available is not None else runtime.available_bytes("cpu")
+
+    def needs(side: int) -> tuple[int, int]:
+        return input_bytes(_content_size(content, side), _style_sizes(styles, side, style_scale))
+
+    content_bytes, style_bytes = needs(size)
+    if free is None or content_bytes + style_bytes <= free:
+        return
+    if style_bytes > content_bytes and style_scale > 1:
+        biggest = max(_style_sizes(styles, size, style_scale), key=lambda wh: wh[0] * wh[1])
+        what = f"data.style_scale {style_scale:g} makes the style image {biggest[0]}x{biggest[1]} px"
+        fix = "lower data.style_scale"
+    else:
+        width, height = _content_size(content, size)
+        what = f"data.image_size {size} makes the content image {width}x{height} px"
+        # The bytes grow with the square of the size: start there, then step down to one that fits.
+        side = int(size * math.sqrt(free / (content_bytes + style_bytes))) // 16 * 16
+        while side >= 16 and sum(needs(side)) > free:
+            side -= 16
+        fix = (
+            f"lower data.image_size: the images alone fit up to about {side} (the run needs more; its "
+            "estimate names a size that fits)"
+            if side >= 16
+            else "no image size fits: free memory first"
+        )
+    gib = 2**30
+    raise ConfigError(
+        f"{what}: about {(content_bytes + style_bytes) / gib:,.1f} GiB just to prepare the images, but "
+        f"{free / gib:,.1f} GiB of memory is available: {fix}"
+    )
+
+
+def check_files_fit(*, content: str, style: str | list[str], image_size: int, style_scale: float, **_) -> None:
+    """:func:`check_sizes` for the ``data:`` settings, from the files' headers (nothing is decoded)."""
+    styles = [style] if isinstance(style, str) else list(style)
+    check_sizes(header_size(content), [header_size(path) for path in styles], image_size, style_scale)
 
 
 class StyleTransferDataModule(L.LightningDataModule):
@@ -68,42 +168,36 @@ class StyleTransferDataModule(L.LightningDataModule):
         style_masks: list[str] | None = None,
     ) -> None:
         super().__init__()
-        styles = [style] if isinstance(style, str) else list(style)
-        if not styles:
-            raise ConfigError("data.style is empty: give at least one style image")
-        if image_size < 1:
-            raise ConfigError(f"data.image_size must be a positive number of pixels, got {image_size}")
-        if not (math.isfinite(style_scale) and style_scale > 0):
-            raise ConfigError(f"data.style_scale must be a positive number, got {style_scale}")
-        blend = [1.0] * len(styles) if style_blend_weights is None else [float(w) for w in style_blend_weights]
-        if len(blend) != len(styles):
-            raise ConfigError(
-                f"data.style_blend_weights has {len(blend)} values for {len(styles)} style images: "
-                "give one weight per style"
-            )
-        if any(not math.isfinite(w) or w < 0 for w in blend) or sum(blend) <= 0:
-            raise ConfigError(
-                f"data.style_blend_weights must be numbers >= 0 with a positive sum, got {style_blend_weights}"
-            )
-        if style_masks is not None and len(style_masks) != len(styles):
-            raise ConfigError(
-                f"data.style_masks has {len(style_masks)} masks for {len(styles)} style images: give one mask per style"
-            )
+        check_data(
+            style=style,
+            image_size=image_size,
+            style_blend_weights=style_blend_weights,
+            style_scale=style_scale,
+            style_masks=style_masks,
+        )
         self.save_hyperparameters()
+        styles = [style] if isinstance(style, str) else list(style)
+        blend = [1.0] * len(styles) if style_blend_weights is None else [float(w) for w in style_blend_weights]
         self.content = content
         self.styles = styles
         self.image_size = image_size
         self.blend = [w / sum(blend) for w in blend]
         self.style_scale = style_scale
         self.mask_paths = style_masks
-        self._content: Image.Image | None = None
-        self._styles: list[Image.Image] = []
-        self._masks: list[Image.Image] = []
+        self._content: RGBImage | None = None
+        self._styles: list[RGBImage] = []
+        self._masks: list[RGBImage] = []
 
     def setup(self, stage: str) -> None:
-        """Reads every image once (the tensors for a size come from :meth:`inputs`)."""
-        if self._content is not None:
-            return
+        """Reads every image once, then hands this data module to the module being fitted (see
+        :class:`ImageConsumer`): from here on, the module asks it for the images at each size."""
+        if self._content is None:
+            self._read()
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if isinstance(module, ImageConsumer):
+            module.use_images(self)
+
+    def _read(self) -> None:
         self._content = open_rgb(self.content)
         self._styles = [open_rgb(path) for path in self.styles]
         self._masks = [open_mask(path) for path in self.mask_paths or []]
@@ -120,53 +214,21 @@ class StyleTransferDataModule(L.LightningDataModule):
         :meth:`setup` has run, else from the files' headers (nothing decoded)."""
         if self._content is not None:
             return self._content.size, [img.size for img in self._styles]
-        return image_size(self.content), [image_size(path) for path in self.styles]
+        return header_size(self.content), [header_size(path) for path in self.styles]
 
     def content_size(self, size: int | None = None) -> tuple[int, int]:
         """(width, height) of the content image (and the output) at longest side ``size`` (default:
         ``image_size``), computed without resizing anything."""
-        return fit_size(*self._source_sizes()[0], size or self.image_size)
+        return _content_size(self._source_sizes()[0], size or self.image_size)
 
     def style_sizes(self, size: int | None = None) -> list[tuple[int, int]]:
         """(width, height) of each style image for an output of longest side ``size``."""
-        side = max(1, round(self.style_scale * (size or self.image_size)))
-        return [fit_size(*source, side) for source in self._source_sizes()[1]]
+        return _style_sizes(self._source_sizes()[1], size or self.image_size, self.style_scale)
 
     def check_sizes(self, size: int | None = None, available: int | None = None) -> None:
-        """Refuses, before any image is resized, sizes whose images alone would not fit in the memory
-        available (``data.image_size 100000``, ``data.style_scale 10000``): the resize itself would
-        otherwise be what runs out (see :func:`~nst_lightning.memory.input_bytes`). The run's own
-        estimate (``StyleTransfer.setup``) then applies to the sizes that pass."""
-        size = size or self.image_size
-        free = available if available is not None else memory.available_bytes("cpu")
-        content_bytes, style_bytes = self._input_bytes(size)
-        if free is None or content_bytes + style_bytes <= free:
-            return
-        content, styles = self.content_size(size), self.style_sizes(size)
-        if style_bytes > content_bytes and self.style_scale > 1:
-            biggest = max(styles, key=lambda wh: wh[0] * wh[1])
-            what = f"data.style_scale {self.style_scale:g} makes the style image {biggest[0]}x{biggest[1]} px"
-            fix = "lower data.style_scale"
-        else:
-            what = f"data.image_size {size} makes the content image {content[0]}x{content[1]} px"
-            # The bytes grow with the square of the size: start there, then step down to one that fits.
-            side = int(size * math.sqrt(free / (content_bytes + style_bytes))) // 16 * 16
-            while side >= 16 and sum(self._input_bytes(side)) > free:
-                side -= 16
-            fix = (
-                f"lower data.image_size: the images alone fit up to about {side} (the run needs more; its "
-                "estimate names a size that fits)"
-                if side >= 16
-                else "no image size fits: free memory first"
-            )
-        gib = 2**30
-        raise ConfigError(
-            f"{what}: about {(content_bytes + style_bytes) / gib:,.1f} GiB just to prepare the images, but "
-            f"{free / gib:,.1f} GiB of memory is available: {fix}"
-        )
-
-    def _input_bytes(self, size: int) -> tuple[int, int]:
-        return memory.input_bytes(self.content_size(size), self.style_sizes(size))
+        """:func:`check_sizes` for these images at longest side ``size`` (default: ``image_size``)."""
+        content, styles = self._source_sizes()
+        check_sizes(content, styles, size or self.image_size, self.style_scale, available)
 
     def _report_upscaling(self) -> None:
         """One warning naming the images enlarged by more than :data:`UPSCALE_REPORTED` to reach
@@ -192,14 +254,13 @@ class StyleTransferDataModule(L.LightningDataModule):
     def inputs(self, size: int | None = None) -> Inputs:
         """The images for an output whose longest side is ``size`` (default: ``image_size``)."""
         if self._content is None:
-            self.setup("fit")
+            self._read()
         size = size or self.image_size
         self.check_sizes(size)  # before any resize allocates
         content_size = self.content_size(size)
-        targets = self.style_sizes(size)
-        styles = [pil_to_float(_resize(img, target)) for img, target in zip(self._styles, targets, strict=True)]
-        masks = [pil_to_float(_resize(mask, content_size)) for mask in self._masks] or None
-        return Inputs(pil_to_float(_resize(self._content, content_size)), styles, self.blend, masks)
+        styles = [resized(img, target) for img, target in zip(self._styles, self.style_sizes(size), strict=True)]
+        masks = [resized(mask, content_size) for mask in self._masks] or None
+        return Inputs(resized(self._content, content_size), styles, self.blend, masks)
 
     @property
     def content_image(self) -> Tensor:
@@ -218,7 +279,3 @@ class StyleTransferDataModule(L.LightningDataModule):
         """
         max_steps = self.trainer.max_steps if self.trainer is not None else -1
         return _PacingLoader(range(max(max_steps, 1)), batch_size=None)
-
-
-def _resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
-    return img if img.size == size else img.resize(size, Image.Resampling.LANCZOS)

@@ -8,8 +8,9 @@
   atomically, so none is left truncated). Lightning's own SIGTERM handler, which would end the run
   with exit status 0 and no image, is replaced for the duration of the optimisation; Lightning puts
   the previous handlers back when ``fit`` ends.
-* **Checkpoints** are written atomically and read with ``weights_only=True``
-  (:class:`~nst_lightning.checkpoint.AtomicCheckpointIO`, installed in ``setup``).
+* **Checkpoints**: the interruption's is written with the trainer's CheckpointIO (atomic, and read with
+  ``weights_only=True``, where it is :class:`~nst_lightning.checkpoint.AtomicCheckpointIO`, as the
+  command line makes it).
 * **Stalls.** An image that no longer moves (L-BFGS's gradient below its tolerance, or no descent
   step found) ends the run early with a warning; a rising loss and a loss that no longer improves
   are reported.
@@ -28,10 +29,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from nst_lightning.checkpoint import AtomicCheckpointIO
-from nst_lightning.errors import ConfigError, Interrupted
+from nst_lightning.checks import check_guard
+from nst_lightning.errors import Interrupted
 
 INTERRUPTED_CHECKPOINT = "interrupted.ckpt"
 # A loss that improves by less than this fraction over ``stall_steps`` steps has stalled.
@@ -115,8 +115,7 @@ class RunGuard(L.Callback):
     """
 
     def __init__(self, stall_steps: int = 50) -> None:
-        if stall_steps < 0:
-            raise ConfigError(f"guard.stall_steps must be 0 (off) or a number of steps, got {stall_steps}")
+        check_guard(stall_steps=stall_steps)
         self.stall_steps = stall_steps
         # Where the interruption's checkpoint goes; None: checkpoint_dir/interrupted.ckpt. A batch
         # sets a fixed place per pair, where the next run of the same command finds it.
@@ -129,11 +128,6 @@ class RunGuard(L.Callback):
         self._still = 0
 
     # ------------------------------------------------------------------ checkpoints
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # Only Lightning's plain IO is replaced: a CheckpointIO plugin chosen by the user stays.
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
     @staticmethod
     def checkpoint_dir(trainer: L.Trainer) -> Path:

@@ -1,35 +1,41 @@
-"""All Pillow and filesystem code: read images as RGB tensors, write files atomically."""
+"""Images in and out: the only Pillow code. Reads (pixel limit, orientation, colour profile, mode) to
+float tensors, resizes, and writes images atomically (through :mod:`nst_lightning.files`)."""
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fnmatch
-import glob
 import io
 import os
 import re
-import shutil
-import stat
-import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
-from nst_lightning.errors import ImageError
+from nst_lightning.errors import ImageError, NSTError
+from nst_lightning.files import (
+    atomic_write,
+    check_replaceable,
+    check_writable_dir,
+    file_kind,
+    find_images,
+    new_folder_in,
+)
+
+RGBImage = Image.Image
+"""A decoded image (Pillow's), as :func:`open_rgb` returns it: what the data module keeps between sizes."""
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
-# What a folder or a glob pattern contributes to a batch (a file named directly is taken as it is).
-IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+
 # Environment variable that raises (or lowers) the largest image, in pixels, that is opened.
 MAX_PIXELS_ENV = "NST_MAX_IMAGE_PIXELS"
+
+
 # Pillow's own decompression-bomb limit (89,478,485 pixels), read once at import, before anyone changes it.
 _PILLOW_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
 
@@ -121,40 +127,6 @@ def _too_large(path: Path, width: int, height: int, limit: int) -> ImageError:
     )
 
 
-# What a path that is not a regular file is, by ``stat`` file type (for the messages).
-_SPECIAL_KINDS = (
-    (stat.S_ISFIFO, "a named pipe (FIFO), which would block a reader until something writes to it"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
-def file_kind(path: str | os.PathLike) -> str:
-    """What ``path`` is, from ``os.stat`` alone (nothing is opened, so a FIFO cannot block):
-    ``"file"`` (a regular file, or a link to one), ``"folder"``, ``"missing"`` (also a dangling
-    link), or a description such as ``"a named pipe (FIFO), ..."``, ``"a character device"`` or
-    ``"a symbolic link loop"``. Only a ``"file"`` is ever read or replaced."""
-    try:
-        mode = os.stat(path).st_mode
-    except (FileNotFoundError, ValueError):  # ValueError: a NUL byte, which no file name has
-        return "missing"
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            return "a symbolic link loop (a link that points back to itself)"
-        if err.errno == errno.ENOTDIR:
-            return "missing"
-        return f"not accessible ({err.strerror or err})"
-    if stat.S_ISREG(mode):
-        return "file"
-    if stat.S_ISDIR(mode):
-        return "folder"
-    for test, kind in _SPECIAL_KINDS:
-        if test(mode):
-            return kind
-    return "a special file"
-
-
 @contextlib.contextmanager
 def _opened(path: Path) -> Iterator[Image.Image]:
     """``Image.open(path)``, lazily (the header only), for a regular file within the pixel limit; any
@@ -227,43 +199,6 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         return img.size
 
 
-def find_images(entry: str | os.PathLike, key: str = "images") -> list[Path]:
-    """The image files that one entry of a list stands for, sorted.
-
-    A file is taken as it is; a folder gives the files in it (not in its subfolders) whose extension
-    is in :data:`IMAGE_EXTENSIONS`; a glob pattern (``*``, ``?``, ``[...]``; ``**`` spans folders)
-    gives the matching files with such an extension. Nothing found is an :class:`ImageError` whose
-    message names ``key``, the configuration key the entry came from.
-    """
-    text = str(entry)
-    path = Path(text)
-    kind = file_kind(path)
-    if kind == "file":
-        return [path]
-    if kind not in ("folder", "missing"):
-        raise ImageError(f"{key}: {path} is {kind}, not an image file: give image files, folders or glob patterns")
-    if path.is_dir():
-        found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not found:
-            raise ImageError(
-                f"{key}: the folder {path} holds no image files ({' '.join(IMAGE_EXTENSIONS)}): "
-                "check the folder or give the files themselves"
-            )
-        return found
-    if any(char in text for char in "*?["):
-        matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
-        found = [p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-        if not found:
-            if matches:
-                raise ImageError(
-                    f"{key}: {len(matches)} paths match {text} but none is an image file "
-                    f"({' '.join(IMAGE_EXTENSIONS)}): check the pattern"
-                )
-            raise ImageError(f"{key}: nothing matches {text}: check the pattern (and quote it in a shell)")
-        return found
-    raise ImageError(f"{key}: {path} not found: give an image file, a folder or a glob pattern such as photos/*.jpg")
-
-
 def fit_size(width: int, height: int, longest_side: int) -> tuple[int, int]:
     """(width, height) scaled so that the longest side is ``longest_side``, keeping the aspect ratio."""
     scale = longest_side / max(width, height)
@@ -291,6 +226,16 @@ def load_image(path: str | os.PathLike, longest_side: int | None = None) -> torc
     return pil_to_float(img)
 
 
+def load_images(pattern: str | os.PathLike, longest_side: int) -> list[torch.Tensor]:
+    """Every image file matching a glob ``pattern`` (sorted by path), each as :func:`load_image` gives it."""
+    return [load_image(path, longest_side) for path in find_images(pattern)]
+
+
+def resized(img: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """A decoded image at (width, height) ``size`` (Lanczos; as it is when it has that size), as a float tensor."""
+    return pil_to_float(img if img.size == size else img.resize(size, Image.Resampling.LANCZOS))
+
+
 def image_format(path: str | os.PathLike) -> str:
     """Pillow's format name for a file name's extension; an :class:`ImageError` for an unknown one."""
     suffix = Path(path).suffix.lower()
@@ -300,118 +245,15 @@ def image_format(path: str | os.PathLike) -> str:
     return fmt
 
 
-def check_writable_dir(folder: str | os.PathLike, what: str = "folder") -> Path:
-    """Make sure files can be created in ``folder`` (created if missing); an :class:`ImageError` otherwise."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".nst-check-", delete=True):
-            pass
-    except OSError as err:
-        raise ImageError(f"cannot write to {what} {folder} ({err.strerror or err}): choose a writable folder") from None
-    return folder
-
-
 def check_writable(path: str | os.PathLike) -> Path:
-    """Make sure an image can be written at ``path`` before any work starts.
-
-    Creates missing parent folders and tries a throw-away file beside the target; raises
-    :class:`ImageError` with the reason otherwise. Returns the path.
-    """
+    """Make sure an image can be written at ``path`` before any work starts: a known image format, not
+    a folder or special file, and a folder (created if missing) where files can be made. Raises
+    :class:`ImageError` with the reason otherwise. Returns the path."""
     path = Path(path)
     image_format(path)
     check_replaceable(path, "output")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".nst-check-", delete=True):
-            pass
-    except OSError as err:
-        raise ImageError(
-            f"cannot write to {path.parent} ({err.strerror or err}): choose a writable output path"
-        ) from None
+    check_writable_dir(path.parent, "", "choose a writable output path")
     return path
-
-
-def check_replaceable(path: str | os.PathLike, what: str = "output") -> Path:
-    """Refuse an output path that exists and is not a regular file: writing would replace a folder,
-    a device node, a FIFO or a socket (the atomic write renames over whatever is there)."""
-    path = Path(path)
-    kind = file_kind(path)
-    if kind == "folder":
-        raise ImageError(f"{what} {path} is a folder: give a file name such as {path / 'stylised.png'}")
-    if kind not in ("file", "missing"):
-        raise ImageError(f"{what} {path} exists and is {kind}, not a regular file: choose another {what} path")
-    return path
-
-
-def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """Whether two paths name one file: the same resolved path (through links, ``..``), or where both
-    exist the same file on disk (``os.path.samefile``: hard links, bind mounts, case-insensitive names)."""
-    try:
-        if Path(a).resolve() == Path(b).resolve():
-            return True
-    except (OSError, RuntimeError):  # a symbolic link loop
-        pass
-    try:
-        return os.path.samefile(a, b)
-    except (OSError, ValueError):
-        return False
-
-
-def _file_key(path: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _resolved(path: Path) -> Path:
-    try:
-        return path.resolve()
-    except (OSError, RuntimeError):  # a symbolic link loop: compare it as written
-        return path.absolute()
-
-
-def check_outputs_apart(outputs: Iterable[tuple[str, Path, str]], inputs: Iterable[tuple[str, Path]]) -> None:
-    """Refuse, with an :class:`ImageError` naming both, any output that is the same file as an input
-    (see :func:`same_file`), so that a run never replaces what it reads.
-
-    ``outputs`` are ``(what, path, setting to change)``, ``inputs`` ``(setting, path)``. An output
-    whose file name is a glob pattern (``snapshots/step_*.png``) stands for every file of that name
-    in its folder.
-    """
-    by_path: dict[Path, tuple[str, Path]] = {}
-    by_key: dict[tuple[int, int], tuple[str, Path]] = {}
-    for setting, path in inputs:
-        path = Path(path)
-        by_path.setdefault(_resolved(path), (setting, path))
-        key = _file_key(path)
-        if key is not None:
-            by_key.setdefault(key, (setting, path))
-    for label, output, setting in outputs:
-        output = Path(output)
-        if glob.has_magic(output.name):
-            folder = _resolved(output.parent)
-            folder_key = _file_key(output.parent)
-            clash = next(
-                (
-                    found
-                    for resolved, found in by_path.items()
-                    if fnmatch.fnmatch(resolved.name, output.name)
-                    and (resolved.parent == folder or (folder_key and _file_key(resolved.parent) == folder_key))
-                ),
-                None,
-            )
-        else:
-            key = _file_key(output)
-            clash = by_path.get(_resolved(output)) or (by_key.get(key) if key else None)
-        if clash is not None:
-            what, path = clash
-            raise ImageError(
-                f"{label} {output} would be the same file as {what} {path}, which the run would replace: "
-                f"choose another {setting} (nothing was written)"
-            )
 
 
 def estimate_image_bytes(width: int, height: int, path: str | os.PathLike = "image.png") -> int:
@@ -421,81 +263,12 @@ def estimate_image_bytes(width: int, height: int, path: str | os.PathLike = "ima
     return height * (3 * width + 1) * 101 // 100 + 4096
 
 
-def check_room(needs: Mapping[Path, int], what: str = "the run's files") -> None:
-    """Refuse a run whose files will not fit: ``needs`` maps folders to the bytes to be written there;
-    folders on one filesystem add up. An :class:`ImageError` says where, how much and how much is free."""
-    by_device: dict[int, tuple[Path, int, int]] = {}
-    for folder, size in needs.items():
-        existing = Path(folder)
-        while not existing.exists() and existing != existing.parent:  # a folder still to be made
-            existing = existing.parent
-        try:
-            device = os.stat(existing).st_dev
-            free = shutil.disk_usage(existing).free
-        except OSError:
-            continue  # cannot be told: the write itself will say
-        first, total, _ = by_device.get(device, (Path(folder), 0, free))
-        by_device[device] = (first, total + size, free)
-    for folder, total, free in by_device.values():
-        if total > free:
-            raise ImageError(
-                f"{what} need about {_megabytes(total)} in {folder} but only {_megabytes(free)} is free there: "
-                "free some disk space, or choose another output.path / trainer.default_root_dir"
-            )
-
-
-def _megabytes(size: int) -> str:
-    if size < 2**20:
-        return f"{size / 2**10:,.1f} kB"
-    return f"{size / 2**20:,.1f} MB" if size < 2**30 else f"{size / 2**30:,.1f} GB"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def tensor_to_pil(image: torch.Tensor) -> Image.Image:
     """A (1, 3, H, W) or (3, H, W) tensor, clamped to [0, 1], as an 8-bit RGB Pillow image."""
     if image.dim() == 4:
         image = image[0]
     pixels = image.detach().float().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).cpu()
     return to_pil_image(pixels, mode="RGB")
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Create or replace the file ``path`` atomically with the bytes that ``write(handle)`` writes.
-
-    The bytes go to a temporary file in the same folder, which is flushed to disk and then renamed
-    over ``path``; the folder is synced too. A crash, a signal or a full disk at any point leaves
-    either the old file or the complete new one, never a truncated file, and no temporary file.
-    Missing folders are created. A path that exists and is not a regular file is refused with an
-    ``OSError`` (``EEXIST``). ``OSError`` is raised as it comes (callers word it).
-    """
-    path = Path(path)
-    kind = file_kind(path)
-    if kind not in ("file", "missing"):  # never rename over a folder, a device node, a FIFO...
-        raise OSError(errno.EEXIST, f"{path} exists and is {kind}, not a regular file")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o666 & ~_umask())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable; not possible everywhere
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-    return path
 
 
 def save_image(image: torch.Tensor, path: str | os.PathLike) -> Path:
@@ -515,3 +288,18 @@ def save_image(image: torch.Tensor, path: str | os.PathLike) -> Path:
             f"cannot write image {path}: {err.strerror or err} (free some disk space or choose another "
             "output.path; any previous file there is unchanged)"
         ) from None
+
+
+def save_image_elsewhere(image: torch.Tensor, name: str, folders: Sequence[str | os.PathLike | None]) -> Path | None:
+    """Write an image that could not go where it should: as ``name`` in a new folder of its own (nothing
+    there can be replaced) inside the first of ``folders`` that takes it (None: the system's temporary
+    folder). Returns where it went, or None when no folder took it."""
+    for folder in folders:
+        own = new_folder_in(folder)
+        if own is None:
+            continue
+        try:
+            return save_image(image, own / name)
+        except NSTError:
+            own.rmdir()  # the write left nothing in it (atomic_write removes its temporary file)
+    return None

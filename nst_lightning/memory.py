@@ -1,29 +1,33 @@
 """How much memory a run needs: an estimate from the image size, the layers and the optimiser, made
 before anything is allocated, so that a run that cannot fit is refused with a smaller size to try.
 
-The estimate walks the truncated backbone on the ``meta`` device (shapes only, no memory) and adds
-up what one closure evaluation keeps alive: the activations saved for the backward pass, the
-gradients in flight, the optimiser's state (L-BFGS keeps ``2 * history_size`` image-sized vectors),
-the targets and the weights. On a CPU the process's own footprint (Python, torch, Lightning) is
-added, since resident memory is what the operating system runs out of. The constants were checked
-against measured peak RSS at 256 and 512 px (``benchmarks/bench.py`` prints the comparison).
+The activations come from a forward pass of the real :class:`~nst_lightning.features.FeatureExtractor`
+on the ``meta`` device (shapes only, no memory): every tensor that autograd saves for the backward
+pass is counted once (in-place layers share their input's), so truncation, pooling and in-place ReLUs
+are whatever the extractor does. Added to them: the gradients in flight during the backward pass, the
+optimiser's state (L-BFGS keeps ``2 * history_size`` image-sized vectors), the targets and the
+weights, and on a CPU the process's own footprint (Python, torch, Lightning), since resident memory is
+what the operating system runs out of. The constants were checked against measured peak RSS at 256
+and 512 px (``benchmarks/memory_check.py`` prints the comparison).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
 
+from nst_lightning import runtime
+from nst_lightning.backbones import backbone_spec
+from nst_lightning.checks import CONTENT_LAYERS, LBFGS_HISTORY_SIZE, MIXED_PRECISIONS, STYLE_LAYERS
+from nst_lightning.data import ImageSource
 from nst_lightning.errors import ConfigError
-from nst_lightning.features import BACKBONES
-
-CONTENT_LAYERS = ("relu4_2",)
-STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+from nst_lightning.features import FeatureExtractor
+from nst_lightning.files import file_bytes
 
 # Resident memory of a process that has imported torch, torchvision and Lightning and runs a Trainer
 # (measured: about 690 MiB after the imports with a CUDA build of torch on Linux, whose libraries are
@@ -32,9 +36,6 @@ CPU_RUNTIME_BYTES = 750 * 2**20
 # Gradients alive at once during the backward pass, in units of the largest activation: the
 # gradient arriving at a layer, the one leaving it, and the sum where two branches meet.
 BACKWARD_ACTIVATIONS = 3
-# Bytes per pixel to prepare one input image: the resized 8-bit RGB image and Pillow's intermediate
-# (it resizes one axis at a time), the float32 tensor, and the extractor's normalised copy of it.
-PREPARE_BYTES_PER_PIXEL = 3 + 3 + 4 * 3 + 4 * 3
 # Approximate size of torchvision's ImageNet checkpoints (classifier included), which torch.load
 # reads whole.
 IMAGENET_FILE_BYTES = {"vgg19": 548 * 2**20, "vgg16": 528 * 2**20}
@@ -63,13 +64,42 @@ class MemoryEstimate:
         return {f.name: getattr(self, f.name) for f in fields(self)} | {"total": self.total}
 
 
-def _weights_file_bytes(backbone: str, weights: str) -> int:
-    if weights == "random":
-        return 0
-    if weights == "imagenet":
-        return IMAGENET_FILE_BYTES.get(backbone, 0)
-    path = Path(weights)
-    return path.stat().st_size if path.is_file() else 0
+@functools.lru_cache(maxsize=8)
+def _shapes_only(layers: tuple[str, ...], backbone: str, pooling: str) -> FeatureExtractor:
+    """The extractor a run builds, without its weights, on the meta device."""
+    with torch.device("meta"):
+        return FeatureExtractor(layers, backbone, weights=None, pooling=pooling)
+
+
+@functools.lru_cache(maxsize=8)
+def _backbone_parameters(backbone: str) -> int:
+    """Parameters of the whole backbone (classifier aside), which exists while its weights load."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in backbone_spec(backbone).build().parameters())
+
+
+def saved_activations(extractor: FeatureExtractor, height: int, width: int, activation_bytes: int) -> tuple[int, int]:
+    """(bytes autograd saves for the backward pass, elements of the largest of those tensors) in a forward
+    pass of ``extractor`` (on the meta device) over a ``height`` x ``width`` image whose gradient is
+    wanted, with the activations it returns (which the losses keep). Each tensor counts once;
+    floating-point ones at ``activation_bytes`` per element (2 under mixed precision), integer ones (max
+    pooling's indices) at their own size; the weights not at all."""
+    weights = {id(t) for t in [*extractor.parameters(), *extractor.buffers()]}
+    saved: dict[int, torch.Tensor] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in weights:
+            saved.setdefault(id(tensor), tensor)
+        return tensor
+
+    image = torch.empty(1, 3, height, width, device=extractor.mean.device, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        features = extractor(image)
+    for tensor in features.values():  # the losses keep the activations they compare for their own backward
+        pack(tensor)
+    total = sum(t.numel() * (activation_bytes if t.is_floating_point() else t.element_size()) for t in saved.values())
+    largest = max([3 * height * width, *(t.numel() for t in saved.values())])
+    return total, largest
 
 
 def estimate_peak(
@@ -81,7 +111,7 @@ def estimate_peak(
     backbone: str = "vgg19",
     pooling: str = "max",
     optimizer: str = "lbfgs",
-    history_size: int = 50,
+    history_size: int = LBFGS_HISTORY_SIZE,
     precision: str = "32-true",
     weights: str = "imagenet",
     device: str = "cpu",
@@ -100,61 +130,26 @@ def estimate_peak(
     """
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got {width}x{height}")
-    if backbone not in BACKBONES:
-        raise ConfigError(f"unknown backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
-    wanted = list(dict.fromkeys([*content_layers, *style_layers]))
-    with torch.device("meta"):
-        features = BACKBONES[backbone].build()
-    names = BACKBONES[backbone].names(features)
-    unknown = [name for name in wanted if name not in names]
-    if unknown or not wanted:
-        raise ConfigError(f"unknown or no layer name(s) {unknown}: choose from {', '.join(names)}")
-    deepest = max(names.index(name) for name in wanted)
-    act = 2 if precision in ("bf16-mixed", "16-mixed") else 4
-
+    wanted = tuple(dict.fromkeys([*content_layers, *style_layers]))
+    extractor = _shapes_only(wanted, backbone, pooling)
+    extractor.check_image_size((width, height))
+    act = 2 if precision in MIXED_PRECISIONS else 4
+    saved, largest = saved_activations(extractor, height, width, act)
+    with torch.no_grad():
+        features = extractor(torch.empty(1, 3, height, width, device="meta"))
+    if act != 4:  # the losses take float32 copies of half-precision activations
+        saved += sum(features[name].numel() * 4 for name in wanted)
+    # Targets: activations of a content layer, the Gram matrix of a style layer, and the two images.
+    targets = sum(features[name].numel() for name in content_layers)
+    targets += sum(features[name].shape[1] ** 2 for name in style_layers)
     pixels = 3 * height * width
-    x = torch.empty(1, 3, height, width, device="meta")
-    # The normalised image and its channels-last copy (the first convolution's saved input).
-    saved = 2 * pixels * act
-    largest = pixels
-    full_params = sum(p.numel() for p in features.parameters())
-    params = 0
-    targets = 0
-    for position, (name, layer) in enumerate(zip(names[: deepest + 1], features, strict=False)):
-        if isinstance(layer, nn.MaxPool2d) and pooling == "avg":
-            layer = nn.AvgPool2d(kernel_size=2, stride=2)
-        try:
-            x = layer(x)
-        except RuntimeError:  # an output smaller than 1x1
-            x = x.new_empty(0)
-        if x.dim() != 4 or min(x.shape[-2:]) < 1:
-            raise ConfigError(f"a {width}x{height} px image is too small for layer {names[deepest]}")
-        n = x.numel()
-        largest = max(largest, n)
-        if isinstance(layer, nn.Conv2d):
-            saved += n * act
-            params += sum(p.numel() for p in layer.parameters())
-        elif isinstance(layer, nn.ReLU) and names[position - 1] in wanted:
-            saved += n * act  # not in place: the convolution output is returned too
-        elif isinstance(layer, nn.MaxPool2d):
-            saved += n * act + n * 8  # output and its int64 argmax indices
-        elif isinstance(layer, nn.AvgPool2d):
-            saved += n * act
-        elif not isinstance(layer, nn.ReLU):  # a composite block (ResNet): about one saved tensor per part
-            parts = sum(isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.ReLU)) for m in layer.modules())
-            saved += max(1, parts) * n * act
-            params += sum(p.numel() for p in layer.parameters())
-        # Targets: activations of a content layer, the Gram matrix of a style layer.
-        targets += (n if name in content_layers else 0) + (x.shape[1] ** 2 if name in style_layers else 0)
-        if name in wanted:
-            # Float32 copies of half-precision activations for the losses.
-            if act != 4:
-                saved += n * 4
     history = history_size if optimizer == "lbfgs" else 0
     # The image, its gradient and the optimiser's vectors: L-BFGS keeps 2 * history past steps plus
     # the flat gradient, the previous one, the direction and a work vector; Adam two moments.
     vectors = 2 + (2 * history + 4 if optimizer == "lbfgs" else 3)
-    loading = (full_params + params) * 4 + _weights_file_bytes(backbone, weights)
+    params = sum(p.numel() for p in extractor.parameters())
+    file = IMAGENET_FILE_BYTES.get(backbone, 0) if weights == "imagenet" else 0 if weights == "random" else None
+    loading = (_backbone_parameters(backbone) + params) * 4 + (file_bytes(weights) if file is None else file)
     return MemoryEstimate(
         runtime=CPU_RUNTIME_BYTES if device == "cpu" else 0,
         weights=params * 4,
@@ -171,33 +166,6 @@ def estimate_peak_bytes(height: int, width: int, **kwargs) -> int:
     return estimate_peak(height, width, **kwargs).total
 
 
-def input_bytes(content: tuple[int, int], styles: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """Bytes to prepare the input images, (content, styles), from their (width, height) once resized,
-    in the CPU's memory on any device (Pillow resizes there). A lower bound of what a run needs,
-    cheap to compute for any size: the guard against absurd sizes (``data.image_size 1000000000``),
-    for which :func:`check_fits` would spend its time looking for a size that fits."""
-    content_bytes = content[0] * content[1] * PREPARE_BYTES_PER_PIXEL
-    style_bytes = sum(w * h * PREPARE_BYTES_PER_PIXEL for w, h in styles)
-    return content_bytes, style_bytes
-
-
-def available_bytes(device: str = "cpu") -> int | None:
-    """Memory a new allocation can still get: ``MemAvailable`` from /proc/meminfo on a CPU, the
-    free memory of the current GPU on CUDA; None where it cannot be told."""
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            return None
-        free, _ = torch.cuda.mem_get_info()
-        return int(free)
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def check_fits(
     height: int,
     width: int,
@@ -207,14 +175,14 @@ def check_fits(
 ) -> MemoryEstimate:
     """Raises :class:`ConfigError` (with the largest image size that would fit) if a run on a
     ``height`` x ``width`` image is estimated not to fit in ``available`` bytes (default: what
-    :func:`available_bytes` reports for ``device``). Returns the estimate otherwise.
+    :func:`~nst_lightning.runtime.available_bytes` reports for ``device``). Returns the estimate otherwise.
 
     On a CPU the estimate includes this process's own footprint, which is already resident, so it is
     subtracted before the comparison with the memory still available.
     """
     device = kwargs.get("device", "cpu")
     estimate = estimate_peak(height, width, **kwargs)
-    free = available if available is not None else available_bytes(device)
+    free = available if available is not None else runtime.available_bytes(device)
     if free is None:
         return estimate
     need = estimate.total - estimate.runtime
@@ -236,5 +204,33 @@ def check_fits(
     gib = 2**30
     raise ConfigError(
         f"a {width}x{height} px run needs about {need / gib:.1f} GiB but {free / gib:.1f} GiB is available "
-        f"on {device}: {hint}, or lower model.lbfgs_history_size ({kwargs.get('history_size', 50)})"
+        f"on {device}: {hint}, or lower model.lbfgs_history_size ({kwargs.get('history_size', LBFGS_HISTORY_SIZE)})"
+    )
+
+
+
+
+def check_run(
+    images: ImageSource,
+    sizes: Sequence[int],
+    extractor: FeatureExtractor,
+    settings: Mapping[str, Any],
+    precision: str,
+    device: str,
+) -> MemoryEstimate:
+    """Before any image is resized (a resize to an absurd size would itself be what runs out of memory):
+    each image at the first of ``sizes`` gives the deepest layer a pixel, and a run with ``settings`` (a
+    ``StyleTransfer``'s hyper-parameters) at the last size fits in the memory free on ``device``."""
+    extractor.check_image_size(images.content_size(sizes[0]))
+    for style in images.style_sizes(sizes[0]):
+        extractor.check_image_size(style, "style")
+    width, height = images.content_size(sizes[-1])
+    names = ("content_layers", "style_layers", "backbone", "pooling", "optimizer", "weights")
+    return check_fits(
+        height,
+        width,
+        **{name: settings[name] for name in names},
+        history_size=settings["lbfgs_history_size"],
+        precision=precision,
+        device=device,
     )

@@ -1,8 +1,12 @@
-"""Process-wide runtime settings: the number of CPU threads torch uses, and how freed memory is kept."""
+"""The machine and the process: CPU cores and features, free memory, torch's threads, how freed memory is
+kept, how much Lightning says. (Read from /proc and /sys: facts about the machine, not user files.)"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 # Environment variables through which a user sets the thread count themselves.
@@ -113,3 +117,50 @@ def automatic_precision(accelerator: object) -> str | None:
     bf16 is measured there.
     """
     return "bf16-mixed" if _runs_on_cpu(accelerator) and cpu_has_amx_bf16() else None
+
+
+def bf16_is_native_on_cpu() -> bool:
+    """Whether this CPU computes bfloat16 natively (oneDNN's own test: AVX-512 BF16/AMX on x86, the BF16
+    extension on Arm); elsewhere torch emulates it, many times slower than float32."""
+    import torch
+
+    # Private torch API: there is no public query of oneDNN's bfloat16 support (torch.cpu.get_capabilities
+    # names CPU flags, not what oneDNN makes of them). Pinned by tests/test_private_api.py.
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def available_bytes(device: str = "cpu") -> int | None:
+    """Memory a new allocation can still get: ``MemAvailable`` from /proc/meminfo on a CPU, the
+    free memory of the current GPU on CUDA; None where it cannot be told."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        free, _ = torch.cuda.mem_get_info()
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Lightning's info lines (devices, seed, tips, "Trainer.fit stopped") off inside: for a
+    throw-away Trainer, and for a batch, which prints a line per pair instead. Warnings still show."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)

@@ -16,8 +16,8 @@ import yaml
 from lightning import Callback, Trainer
 from PIL import Image
 
+from nst_lightning.backbones import load_backbone
 from nst_lightning.data import StyleTransferDataModule
-from nst_lightning.features import load_backbone
 from nst_lightning.module import StyleTransfer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from nst_lightning.batch import BatchCLI, BatchSettings, expand, make_pairs
-from nst_lightning.cli import cli_main
 from nst_lightning.errors import ConfigError, ImageError, Interrupted
-from nst_lightning.image_io import find_images
+from nst_lightning.files import find_images
+from nst_lightning.main import cli_main
+from nst_lightning.pairs import BatchSettings, expand, make_pairs
 from tests.conftest import REPO, make_image, write_config
 
 
@@ -204,7 +204,7 @@ def test_unexpected_errors_are_isolated_and_ctrl_c_stops_the_batch(tmp_path, pai
     files, config = pairs_setup
     calls = []
 
-    def fake_fit_pair(self, pair, placement):
+    def fake_fit_pair(runner, pair, placement):
         calls.append(pair.n)
         if pair.n == 1:
             raise RuntimeError("boom")
@@ -212,7 +212,7 @@ def test_unexpected_errors_are_isolated_and_ctrl_c_stops_the_batch(tmp_path, pai
             raise KeyboardInterrupt
         return True, ""
 
-    monkeypatch.setattr(BatchCLI, "fit_pair", fake_fit_pair)
+    monkeypatch.setattr("nst_lightning.batch.fit_pair", fake_fit_pair)
     assert run_batch(*batch_args(config, tmp_path, [files["c1"], files["c2"]], [files["s1"], files["s2"]])) == 130
     assert calls == [1, 2, 3], "the batch went on after the error and stopped at Ctrl-C"
     captured = capsys.readouterr()
@@ -304,13 +304,13 @@ def test_a_signal_during_a_pair_stops_the_whole_batch(tmp_path, pairs_setup, cap
     files, config = pairs_setup
     calls = []
 
-    def fake_fit_pair(self, pair, placement):
+    def fake_fit_pair(runner, pair, placement):
         calls.append(pair.n)
         if pair.n == 2:
             raise Interrupted(signal.SIGTERM, 3, 4)
         return True, ""
 
-    monkeypatch.setattr(BatchCLI, "fit_pair", fake_fit_pair)
+    monkeypatch.setattr("nst_lightning.batch.fit_pair", fake_fit_pair)
     assert run_batch(*batch_args(config, tmp_path, [files["c1"], files["c2"]], [files["s1"], files["s2"]])) == 143
     assert calls == [1, 2], "no pair starts after the signal"
     assert "the batch stopped at SIGTERM" in capsys.readouterr().err

@@ -68,3 +68,48 @@ def test_time_to_quality_judges_every_run_by_the_final_size_objective_in_miniatu
     assert "| seed |" in text and "| coarse |" in text
     ttq.sheet(runs, Path(tmp_path) / "sheet.png")
     assert (Path(tmp_path) / "sheet.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "script, args, expected",
+    [
+        ("floor.py", ["--size", "48", "--repeats", "1"], "faster layout"),
+        ("reference.py", ["--size", "48", "--steps", "1"], "s per iteration, loss"),
+        ("speed.py", ["--sizes", "48", "--repeats", "1", "--steps", "1", "--compile", "off", "--whole-run", "off",
+                      "--wait-quiet", "0", "--precision", "32-true"], "relative difference 0.0e+00"),
+        ("memory_check.py", ["--memory-child", "48", "2", "2"], '"estimate_mib"'),
+        ("gpu_precision.py", [], "skipped: no CUDA device"),
+    ],
+)  # fmt: skip
+def test_each_benchmark_runs_alone_in_miniature(script, args, expected):
+    import os
+    import subprocess
+
+    if script == "gpu_precision.py" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the section would run in full")
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert expected in result.stdout, result.stdout[-3000:]
+
+
+def test_reference_implementation_computes_the_same_loss(tmp_path, images):
+    # benchmarks/reference.py is the yardstick of the benchmark: it must minimise the same function.
+    import warnings
+
+    from reference import Reference
+
+    from nst_lightning.backbones import load_backbone
+    from tests.conftest import datamodule, make_module, make_trainer
+
+    module = make_module(init="content", normalize=False)  # the tutorial's network is not normalised
+    dm = datamodule(images, size=48)  # the reference runs the whole VGG-19: pool5 needs 32 px
+    make_trainer(tmp_path, steps=0).fit(module, datamodule=dm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = Reference(load_backbone("vgg19", "random"), dm.content_image, dm.inputs().styles[0])
+    torch.testing.assert_close(float(ref.loss()), float(module(module.image.detach())["total"]), rtol=1e-4, atol=0)
+    ref.step()
+    assert ref.evaluations == 1

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from nst_lightning.checkpoint import AtomicCheckpointIO, read_checkpoint
-from nst_lightning.cli import cli_main
 from nst_lightning.errors import CheckpointError
 from nst_lightning.guard import RunGuard
+from nst_lightning.main import cli_main
 from tests.conftest import cli_command, leftovers, make_image, write_config
 
 

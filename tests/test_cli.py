@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from nst_lightning.cli import cli_main
 from nst_lightning.data import StyleTransferDataModule
+from nst_lightning.main import cli_main
 from nst_lightning.module import StyleTransfer
 from tests.conftest import REPO, make_image, write_config
 
@@ -268,7 +268,7 @@ def test_a_decompression_bomb_is_one_clear_line(tmp_path, images, capsys, monkey
 
 
 def test_a_run_that_cannot_fit_in_memory_is_refused_with_a_smaller_size(tmp_path, images, capsys, monkeypatch):
-    monkeypatch.setattr("nst_lightning.memory.available_bytes", lambda device="cpu": 2 * 2**30)
+    monkeypatch.setattr("nst_lightning.runtime.available_bytes", lambda device="cpu": 2 * 2**30)
     config = write_config(tmp_path, images, data={"image_size": 4096})
     _expect_one_line_error(tmp_path, capsys, ["--config", str(config)], "try data.image_size")
 

@@ -1,3 +1,6 @@
+import functools
+from pathlib import Path
+
 import pytest
 from lightning import Trainer
 
@@ -27,3 +30,34 @@ def test_bad_inputs(images, tmp_path):
     dm = StyleTransferDataModule(str(tmp_path / "missing.png"), str(images["style"]))
     with pytest.raises(ImageError, match="image not found"):
         dm.setup("fit")
+
+
+def test_the_data_module_hands_the_module_its_images(images, tmp_path):
+    # Pushed forward: the data module's setup gives the module its images; the module never looks for them.
+    from tests.conftest import make_module, make_trainer
+
+    module, dm = make_module(), StyleTransferDataModule(str(images["content"]), str(images["style"]), image_size=32)
+    make_trainer(tmp_path, steps=1).fit(module, datamodule=dm)
+    assert module.images is dm
+    source = (Path(__file__).parents[1] / "nst_lightning" / "module.py").read_text()
+    assert "datamodule" not in source.replace("StyleTransferDataModule", "")
+
+
+def test_the_command_line_builds_the_data_module_once(images, tmp_path, monkeypatch):
+    import sys
+
+    from nst_lightning.main import cli_main
+    from tests.conftest import write_config
+
+    built = []
+    real = StyleTransferDataModule.__init__
+
+    @functools.wraps(real)  # the same signature: jsonargparse reads the configuration from it
+    def counting(self, *args, **kwargs):
+        built.append(1)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(StyleTransferDataModule, "__init__", counting)
+    monkeypatch.setattr(sys, "argv", ["cli.py"])
+    cli_main(["fit", "--config", str(write_config(tmp_path, images, trainer={"max_steps": 1}))])
+    assert built == [1]

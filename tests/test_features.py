@@ -1,18 +1,10 @@
-from urllib.error import URLError
-
 import pytest
 import torch
 from torch import nn
 
+from nst_lightning.backbones import layer_names
 from nst_lightning.errors import ConfigError, WeightsError
-from nst_lightning.features import (
-    BACKBONES,
-    FeatureExtractor,
-    calibration_images,
-    hub_cache_file,
-    layer_names,
-    load_backbone,
-)
+from nst_lightning.features import FeatureExtractor, calibration_images
 
 STYLE = ["conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1"]
 
@@ -20,16 +12,6 @@ STYLE = ["conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1"]
 @pytest.fixture
 def extractor(weights_file):
     return FeatureExtractor(["conv4_2", *STYLE], weights=str(weights_file))
-
-
-def test_layer_names_are_derived_from_the_network():
-    for backbone, convs in (("vgg19", 16), ("vgg16", 13)):
-        names = layer_names(BACKBONES[backbone].build())
-        assert names[:5] == ["conv1_1", "relu1_1", "conv1_2", "relu1_2", "pool1"]
-        assert sum(n.startswith("conv") for n in names) == convs
-        assert sum(n.startswith("pool") for n in names) == 5
-    assert "conv5_4" in layer_names(BACKBONES["vgg19"].build())
-    assert "conv5_4" not in layer_names(BACKBONES["vgg16"].build())
 
 
 def test_returns_requested_activations_with_expected_shapes(extractor):
@@ -76,77 +58,6 @@ def test_average_pooling_replaces_max_pooling():
     avg = FeatureExtractor(["conv3_1"], weights="random", pooling="avg")
     kinds = {type(layer) for layer in avg.body}
     assert nn.AvgPool2d in kinds and nn.MaxPool2d not in kinds
-
-
-def test_random_weights_warn():
-    with pytest.warns(UserWarning, match="no stylisation"):
-        load_backbone("vgg19", "random")
-
-
-def test_weight_file_in_both_layouts(tmp_path, weights_file, vgg19_features_state):
-    features_only = tmp_path / "features.pth"
-    torch.save(vgg19_features_state, features_only)
-    a = FeatureExtractor(["conv2_1"], weights=str(weights_file))
-    b = FeatureExtractor(["conv2_1"], weights=str(features_only))
-    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
-        torch.testing.assert_close(pa, pb, msg=name)
-    torch.testing.assert_close(a.body.conv1_1.weight, vgg19_features_state["0.weight"])
-
-
-def test_imagenet_weights_come_from_the_torch_hub_cache(tmp_path, monkeypatch, weights_file):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    cached = hub_cache_file("vgg19")
-    assert cached.name == "vgg19-dcbb9e9d.pth"
-    cached.parent.mkdir(parents=True)
-    cached.write_bytes(weights_file.read_bytes())
-    extractor = FeatureExtractor(["conv1_1"], weights="imagenet")
-    expected = torch.load(weights_file, weights_only=True)["features.0.weight"]
-    torch.testing.assert_close(extractor.body.conv1_1.weight, expected)
-
-
-def test_imagenet_weights_offline_say_how_to_get_them(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-
-    def offline(*args, **kwargs):
-        raise URLError("no network")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(WeightsError, match=r"--model.weights /path/to/vgg19-dcbb9e9d.pth.*hub/checkpoints"):
-        FeatureExtractor(["conv1_1"], weights="imagenet")
-
-
-def test_bad_weight_files_get_clear_errors(tmp_path, vgg19_features_state):
-    with pytest.raises(WeightsError, match="not found"):
-        load_backbone("vgg19", str(tmp_path / "missing.pth"))
-    garbage = tmp_path / "garbage.pth"
-    garbage.write_bytes(b"this is not a torch file")
-    with pytest.raises(WeightsError, match="cannot load weights file"):
-        load_backbone("vgg19", str(garbage))
-    not_dict = tmp_path / "list.pth"
-    torch.save([torch.zeros(1)], not_dict)
-    with pytest.raises(WeightsError, match="does not hold a state dict"):
-        load_backbone("vgg19", str(not_dict))
-    wrong_arch = tmp_path / "vgg16.pth"
-    with pytest.warns(UserWarning):
-        torch.save(load_backbone("vgg16", "random").state_dict(), wrong_arch)
-    with pytest.raises(WeightsError, match="do not fit vgg19"):
-        load_backbone("vgg19", str(wrong_arch))
-    wrong_shape = dict(vgg19_features_state)
-    wrong_shape["0.weight"] = torch.zeros(8, 3, 3, 3)
-    torch.save(wrong_shape, tmp_path / "shape.pth")
-    with pytest.raises(WeightsError, match="size mismatch"):
-        load_backbone("vgg19", str(tmp_path / "shape.pth"))
-
-
-def test_weight_files_are_loaded_without_running_code(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
-
-    path = tmp_path / "evil.pth"
-    torch.save({"x": Evil()}, path)
-    with pytest.raises(WeightsError, match="cannot load weights file"):
-        load_backbone("vgg19", str(path))
 
 
 def test_channels_last_gives_the_same_activations_and_a_contiguous_image_gradient():

@@ -12,14 +12,17 @@ import numpy as np
 import pytest
 import torch
 from lightning import Callback
+from lightning.pytorch.plugins import TorchCheckpointIO
 from PIL import Image
 
 from nst_lightning.checkpoint import AtomicCheckpointIO
-from nst_lightning.cli import cli_main
+from nst_lightning.cli import StyleTransferCLI
 from nst_lightning.errors import Interrupted, NumericalError
+from nst_lightning.files import atomic_write
 from nst_lightning.guard import INTERRUPTED_CHECKPOINT, LossWatch, RunGuard, optimizer_kind
-from nst_lightning.image_io import atomic_write, load_image, tensor_to_pil
-from nst_lightning.module import StyleTransfer
+from nst_lightning.image_io import load_image, tensor_to_pil
+from nst_lightning.main import cli_main
+from nst_lightning.objective import Objective
 from tests.conftest import datamodule, leftovers, make_module, make_trainer, start_cli, wait_for, write_config
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -197,10 +200,19 @@ def test_the_step_in_progress_finishes_before_the_run_stops(tmp_path, images):
     assert signal.getsignal(signal.SIGINT) is previous, "the handlers in place before fit are back"
 
 
-def test_checkpoints_are_written_by_the_atomic_checkpoint_io(tmp_path, images):
-    trainer = make_trainer(tmp_path, 1, callbacks=[RunGuard()])
-    trainer.fit(make_module(), datamodule=datamodule(images))
-    assert type(trainer.strategy.checkpoint_io) is AtomicCheckpointIO
+def test_the_command_lines_trainer_writes_checkpoints_atomically(tmp_path, images):
+    # A Trainer plugin, which the command line adds (RunGuard no longer swaps it in from a callback).
+    config = write_config(tmp_path, images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = StyleTransferCLI(args=["--config", str(config)], run=False)
+    assert type(cli.trainer.strategy.checkpoint_io) is AtomicCheckpointIO
+    # A CheckpointIO of the configuration's own stays.
+    plugin = "{class_path: lightning.pytorch.plugins.TorchCheckpointIO}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = StyleTransferCLI(args=["--config", str(config), "--trainer.plugins", plugin], run=False)
+    assert type(cli.trainer.strategy.checkpoint_io) is TorchCheckpointIO
 
 
 # ---------------------------------------------------------------- stalls
@@ -258,7 +270,7 @@ def test_a_run_whose_image_stops_moving_ends_early_with_a_warning(tmp_path, imag
 # ---------------------------------------------------------------- numerical faults
 
 
-class Diverging(StyleTransfer):
+class Diverging(Objective):
     """A loss whose gradient is infinite although its value is finite (sqrt at 0)."""
 
     def forward(self, image):
@@ -268,9 +280,8 @@ class Diverging(StyleTransfer):
 
 
 def test_a_non_finite_gradient_is_caught_at_that_step(tmp_path, images):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        module = Diverging(weights="random", init="noise")
+    module = make_module()
+    module.objective.__class__ = Diverging  # the module's own objective, with the diverging term
     with pytest.raises(NumericalError, match="gradient became non-finite at step 0"):
         make_trainer(tmp_path, 3).fit(module, datamodule=datamodule(images))
 
@@ -281,7 +292,7 @@ def test_a_diverging_run_keeps_its_last_finite_image(tmp_path, images):
         make_trainer(tmp_path, 50).fit(module, datamodule=datamodule(images))
     assert module.trainer.global_step >= 1
     assert torch.isfinite(module.image).all()
-    torch.testing.assert_close(module.image.detach(), module.last_finite_image)
+    torch.testing.assert_close(module.image.detach(), module.evaluator.last_finite_image)
     with torch.no_grad():
         assert torch.isfinite(module(module.image)["total"])
 

@@ -21,9 +21,9 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from nst_lightning.checkpoint import estimate_checkpoint_bytes
-from nst_lightning.cli import cli_main
 from nst_lightning.data import StyleTransferDataModule
 from nst_lightning.errors import ConfigError
+from nst_lightning.main import cli_main
 from tests.conftest import make_image, write_config
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX FIFOs, links and signals")
@@ -197,7 +197,9 @@ def test_an_interrupted_batch_pair_is_never_taken_for_done_and_resumes(tmp_path,
 
 
 def test_a_batch_checkpoint_of_other_settings_starts_the_pair_over(tmp_path, images, capsys):
-    from nst_lightning.batch import BatchCLI, make_pairs
+    from nst_lightning.batch import fit_pair
+    from nst_lightning.cli import BatchCLI
+    from nst_lightning.pairs import make_pairs, pending_checkpoint
 
     config = write_config(tmp_path, images, trainer={"max_steps": 2}, output={"log_image_every_n_steps": 0})
     cli_main(["fit", "--config", str(config)])  # a checkpoint of a run with style_weight 1e6
@@ -207,13 +209,14 @@ def test_a_batch_checkpoint_of_other_settings_starts_the_pair_over(tmp_path, ima
         warnings.simplefilter("ignore")
         cli = BatchCLI(args)
     (pair,) = make_pairs([images["content"]], [images["style"]], tmp_path / "b", "{content}.png")
-    cli.pending_checkpoint(pair).parent.mkdir(parents=True)
-    shutil.copy(ckpt, cli.pending_checkpoint(pair))
-    assert cli.fit_pair(pair, {})[0]
+    pending = pending_checkpoint(cli.root_dir, pair)
+    pending.parent.mkdir(parents=True)
+    shutil.copy(ckpt, pending)
+    assert fit_pair(cli, pair, {})[0]
     err = capsys.readouterr().err
     assert "cannot resume from" in err and "model.style_weight was 1000000.0, now 10.0" in err
     assert "starting the pair over" in err and (tmp_path / "b" / "content.png").is_file()
-    assert not cli.pending_checkpoint(pair).exists()
+    assert not pending.exists()
 
 
 # ---------------------------------------------------------------- 4. special files as outputs
@@ -362,13 +365,13 @@ def test_a_binary_config_file_is_one_line(tmp_path, capsys):
 )
 def test_absurd_sizes_are_refused_before_anything_is_allocated(tmp_path, images, capsys, monkeypatch, args, message):
     # The refusal comes from the estimate, whatever the machine: never from running out.
-    monkeypatch.setattr("nst_lightning.memory.available_bytes", lambda device="cpu": 8 * 2**30)
+    monkeypatch.setattr("nst_lightning.runtime.available_bytes", lambda device="cpu": 8 * 2**30)
     monkeypatch.setattr("nst_lightning.features.load_backbone", _must_not_load)
     one_line(capsys, fit(write_config(tmp_path, images), *args), message)
 
 
 def test_the_datamodule_checks_before_it_resizes(images, monkeypatch):
-    monkeypatch.setattr("nst_lightning.memory.available_bytes", lambda device="cpu": 8 * 2**30)
+    monkeypatch.setattr("nst_lightning.runtime.available_bytes", lambda device="cpu": 8 * 2**30)
     data = StyleTransferDataModule(str(images["content"]), str(images["style"]), image_size=100_000)
     with pytest.warns(UserWarning, match="upscaling"), pytest.raises(ConfigError, match="lower data.image_size"):
         data.inputs()

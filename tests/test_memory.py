@@ -60,3 +60,26 @@ def test_bad_arguments():
     with pytest.raises(ConfigError, match="too small for layer relu5_1"):
         estimate_peak(12, 64)
     estimate_peak(12, 64, content_layers=["conv2_1"], style_layers=["conv1_1"])
+
+
+def test_the_activations_are_those_of_the_real_extractor():
+    # The estimate passes the extractor that a run builds over the image on the meta device: the same
+    # extractor with weights, on a CPU, keeps exactly as many bytes for its backward pass.
+    import warnings
+
+    import torch
+
+    from nst_lightning.features import FeatureExtractor
+    from nst_lightning.memory import saved_activations
+
+    layers = ["relu4_2", "relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1", "conv3_1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        real = FeatureExtractor(layers, weights="random")
+    with torch.device("meta"):
+        shapes = FeatureExtractor(layers, weights=None)
+    assert saved_activations(shapes, 40, 56, 4) == saved_activations(real, 40, 56, 4)
+    # Mixed precision halves the floating-point activations, not max pooling's int64 indices.
+    full, _ = saved_activations(shapes, 40, 56, 4)
+    half, _ = saved_activations(shapes, 40, 56, 2)
+    assert full / 2 < half < full

@@ -1,10 +1,8 @@
 import itertools
-import warnings
 
 import pytest
 import torch
 from lightning import Callback
-from lightning.pytorch.plugins.precision import MixedPrecision
 
 from nst_lightning.errors import ConfigError
 from tests.conftest import LossRecorder, datamodule, make_module, make_trainer
@@ -27,7 +25,7 @@ def test_lbfgs_steps_lower_the_loss_and_only_the_image_learns(tmp_path, images):
     assert total_loss(module) < before
     assert not torch.equal(module.image.detach(), start_image)
     assert [name for name, p in module.named_parameters() if p.requires_grad] == ["image"]
-    assert all(p.grad is None for p in module.extractor.parameters())
+    assert all(p.grad is None for p in module.objective.extractor.parameters())
 
 
 def test_adam_also_lowers_the_loss(tmp_path, images):
@@ -42,13 +40,13 @@ def test_targets_are_buffers_computed_once(tmp_path, images):
     dm = datamodule(images)
     make_trainer(tmp_path, steps=2).fit(module, datamodule=dm)
     buffers = dict(module.named_buffers())
-    assert buffers["content_targets.relu4_2.target"].shape[1] == 512
-    assert buffers["style_targets.conv1_1.0.gram"].shape == (1, 64, 64)
-    assert buffers["style_targets.conv2_1.0.gram"].shape == (1, 128, 128)
+    assert buffers["objective.content_targets.relu4_2.target"].shape[1] == 512
+    assert buffers["objective.style_targets.conv1_1.0.gram"].shape == (1, 64, 64)
+    assert buffers["objective.style_targets.conv2_1.0.gram"].shape == (1, 128, 128)
     # The targets are those of the data, whatever the optimisation did since.
     with torch.no_grad():
-        fresh = module.extractor(dm.content_image)["relu4_2"]
-    torch.testing.assert_close(buffers["content_targets.relu4_2.target"], fresh)
+        fresh = module.objective.extractor(dm.content_image)["relu4_2"]
+    torch.testing.assert_close(buffers["objective.content_targets.relu4_2.target"], fresh)
 
 
 def test_init_options(tmp_path, images):
@@ -111,8 +109,8 @@ def test_checkpoint_holds_image_and_targets_but_not_the_extractor(tmp_path, imag
     trainer.fit(module, datamodule=datamodule(images))
     trainer.save_checkpoint(tmp_path / "a.ckpt")
     state = torch.load(tmp_path / "a.ckpt", weights_only=True)["state_dict"]
-    assert "image" in state and "style_targets.relu5_1.0.gram" in state
-    assert not [k for k in state if k.startswith("extractor.")]
+    assert "image" in state and "objective.style_targets.relu5_1.0.gram" in state
+    assert not [k for k in state if k.startswith("objective.extractor.")]
 
 
 class ImageAtStart(Callback):
@@ -148,93 +146,6 @@ def test_resume_with_another_image_size_is_refused(tmp_path, images):
         make_trainer(tmp_path, steps=2).fit(
             make_module(), datamodule=datamodule(images, size=24), ckpt_path=tmp_path / "run.ckpt"
         )
-
-
-def _run_precision(tmp_path, images, **trainer_kwargs):
-    recorder = LossRecorder()
-    module = make_module(float32_final_steps=0)  # mixed precision to the end
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        make_trainer(tmp_path, steps=10, callbacks=[recorder], **trainer_kwargs).fit(
-            module, datamodule=datamodule(images, size=32)
-        )
-    return module, recorder.losses
-
-
-def test_bf16_mixed_runs_with_lbfgs(tmp_path, images):
-    module, losses = _run_precision(tmp_path, images, precision="bf16-mixed")
-    assert all(torch.isfinite(torch.tensor(losses)))
-    assert losses[-1] < losses[0]
-    assert module.image.dtype == torch.float32
-
-
-def test_bf16_on_a_cpu_without_native_support_warns(tmp_path, images, monkeypatch):
-    monkeypatch.setattr("nst_lightning.module._bf16_is_native_on_cpu", lambda: False)
-    with pytest.warns(UserWarning, match="no native bfloat16"):
-        make_trainer(tmp_path, steps=0, precision="bf16-mixed").fit(make_module(), datamodule=datamodule(images))
-
-
-def test_16_mixed_with_lbfgs_scales_the_loss_in_the_closure(tmp_path, images):
-    # Lightning's own 16-mixed plugin holds a GradScaler that refuses L-BFGS; the module takes it out
-    # and scales the loss itself. On CPU the Trainer flag maps to bf16, so the plugin is built here to
-    # run real float16 autocast.
-    plugin = MixedPrecision("16-mixed", "cpu")
-    assert plugin.scaler is not None
-    module, losses = _run_precision(tmp_path, images, plugins=[plugin])
-    assert plugin.scaler is None
-    assert all(torch.isfinite(torch.tensor(losses)))
-    assert losses[-1] < losses[0]
-
-
-def test_the_last_steps_of_a_mixed_precision_run_are_float32(tmp_path, images, caplog):
-    module = make_module(float32_final_steps=2, lbfgs_line_search=None)  # one evaluation per iteration
-    dtypes = []
-    module.extractor.body.conv1_1.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
-    with warnings.catch_warnings(), caplog.at_level("INFO"):
-        warnings.simplefilter("ignore")
-        make_trainer(tmp_path, steps=5, precision="bf16-mixed").fit(module, datamodule=datamodule(images, size=32))
-    assert "step 3: the last 2 iterations run in float32" in caplog.text
-    # The targets are computed once in float32 (setup: content and style), then one evaluation per
-    # L-BFGS iteration.
-    assert dtypes == [torch.float32] * 2 + [torch.bfloat16] * 3 + [torch.float32] * 2
-    assert torch.isfinite(module.image).all()
-
-
-def test_float32_final_steps_change_nothing_in_a_float32_run(tmp_path, images):
-    module = make_module(float32_final_steps=2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        make_trainer(tmp_path, steps=3).fit(module, datamodule=datamodule(images, size=32))
-        assert not module.in_float32_phase()
-
-
-def test_16_mixed_does_not_scale_the_loss_in_the_float32_phase(tmp_path, images):
-    module = make_module(style_layers=["conv1_1"], content_layers=["conv1_1"], float32_final_steps=2)
-    module.loss_scale.fill_(2.0**40)  # would overflow float16, and be backed off, if it were used
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        make_trainer(tmp_path, steps=2, plugins=[MixedPrecision("16-mixed", "cpu")]).fit(
-            module, datamodule=datamodule(images, size=16)
-        )
-    assert float(module.loss_scale) == 2.0**40
-    assert torch.isfinite(module.image).all()
-
-
-def test_16_mixed_recovers_from_gradient_overflow(tmp_path, images):
-    module = make_module(style_layers=["conv1_1"], content_layers=["conv1_1"], float32_final_steps=0)
-    module.loss_scale.fill_(2.0**40)  # overflows float16 at once: the closure must back off and retry
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        make_trainer(tmp_path, steps=2, plugins=[MixedPrecision("16-mixed", "cpu")]).fit(
-            module, datamodule=datamodule(images, size=16)
-        )
-    assert float(module.loss_scale) < 2.0**40
-    assert torch.isfinite(module.image).all()
-
-
-def test_true_half_precision_is_refused(tmp_path, images):
-    with pytest.raises(ConfigError, match="half precision"):
-        make_trainer(tmp_path, steps=1, precision="bf16-true").fit(make_module(), datamodule=datamodule(images))
 
 
 class ImageMoves(Callback):
@@ -279,43 +190,8 @@ def test_a_line_search_step_does_not_evaluate_its_end_point_twice(tmp_path, imag
 
 
 def test_compile_is_opt_in():
-    assert make_module()._compiled_call_impl is None
+    assert make_module().objective._compiled_call_impl is None
     compiled = make_module(compile=True)  # compilation itself happens at the first call, not here
     assert compiled.hparams.compile is True
-    assert compiled._compiled_call_impl is not None
+    assert compiled.objective._compiled_call_impl is not None
     assert not [k for k in compiled.state_dict() if "_orig_mod" in k]
-
-
-def test_reference_implementation_computes_the_same_loss(tmp_path, images):
-    # benchmarks/reference.py is the yardstick of the benchmark: it must minimise the same function.
-    import sys
-
-    from tests.conftest import REPO
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from reference import Reference
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    from nst_lightning.features import load_backbone
-
-    module = make_module(init="content", normalize=False)  # the tutorial's network is not normalised
-    dm = datamodule(images, size=48)  # the reference runs the whole VGG-19: pool5 needs 32 px
-    make_trainer(tmp_path, steps=0).fit(module, datamodule=dm)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref = Reference(load_backbone("vgg19", "random"), dm.content_image, dm.inputs().styles[0])
-    torch.testing.assert_close(float(ref.loss()), total_loss(module), rtol=1e-4, atol=0)
-    ref.step()
-    assert ref.evaluations == 1
-
-
-@pytest.mark.parametrize("final_steps, expected", [(50, "32-true"), (0, "bf16-mixed")])
-def test_the_memory_check_counts_the_float32_finish(tmp_path, images, monkeypatch, final_steps, expected):
-    seen = []
-    monkeypatch.setattr("nst_lightning.module.check_fits", lambda *args, **kwargs: seen.append(kwargs["precision"]))
-    module = make_module(float32_final_steps=final_steps)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        make_trainer(tmp_path, steps=0, precision="bf16-mixed").fit(module, datamodule=datamodule(images))
-    assert seen == [expected]

@@ -31,12 +31,12 @@ def test_blend_weights_blend_the_style_statistics(tmp_path, images, two_styles):
     module = fit(tmp_path, make_module(**SHALLOW), dm)
     inputs = dm.inputs()
     with torch.no_grad():
-        grams = [gram_matrix(module.extractor(style)["conv1_1"]) for style in inputs.styles]
-    torch.testing.assert_close(module.style_targets["conv1_1"][0].gram, 0.25 * grams[0] + 0.75 * grams[1])
+        grams = [gram_matrix(module.objective.extractor(style)["conv1_1"]) for style in inputs.styles]
+    torch.testing.assert_close(module.objective.style_targets["conv1_1"][0].gram, 0.25 * grams[0] + 0.75 * grams[1])
     # A single style with all the weight gives that style's target.
     only_second = StyleTransferDataModule(str(images["content"]), two_styles, image_size=32, style_blend_weights=[0, 1])
     module2 = fit(tmp_path, make_module(**SHALLOW), only_second)
-    torch.testing.assert_close(module2.style_targets["conv1_1"][0].gram, grams[1])
+    torch.testing.assert_close(module2.objective.style_targets["conv1_1"][0].gram, grams[1])
 
 
 @pytest.mark.parametrize(
@@ -78,7 +78,8 @@ def test_preserve_color_histogram_recolours_the_style_targets(tmp_path, images):
     dm = StyleTransferDataModule(str(images["content"]), str(images["style"]), image_size=32)
     plain = fit(tmp_path, make_module(**SHALLOW), dm)
     matched = fit(tmp_path, make_module(preserve_color="histogram", **SHALLOW), dm)
-    assert not torch.allclose(plain.style_targets["conv1_1"][0].gram, matched.style_targets["conv1_1"][0].gram)
+    grams = [module.objective.style_targets["conv1_1"][0].gram for module in (plain, matched)]
+    assert not torch.allclose(*grams)
 
 
 def test_init_from_an_image_file(tmp_path, images):
@@ -118,7 +119,7 @@ def test_coarse_to_fine_ends_at_the_final_size(tmp_path, images):
     assert record.shapes == [(12, 16)] * 2 + [(18, 24)] * 2 + [(24, 32)] * 3
     # The optimiser starts afresh at each scale; targets are those of the final size.
     assert record.history == [1, 2, 1, 2, 1, 2, 3]
-    assert module.content_targets["conv2_1"].target.shape[-2:] == (12, 16)
+    assert module.objective.content_targets["conv2_1"].target.shape[-2:] == (12, 16)
     assert all(torch.isfinite(torch.tensor(losses.losses)))
 
 
@@ -165,7 +166,7 @@ def test_mean_cov_style_loss_trains(tmp_path, images):
     dm = StyleTransferDataModule(str(images["content"]), str(images["style"]), image_size=32)
     losses = LossRecorder()
     module = fit(tmp_path, make_module(style_loss="mean_cov", style_weight=10.0), dm, steps=6, callbacks=[losses])
-    target = module.style_targets["relu1_1"][0]
+    target = module.objective.style_targets["relu1_1"][0]
     assert {"mean", "cov", "cov_sqrt"} <= {name for name, _ in target.named_buffers()}
     assert losses.losses[-1] < losses.losses[0]
 
@@ -175,8 +176,8 @@ def test_resnet18_backbone_runs(tmp_path, images):
     module = make_module(backbone="resnet18", content_layers=["layer3"], style_layers=["relu", "layer1", "layer2"])
     losses = LossRecorder()
     fit(tmp_path, module, dm, steps=4, callbacks=[losses])
-    assert [name for name, _ in module.extractor.body.named_children()][-1] == "layer3"
-    assert not module.extractor.training
+    assert [name for name, _ in module.objective.extractor.body.named_children()][-1] == "layer3"
+    assert not module.objective.extractor.training
     assert losses.losses[-1] < losses.losses[0]
 
 

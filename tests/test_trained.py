@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from nst_lightning.cli import cli_main
 from nst_lightning.errors import NumericalError
+from nst_lightning.main import cli_main
 from tests.conftest import REPO
 
 TRAINED = REPO.parent / "shared" / "weights" / "vgg16_imagenet_keras.pth"

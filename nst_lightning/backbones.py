@@ -1,0 +1,190 @@
+"""The backbones: which torchvision networks can extract features, their layers' names, and their weights
+(ImageNet through the torch hub cache, a state-dict file, or random)."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import ResNet18_Weights, VGG16_Weights, VGG19_Weights, resnet, vgg
+
+from nst_lightning.errors import ConfigError, WeightsError
+from nst_lightning.files import file_kind
+
+# The input normalisation of torchvision's ImageNet weights (RGB in [0, 1]).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """How to build one backbone.
+
+    ``build`` returns an un-initialised ``nn.Sequential`` of the feature layers; ``names`` names its
+    children; ``prefix`` is what those layers' keys start with in a whole-model torchvision state
+    dict, and ``head`` the prefixes of the classifier keys that the extractor ignores.
+    """
+
+    build: Callable[[], nn.Sequential]
+    names: Callable[[nn.Sequential], list[str]]
+    weights: object  # a torchvision WeightsEnum member
+    prefix: str
+    head: tuple[str, ...]
+
+
+def _vgg(cfg: str) -> Callable[[], nn.Sequential]:
+    return lambda: vgg.make_layers(vgg.cfgs[cfg], batch_norm=False)
+
+
+def _resnet18() -> nn.Sequential:
+    model = resnet.resnet18()
+    # Everything before the global pooling, under torchvision's own child names.
+    return nn.Sequential(
+        OrderedDict((name, child) for name, child in model.named_children() if name not in ("avgpool", "fc"))
+    )
+
+
+def _child_names(sequential: nn.Sequential) -> list[str]:
+    return [name for name, _ in sequential.named_children()]
+
+
+# Adding a backbone: one entry here.
+BACKBONES: dict[str, Backbone] = {
+    "vgg19": Backbone(
+        _vgg("E"), lambda seq: layer_names(seq), VGG19_Weights.IMAGENET1K_V1, "features.", ("classifier.",)
+    ),
+    "vgg16": Backbone(
+        _vgg("D"), lambda seq: layer_names(seq), VGG16_Weights.IMAGENET1K_V1, "features.", ("classifier.",)
+    ),
+    # Layers: conv1, bn1, relu, maxpool, layer1 ... layer4 (torchvision's names).
+    "resnet18": Backbone(_resnet18, _child_names, ResNet18_Weights.IMAGENET1K_V1, "", ("fc.",)),
+}
+
+
+def layer_names(layers: Iterable[nn.Module]) -> list[str]:
+    """Caffe-style names for a VGG-like stack: ``conv{block}_{i}``, ``relu{block}_{i}``, ``pool{block}``."""
+    names, block, index = [], 1, 1
+    for layer in layers:
+        if isinstance(layer, nn.Conv2d):
+            names.append(f"conv{block}_{index}")
+        elif isinstance(layer, nn.ReLU):
+            names.append(f"relu{block}_{index}")
+            index += 1
+        elif isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d)):
+            names.append(f"pool{block}")
+            block, index = block + 1, 1
+        else:
+            raise TypeError(f"cannot name layer {layer!r}: only Conv2d, ReLU and pooling are known")
+    return names
+
+
+def backbone_spec(backbone: str) -> Backbone:
+    """The entry of :data:`BACKBONES` for ``backbone``; the one check of a backbone's name."""
+    if backbone not in BACKBONES:
+        raise ConfigError(f"unknown backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
+    return BACKBONES[backbone]
+
+
+@functools.cache
+def backbone_layers(backbone: str) -> tuple[str, ...]:
+    """The names of ``backbone``'s layers, from a weightless copy (the meta device: nothing allocated)."""
+    spec = backbone_spec(backbone)
+    with torch.device("meta"):
+        return tuple(spec.names(spec.build()))
+
+
+def check_layers(backbone: str, layers: Sequence[str]) -> None:
+    """The one check of layer names: at least one, each a layer of ``backbone`` (before any weights load)."""
+    if not layers:
+        raise ConfigError("no layers requested: give at least one content or style layer")
+    names = backbone_layers(backbone)
+    unknown = [name for name in dict.fromkeys(layers) if name not in names]
+    if unknown:
+        raise ConfigError(f"unknown layer name(s) {', '.join(unknown)} for {backbone}: choose from {', '.join(names)}")
+
+
+def hub_cache_file(backbone: str) -> Path:
+    """Where torch.hub keeps (or would keep) the ImageNet weights of ``backbone``."""
+    url = BACKBONES[backbone].weights.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
+def _imagenet_state_dict(backbone: str) -> dict:
+    weights = BACKBONES[backbone].weights
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError; a bad hash a RuntimeError
+        raise WeightsError(
+            f"cannot get the ImageNet weights of {backbone} ({err}); offline, download {weights.url} "
+            f"elsewhere and pass --model.weights /path/to/{Path(urlparse(weights.url).path).name} "
+            f"or place it at {hub_cache_file(backbone)}"
+        ) from None
+
+
+def _file_state_dict(path: str) -> dict:
+    file = Path(path)
+    kind = file_kind(file)  # from stat alone: a FIFO would block torch.load, /dev/zero never end
+    if kind != "file":
+        what = "weights file not found: " if kind == "missing" else ""
+        found = "" if kind == "missing" else f" is {kind}, not a weights file"
+        raise WeightsError(
+            f"{what}{file}{found} (model.weights takes 'imagenet', 'random' or the path of a torchvision state dict)"
+        )
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "Weights only load failed" in first:  # torch goes on to suggest weights_only=False: no
+            first = "it is not a torch file, or it holds objects other than tensors"
+        raise WeightsError(
+            f"cannot load weights file {file}: {first} (it must be a torch state dict saved with torch.save)"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise WeightsError(f"{file} does not hold a state dict (a mapping of parameter names to tensors)")
+    # NaN or Inf in the weights would only show as a non-finite loss at the first step.
+    damaged = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if damaged:
+        more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+        raise WeightsError(
+            f"weights file {file} holds NaN or infinite values (in {damaged[0]}{more}): the file is damaged; "
+            "get the weights again"
+        )
+    return state
+
+
+def load_backbone(backbone: str, weights: str = "imagenet") -> nn.Sequential:
+    """Build ``backbone`` and load its weights: ``imagenet``, ``random`` or a file path.
+
+    A file holds a torchvision state dict of the whole model (``features.0.weight``, ...) or of its
+    ``features`` alone (``0.weight``, ...); it is read with ``weights_only=True``.
+    """
+    spec = backbone_spec(backbone)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # random weights are the same in every run
+        features = spec.build()
+    if weights == "random":
+        warnings.warn(
+            "model.weights is 'random': the extractor is untrained, so the output is no stylisation "
+            "(use this for tests and dry runs only)",
+            stacklevel=2,
+        )
+        return features
+    state = _imagenet_state_dict(backbone) if weights == "imagenet" else _file_state_dict(weights)
+    state = {k: v for k, v in state.items() if not k.startswith(spec.head)}
+    if spec.prefix and any(key.startswith(spec.prefix) for key in state):
+        state = {k[len(spec.prefix) :]: v for k, v in state.items() if k.startswith(spec.prefix)}
+    try:
+        features.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())
+        raise WeightsError(
+            f"the weights in {weights} do not fit {backbone}: {detail[:300]} (is it a {backbone} state dict?)"
+        ) from None
+    return features

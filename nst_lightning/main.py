@@ -1,0 +1,86 @@
+"""The entry point: ``python cli.py``, ``python -m nst_lightning`` and the ``nst-lightning`` command run
+:func:`cli_main`, which runs a command and turns what stops it into one line and an exit status."""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from typing import NoReturn
+
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from nst_lightning import batch, checks
+from nst_lightning.cli import EXIT_USAGE, BatchCLI, StyleTransferCLI
+from nst_lightning.errors import Interrupted, NSTError
+from nst_lightning.runtime import keep_freed_memory, quiet_lightning, set_default_threads
+
+# Exit status of a problem with the input (or a batch in which some pair failed).
+EXIT_ERROR = 1
+
+
+def _stop(prefix: str, message: str, code: int) -> NoReturn:
+    print(f"nst-lightning: {prefix}: {message}", file=sys.stderr)
+    raise SystemExit(code) from None
+
+
+def cli_main(args: list[str] | None = None) -> None:
+    """Runs the command of ``args`` (default: ``sys.argv[1:]``): ``fit`` one optimisation, ``batch`` many
+    (see :mod:`nst_lightning.batch`).
+
+    Exit status: 0 when the run is done; 1 with one line on stderr for a problem with the input (or
+    a batch in which some pair failed); 2 for a command line or config that does not parse;
+    128 + the signal's number after Ctrl-C (130) or SIGTERM (143), once the partial image and a
+    checkpoint are saved.
+    Torch uses one thread per physical core unless ``OMP_NUM_THREADS`` (or ``MKL_NUM_THREADS``) says
+    otherwise; freed memory is kept for the next iteration (see :func:`~nst_lightning.runtime.keep_freed_memory`).
+    """
+    set_default_threads()
+    keep_freed_memory()
+    # The loader only paces the steps: worker processes would not help. The extractor is meant to
+    # stay in eval mode. Neither needs a warning on every run.
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", r".*module\(s\) in eval mode.*")
+    # Raised inside Lightning 2.6 itself on every step; nothing a user can act on.
+    warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\).*")
+    argv = sys.argv[1:] if args is None else list(args)
+    try:
+        checks.check_config_files(argv)
+    except NSTError as err:
+        _stop("error", str(err), EXIT_USAGE)
+    if argv[:1] == ["batch"]:
+        _batch_main(argv[1:])
+        return
+    try:
+        StyleTransferCLI(args=args)
+    except Interrupted as err:
+        _stop("interrupted", str(err), err.exit_code)
+    except NSTError as err:
+        _stop("error", str(err), EXIT_ERROR)
+    except SIGTERMException:  # Lightning's own SIGTERM handling, before RunGuard took over
+        _stop("interrupted", "SIGTERM before the optimisation started: nothing was written", 143)
+    except KeyboardInterrupt:
+        _stop("interrupted", "Ctrl-C before the optimisation started: nothing was written", 130)
+    except SystemExit as exit_:
+        # Lightning answers a Ctrl-C inside fit, before RunGuard is armed, with sys.exit(1).
+        if isinstance(exit_.__context__, KeyboardInterrupt):
+            _stop("interrupted", "Ctrl-C before the optimisation started: nothing was written", 130)
+        raise
+
+
+def _batch_main(args: list[str]) -> None:
+    """``python cli.py batch ...`` with the arguments after ``batch``."""
+    started = time.perf_counter()
+    # cli_main hands LightningCLI the arguments after "batch": not the mistake this warns about.
+    warnings.filterwarnings("ignore", ".*LightningCLI's args parameter is intended.*")
+    try:
+        with quiet_lightning():
+            status = batch.run_batch(BatchCLI(args), args, started)
+    except Interrupted as err:
+        _stop("interrupted", f"the batch stopped at {err}", err.exit_code)
+    except NSTError as err:
+        _stop("error", str(err), EXIT_ERROR)
+    except KeyboardInterrupt:
+        _stop("interrupted", "Ctrl-C: the batch stopped (batch.skip_existing: true skips the pairs done)", 130)
+    if status:
+        raise SystemExit(status)

@@ -1,0 +1,208 @@
+"""The objective of Gatys et al.: an extractor, targets and weights, mapping an image to its named losses.
+
+An ``nn.Module`` of its own, usable (and tested) without Lightning: :meth:`Objective.set_targets` computes
+the content activations and style statistics of the images once, as buffers (so they follow the module's
+device and live in checkpoints), and calling the objective on an image gives ``{name: loss}``. Colour
+control, masks and the blending of several styles happen here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nst_lightning.color import combine_luminance, grey_rgb, luminance, match_color, match_luminance
+from nst_lightning.data import Inputs
+from nst_lightning.errors import CheckpointError
+from nst_lightning.features import FeatureExtractor
+from nst_lightning.losses import total_variation
+from nst_lightning.targets import STYLE_TARGETS, ContentTarget, resize_mask
+
+# A checkpoint's targets may differ from this run's by this much (relative) and still be "the same images".
+TARGET_TOLERANCE = 1e-2
+# A mean activation above this, in a network that is not normalised, is on Caffe's scale (torchvision's
+# weights give about 1, Caffe-converted ones 20-300), where the default loss weights overflow.
+LARGE_ACTIVATIONS = 10.0
+_WEIGHTS = {"content": "content_weight", "style": "style_weight", "tv": "tv_weight"}
+
+
+class Objective(nn.Module):
+    """``image -> {total, content, style, style_<layer>, tv}``: the weighted loss and its terms (float32).
+
+    Args:
+        extractor: the frozen feature extractor (it returns at least the content and style layers).
+        content_layers, style_layers: the layers compared with the content image and with the styles.
+        style_layer_weights: one weight per style layer.
+        content_weight, style_weight, tv_weight: alpha, beta and the total variation's weight.
+        style_loss: ``gram`` or ``mean_cov`` (see :data:`~nst_lightning.targets.STYLE_TARGETS`).
+        preserve_color: ``none``, ``luminance`` or ``histogram`` (see :meth:`prepare`).
+    """
+
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        content_layers: Sequence[str],
+        style_layers: Sequence[str],
+        style_layer_weights: Sequence[float],
+        content_weight: float = 1.0,
+        style_weight: float = 1e6,
+        tv_weight: float = 0.0,
+        style_loss: str = "gram",
+        preserve_color: str = "none",
+    ) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.content_layers, self.style_layers = list(content_layers), list(style_layers)
+        self.style_layer_weights = dict(zip(self.style_layers, map(float, style_layer_weights), strict=True))
+        self.weights = {"content": content_weight, "style": style_weight, "tv": tv_weight}
+        self.style_loss, self.preserve_color = style_loss, preserve_color
+        self.content_targets = nn.ModuleDict()
+        self.style_targets = nn.ModuleDict()
+        self.register_buffer("content_image", None)  # the chroma of a luminance-only run's output
+        self.group_weights: list[float] = []
+        # The largest mean activation of a layer in use: what a message about an overflow can point to.
+        self.activation_scale: tuple[float, str] = (0.0, "")
+
+    def prepare(self, inputs: Inputs) -> tuple[Tensor, list[Tensor]]:
+        """The content and style images as the optimisation sees them (colour control, Gatys et al. 2017):
+        ``histogram`` recolours the styles to the content's colours; ``luminance`` compares luminance
+        only (grey images, the styles' luminance matched to the content's)."""
+        content, styles = inputs.content, inputs.styles
+        if self.preserve_color == "histogram":
+            styles = [match_color(style, content) for style in styles]
+        elif self.preserve_color == "luminance":
+            content_y = luminance(content)
+            styles = [grey_rgb(match_luminance(luminance(style), content_y)) for style in styles]
+            content = grey_rgb(content_y)
+        return content, styles
+
+    def set_targets(self, inputs: Inputs, device: torch.device | str = "cpu") -> None:
+        """Computes the content activations and style statistics once, as buffers (call it under no_grad).
+
+        Without masks the style images' statistics are blended (weights summing to 1) into one
+        target per layer. With masks each style gets its own target, compared with the statistics
+        of its region; its weight is its blend weight times the number of styles (1 for equal
+        blends), so each region gets the full style weight.
+        """
+        content, styles = self.prepare(inputs)
+        content, styles = content.to(device), [style.to(device) for style in styles]
+        content_features = self.extractor(content)
+        self.activation_scale = max((float(f.clamp(min=0).mean()), layer) for layer, f in content_features.items())
+        style_features = [self.extractor(style) for style in styles]
+        self.content_image = inputs.content.to(device)
+        self.content_targets = nn.ModuleDict(
+            {layer: ContentTarget(content_features[layer]) for layer in self.content_layers}
+        )
+        target_class = STYLE_TARGETS[self.style_loss]
+        if inputs.masks is None:
+            groups = [(style_features, inputs.blend, None)]
+            self.group_weights = [1.0]
+        else:
+            groups = [([f], [1.0], mask.to(device)) for f, mask in zip(style_features, inputs.masks, strict=True)]
+            self.group_weights = [w * len(inputs.blend) for w in inputs.blend]
+        self.style_targets = nn.ModuleDict(
+            {
+                layer: nn.ModuleList(
+                    target_class([f[layer] for f in features], blend, resize_mask(mask, content_features[layer]))
+                    for features, blend, mask in groups
+                )
+                for layer in self.style_layers
+            }
+        )
+
+    def initial_image(self, inputs: Inputs, init: str, seed: int = 0, image: Tensor | None = None) -> Tensor:
+        """The image the optimisation starts from: the (prepared) ``content``, the first ``style``, ``noise``
+        (uniform, from ``seed``) or ``image`` (an init file's pixels), resized to the content's size. With
+        ``preserve_color: luminance`` a one-channel luminance image (the network sees it as grey RGB, and
+        :meth:`to_rgb` gives it the content's chroma)."""
+        content, styles = self.prepare(inputs)
+        if init == "content":
+            start = content.clone()
+        elif init == "noise":
+            start = torch.rand(content.shape, generator=torch.Generator().manual_seed(seed))
+        else:
+            start = styles[0] if init == "style" else image
+            start = F.interpolate(
+                start, size=content.shape[-2:], mode="bicubic", antialias=True, align_corners=False
+            ).clamp_(0, 1)
+        return luminance(start) if self.preserve_color == "luminance" else start
+
+    def forward(self, image: Tensor) -> dict[str, Tensor]:
+        """The weighted losses of ``image`` against the targets: total, content, style, style per
+        layer (before the layer weight) and tv. All float32."""
+        features = self.extractor(grey_rgb(image) if image.shape[1] == 1 else image)
+        zero = image.new_zeros((), dtype=torch.float32)
+        losses: dict[str, Tensor] = {}
+        content = zero
+        for layer, target in self.content_targets.items():
+            content = content + target(features[layer])
+        if self.content_layers:
+            content = content / len(self.content_layers)
+        style = zero
+        for layer, targets in self.style_targets.items():
+            term = sum(w * target(features[layer]) for w, target in zip(self.group_weights, targets, strict=True))
+            losses[f"style_{layer}"] = term.detach()
+            style = style + self.style_layer_weights[layer] * term
+        tv = total_variation(image) if self.weights["tv"] > 0 else zero
+        total = self.weights["content"] * content + self.weights["style"] * style + self.weights["tv"] * tv
+        losses.update(total=total, content=content.detach(), style=style.detach(), tv=tv.detach())
+        return losses
+
+    def to_rgb(self, image: Tensor) -> Tensor:
+        """An optimised image as RGB in [0, 1] (with ``preserve_color: luminance``, the luminance combined
+        with the content's chroma)."""
+        image = image.detach().float()
+        if image.shape[1] == 1:
+            image = combine_luminance(image, self.content_image)
+        return image.clamp(0, 1)
+
+    def check_same_targets(self, saved: Mapping[str, Any]) -> None:
+        """A checkpoint's targets (keys as in this module's state dict) must be the ones this run's images
+        give: otherwise it came from other images (or other weights)."""
+        buffers = dict(self.named_buffers())
+        for name, before in saved.items():
+            current = buffers.get(name) if name.startswith(("content_targets.", "style_targets.")) else None
+            if not isinstance(current, Tensor) or not isinstance(before, Tensor):
+                continue
+            which = "content" if name.startswith("content_targets.") else "style"
+            if before.shape != current.shape:
+                raise CheckpointError(
+                    f"the checkpoint's {which} target {name} has shape {tuple(before.shape)}, this run's "
+                    f"{tuple(current.shape)}: resume with the same images, layers and data.image_size"
+                )
+            before = before.to(device=current.device, dtype=current.dtype)
+            if float((before - current).norm()) > TARGET_TOLERANCE * (float(current.norm()) or 1.0):
+                raise CheckpointError(
+                    f"the checkpoint was made from another {which} image (or other weights): its target {name} "
+                    f"differs from this run's; resume with the same data.{which} and model.weights, or start a new "
+                    "run without --ckpt_path"
+                )
+
+    def non_finite_message(self, losses: Mapping[str, Tensor], step: int, hint: str = "") -> str:
+        """Why the total loss of ``losses`` is not finite, and what to change (``hint``: about the precision)."""
+        total = float(losses["total"].detach())
+        mean, layer = self.activation_scale
+        if self.extractor.layer_means is None and mean > LARGE_ACTIVATIONS:  # a network not normalised
+            return (
+                f"the loss became {total} at step {step}: this network's activations are on a large scale (mean "
+                f"{mean:.3g} at {layer}, as with Caffe-converted weights) and model.normalize is false, so the "
+                "loss weights are far too strong for it: set model.normalize true"
+            )
+        for term in _WEIGHTS:
+            if not math.isfinite(float(losses[term])):
+                return (
+                    f"the {term} loss became {float(losses[term])} at step {step}: the image or its features "
+                    f"overflowed; lower model.lr or set model.lbfgs_line_search to strong_wolfe{hint}"
+                )
+        # Every term is finite: a weight times its term went beyond float32's range (about 3.4e38).
+        key = max(_WEIGHTS, key=lambda term: abs(self.weights[term] * float(losses[term])))
+        weight = _WEIGHTS[key]
+        return (
+            f"the loss became {total} at step {step}: model.{weight}={self.weights[key]:g} times the {key} "
+            f"loss ({float(losses[key]):.3g}) is beyond float32's range (about 3.4e38); lower model.{weight}"
+        )

@@ -1,0 +1,154 @@
+"""Mixed precision around the L-BFGS closure: loss scaling under 16-mixed on torch's GradScaler, the float32
+finish, and the precisions refused; alone, then through the real Trainer."""
+
+import warnings
+
+import pytest
+import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
+
+from nst_lightning.errors import ConfigError
+from nst_lightning.precision import GROWTH_INTERVAL, LossScaler, drop_lightning_scaler, float32_start
+from tests.conftest import LossRecorder, datamodule, make_module, make_trainer
+
+
+def test_the_float32_finish_starts_at_the_last_steps_of_a_mixed_run_only():
+    assert float32_start("bf16-mixed", 300, 50) == 250
+    assert float32_start("16-mixed", 30, 50) == 0
+    assert float32_start("32-true", 300, 50) is None
+    assert float32_start("bf16-mixed", 300, 0) is None
+    assert float32_start("bf16-mixed", -1, 50) is None
+
+
+def test_the_loss_scaler_backs_off_on_overflow_grows_after_its_interval_and_keeps_its_record():
+    record = torch.tensor(2.0**16)
+    scaler = LossScaler(record)
+    x = torch.ones(3, requires_grad=True)
+    optimizer = torch.optim.LBFGS([x])
+
+    def backward(weight: float) -> bool:
+        x.grad = None
+        return scaler.backward((x * weight).sum(), lambda loss: loss.backward(), optimizer)
+
+    assert backward(3.0) and float(record) == 2.0**16
+    torch.testing.assert_close(x.grad, torch.full_like(x, 3.0))  # the gradient comes back unscaled
+    for _ in range(GROWTH_INTERVAL - 2):
+        backward(3.0)
+    assert float(record) == 2.0**16
+    assert backward(3.0) and float(record) == 2.0**17, "doubled after the interval"
+    assert not backward(float("inf")) and float(record) == 2.0**13, "backed off by 16"
+    assert LossScaler(torch.tensor(2.0**40)).scaler.get_scale() == 2.0**40, "a resumed run's scale"
+
+
+def test_gradscaler_cannot_step_l_bfgs_so_the_closure_scales_each_evaluation():
+    # Why LossScaler drives GradScaler per evaluation: its step() takes no closure, and Lightning's
+    # 16-mixed plugin refuses L-BFGS while it holds one. If either changes, the precision module can
+    # go back to the usual way.
+    x = torch.ones(2, requires_grad=True)
+    optimizer = torch.optim.LBFGS([x])
+    scaler = torch.amp.GradScaler("cpu")
+    with pytest.raises(RuntimeError, match="[Cc]losure"):
+        scaler.step(optimizer, closure=lambda: x.sum())
+    plugin = MixedPrecision("16-mixed", "cpu")
+    with pytest.raises(Exception, match="LBFGS"):
+        plugin.optimizer_step(optimizer, model=torch.nn.Linear(1, 1), closure=lambda: x.sum())
+    drop_lightning_scaler(plugin)
+    assert plugin.scaler is None
+
+
+def _run_precision(tmp_path, images, **trainer_kwargs):
+    recorder = LossRecorder()
+    module = make_module(float32_final_steps=0)  # mixed precision to the end
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(tmp_path, steps=10, callbacks=[recorder], **trainer_kwargs).fit(
+            module, datamodule=datamodule(images, size=32)
+        )
+    return module, recorder.losses
+
+
+def test_bf16_mixed_runs_with_lbfgs(tmp_path, images):
+    module, losses = _run_precision(tmp_path, images, precision="bf16-mixed")
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    assert module.image.dtype == torch.float32
+
+
+def test_bf16_on_a_cpu_without_native_support_warns(tmp_path, images, monkeypatch):
+    monkeypatch.setattr("nst_lightning.checks.bf16_is_native_on_cpu", lambda: False)
+    with pytest.warns(UserWarning, match="no native bfloat16"):
+        make_trainer(tmp_path, steps=0, precision="bf16-mixed").fit(make_module(), datamodule=datamodule(images))
+
+
+def test_16_mixed_with_lbfgs_scales_the_loss_in_the_closure(tmp_path, images):
+    # Lightning's own 16-mixed plugin holds a GradScaler that refuses L-BFGS; the module takes it out
+    # and scales the loss itself. On CPU the Trainer flag maps to bf16, so the plugin is built here to
+    # run real float16 autocast.
+    plugin = MixedPrecision("16-mixed", "cpu")
+    assert plugin.scaler is not None
+    module, losses = _run_precision(tmp_path, images, plugins=[plugin])
+    assert plugin.scaler is None
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+
+
+def test_the_last_steps_of_a_mixed_precision_run_are_float32(tmp_path, images, caplog):
+    module = make_module(float32_final_steps=2, lbfgs_line_search=None)  # one evaluation per iteration
+    dtypes = []
+    module.objective.extractor.body.conv1_1.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
+    with warnings.catch_warnings(), caplog.at_level("INFO"):
+        warnings.simplefilter("ignore")
+        make_trainer(tmp_path, steps=5, precision="bf16-mixed").fit(module, datamodule=datamodule(images, size=32))
+    assert "step 3: the last 2 iterations run in float32" in caplog.text
+    # The targets are computed once in float32 (setup: content and style), then one evaluation per
+    # L-BFGS iteration.
+    assert dtypes == [torch.float32] * 2 + [torch.bfloat16] * 3 + [torch.float32] * 2
+    assert torch.isfinite(module.image).all()
+
+
+def test_float32_final_steps_change_nothing_in_a_float32_run(tmp_path, images):
+    module = make_module(float32_final_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(tmp_path, steps=3).fit(module, datamodule=datamodule(images, size=32))
+        assert not module.in_float32_phase()
+
+
+def test_16_mixed_does_not_scale_the_loss_in_the_float32_phase(tmp_path, images):
+    module = make_module(style_layers=["conv1_1"], content_layers=["conv1_1"], float32_final_steps=2)
+    module.loss_scale.fill_(2.0**40)  # would overflow float16, and be backed off, if it were used
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(tmp_path, steps=2, plugins=[MixedPrecision("16-mixed", "cpu")]).fit(
+            module, datamodule=datamodule(images, size=16)
+        )
+    assert float(module.loss_scale) == 2.0**40
+    assert torch.isfinite(module.image).all()
+
+
+def test_16_mixed_recovers_from_gradient_overflow(tmp_path, images):
+    module = make_module(style_layers=["conv1_1"], content_layers=["conv1_1"], float32_final_steps=0)
+    module.loss_scale.fill_(2.0**40)  # overflows float16 at once: the closure must back off and retry
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(tmp_path, steps=2, plugins=[MixedPrecision("16-mixed", "cpu")]).fit(
+            module, datamodule=datamodule(images, size=16)
+        )
+    assert float(module.loss_scale) < 2.0**40
+    assert torch.isfinite(module.image).all()
+
+
+def test_true_half_precision_is_refused(tmp_path, images):
+    with pytest.raises(ConfigError, match="half precision"):
+        make_trainer(tmp_path, steps=1, precision="bf16-true").fit(make_module(), datamodule=datamodule(images))
+
+
+@pytest.mark.parametrize("final_steps, expected", [(50, "32-true"), (0, "bf16-mixed")])
+def test_the_memory_check_counts_the_float32_finish(tmp_path, images, monkeypatch, final_steps, expected):
+    seen = []
+    monkeypatch.setattr("nst_lightning.memory.check_fits", lambda *args, **kwargs: seen.append(kwargs["precision"]))
+    module = make_module(float32_final_steps=final_steps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(tmp_path, steps=0, precision="bf16-mixed").fit(module, datamodule=datamodule(images))
+    assert seen == [expected]
