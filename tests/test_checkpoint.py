@@ -176,7 +176,7 @@ def test_resuming_with_another_style_image_is_refused(tmp_path, finished_run, ca
     config, ckpt = finished_run
     other = make_image(tmp_path / "other_style.png", 32, 32, seed=7)
     with pytest.raises(SystemExit):
-        cli_main(["fit", "--config", str(config), "--ckpt_path", str(ckpt), "--data.style", str(other)])
+        cli_main(["fit", "--config", str(config), "--ckpt_path", str(ckpt), "--data.style", str(other), "--overwrite"])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nst-lightning: error:")]
     assert len(lines) == 1 and "made from another style image" in lines[0], lines
 

@@ -63,7 +63,7 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path, images):
     run_cli("--config", str(config))
     ckpt = next((version_dir(tmp_path, 0) / "checkpoints").glob("*.ckpt"))
     saved = torch.load(ckpt, weights_only=True)["state_dict"]["image"]
-    run_cli("--config", str(config), "--trainer.max_steps", "6", "--ckpt_path", str(ckpt))
+    run_cli("--config", str(config), "--trainer.max_steps", "6", "--ckpt_path", str(ckpt), "--overwrite")
     resumed = version_dir(tmp_path, 1)
     assert list((resumed / "checkpoints").glob("*step=6.ckpt"))
     steps = [event.step for event in scalars(resumed).Scalars("loss")]
@@ -99,8 +99,8 @@ def test_default_config_holds_the_seed_defaults(capsys):
     assert config["model"]["content_weight"] == 1.0 and config["model"]["style_weight"] == 1e6
     assert config["model"]["optimizer"] == "lbfgs"
     assert config["data"]["image_size"] == 512
-    for key in ("content", "style"):
-        assert (REPO / config["data"][key]).is_file()
+    for key in ("content", "style"):  # relative to the config file
+        assert (REPO / "configs" / config["data"][key]).is_file()
 
 
 def _expect_one_line_error(tmp_path, capsys, args, message):

@@ -96,7 +96,7 @@ def test_the_last_steps_of_a_mixed_precision_run_are_float32(tmp_path, images, c
     module = make_module(float32_final_steps=2, lbfgs_line_search=None)  # one evaluation per iteration
     dtypes = []
     module.objective.extractor.body.conv1_1.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
-    with warnings.catch_warnings(), caplog.at_level("INFO"):
+    with warnings.catch_warnings(), caplog.at_level("DEBUG", logger="nst_lightning"):  # a detail (--verbose)
         warnings.simplefilter("ignore")
         make_trainer(tmp_path, steps=5, precision="bf16-mixed").fit(module, datamodule=datamodule(images, size=32))
     assert "step 3: the last 2 iterations run in float32" in caplog.text
