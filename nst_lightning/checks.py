@@ -23,7 +23,7 @@ from nst_lightning.backbones import check_layers
 from nst_lightning.errors import ConfigError, ImageError
 from nst_lightning.files import check_text_file, file_kind
 from nst_lightning.image_io import image_format
-from nst_lightning.runtime import bf16_is_native_on_cpu, quiet_lightning
+from nst_lightning.runtime import bf16_is_native_on_cpu, bf16_is_native_on_gpu, quiet_lightning
 
 # ---------------------------------------------------------------- names and defaults (one source each)
 
@@ -185,6 +185,12 @@ def check_precision(precision: str, device_type: str) -> None:
         warnings.warn(
             f"trainer.precision is {precision} but this CPU has no native bfloat16: it runs many "
             "times slower than 32-true; use --trainer.precision 32-true on this machine",
+            stacklevel=3,
+        )
+    if precision.startswith("bf16") and device_type == "cuda" and not bf16_is_native_on_gpu():
+        warnings.warn(
+            f"trainer.precision is {precision} but this GPU computes bfloat16 without native support (it has "
+            "none before compute capability 8.0): slower than 16-mixed; use --trainer.precision 16-mixed",
             stacklevel=3,
         )
 

@@ -27,7 +27,6 @@ from lightning.pytorch.trainer.states import TrainerStatus
 from nst_lightning import batch, checks
 from nst_lightning.callbacks import ImageWriter, partial_path
 from nst_lightning.checkpoint import AtomicCheckpointIO, check_same_config, read_checkpoint
-from nst_lightning.configs import StyleTransferArgumentParser, absolute_paths
 from nst_lightning.console import ProgressBar
 from nst_lightning.data import StyleTransferDataModule, check_files_fit
 from nst_lightning.errors import CheckpointError, ConfigError
@@ -36,6 +35,7 @@ from nst_lightning.guard import RunGuard
 from nst_lightning.image_io import check_writable
 from nst_lightning.module import StyleTransfer
 from nst_lightning.pairs import BatchSettings, Pair
+from nst_lightning.parsing import StyleTransferArgumentParser, absolute_paths
 from nst_lightning.precision import choose_precision
 from nst_lightning.runlog import RunLogger, RunRecord, run_summary
 

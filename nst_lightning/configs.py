@@ -1,5 +1,4 @@
-"""Config files: the shipped ones found by name and listed, paths inside a config read relative to it, and the
-parser that reports a bad command line or config as one line.
+"""The shipped configs: where they are, found by name (``--config default``), listed (``nst-lightning configs``).
 
 The shipped configs are the repository's ``configs/`` folder. A wheel installs it beside the package, as
 ``nst_lightning_configs/``, so that the paths inside (``../nst_lightning/samples/...``, relative to the
@@ -9,19 +8,11 @@ config file) name the same sample images in a checkout and in an installed packa
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
 
-from jsonargparse import Namespace
-from lightning.pytorch.cli import LightningArgumentParser
-
-from nst_lightning.checks import InputPath
 from nst_lightning.errors import ConfigError
 
-# Exit status of a bad command line or config (argparse's convention).
-EXIT_USAGE = 2
 _PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 # Where the shipped configs are: installed from a wheel, or in a checkout (an editable install, cli.py).
 _SHIPPED_DIRS = (_PACKAGE_PARENT / "nst_lightning_configs", _PACKAGE_PARENT / "configs")
@@ -102,30 +93,3 @@ def resolve_config_names(argv: Sequence[str]) -> list[str]:
             )
         args[index] = f"{option}={path}" if index == position else str(path)
     return args
-
-
-def absolute_paths(value: Any) -> Any:
-    """``value`` with every :data:`~nst_lightning.checks.InputPath` jsonargparse parsed (relative to the config
-    file that held it, or to the working folder) made absolute, in place for a namespace: so that the classes,
-    the run's saved config.yaml and its hparams name the same files from any folder."""
-    if isinstance(value, InputPath):
-        return InputPath(os.fspath(value)) if str(value) else value
-    if isinstance(value, Namespace):
-        for key in list(value.keys()):
-            value[key] = absolute_paths(value[key])
-        return value
-    if isinstance(value, list):
-        return [absolute_paths(item) for item in value]
-    return value
-
-
-class StyleTransferArgumentParser(LightningArgumentParser):
-    """Reports a bad command line or config file (an unknown key, a wrong type) as one line; the usage
-    text that argparse would print first is one ``--help`` away."""
-
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
-            super().error(message, ex)
-        detail = " ".join(str(message).split())
-        sys.stderr.write(f"nst-lightning: error: {detail} (--help lists every key and its type)\n")
-        self.exit(EXIT_USAGE)

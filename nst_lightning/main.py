@@ -9,16 +9,8 @@ import time
 import warnings
 from typing import NoReturn
 
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-from nst_lightning import batch, checks, configs, console, oneshot
-from nst_lightning.cli import BatchCLI, StyleTransferCLI
-from nst_lightning.configs import EXIT_USAGE
-from nst_lightning.errors import Interrupted, NSTError
-from nst_lightning.runtime import keep_freed_memory, quiet_lightning, set_default_threads
-
-# Exit status of a problem with the input (or a batch in which some pair failed).
-EXIT_ERROR = 1
+from nst_lightning import __version__
+from nst_lightning.errors import EXIT_ERROR, EXIT_USAGE, Interrupted, NSTError
 
 
 def _stop(prefix: str, message: str, code: int) -> NoReturn:
@@ -44,14 +36,23 @@ def cli_main(args: list[str] | None = None) -> None:
     verbose = "--verbose" in argv
     argv = [arg for arg in argv if arg != "--verbose"]
     command = argv[0] if argv else None
-    if command in (None, "-h", "--help", "--version"):
+    if command == "--version":  # before torch and Lightning load: at once
+        print(f"nst-lightning {__version__}")
+        return
+    from nst_lightning import configs, oneshot  # light: the help and the list come at once too
+
+    if command in (None, "-h", "--help"):
         if command is None:
             oneshot.parser().print_usage(sys.stderr)
             _stop("error", "give CONTENT STYLE, or a command (nst-lightning --help lists them)", EXIT_USAGE)
-        oneshot.parser().parse_args([command])  # prints the help or the version, and exits
+        oneshot.parser().parse_args([command])  # prints the help, and exits
     if command in ("configs", "--list-configs"):
-        print(configs.config_list())
+        with contextlib.suppress(BrokenPipeError):  # nst-lightning configs | head
+            print(configs.config_list(), flush=True)
         return
+    from nst_lightning import checks, console
+    from nst_lightning.runtime import keep_freed_memory, set_default_threads
+
     set_default_threads()
     keep_freed_memory()
     # The loader only paces the steps: worker processes would not help. The extractor is meant to
@@ -66,6 +67,9 @@ def cli_main(args: list[str] | None = None) -> None:
         try:
             if command not in ("fit", "batch"):
                 argv = oneshot.fit_arguments(argv)
+        except NSTError as err:  # values that parse but cannot work, as fit's own checks say them
+            _stop("error", str(err), EXIT_ERROR)
+        try:
             argv = ["--output.overwrite=true" if arg == "--overwrite" else arg for arg in argv]
             argv = configs.resolve_config_names(argv)
             checks.check_config_files(argv)
@@ -78,6 +82,10 @@ def cli_main(args: list[str] | None = None) -> None:
 
 
 def _fit_main(argv: list[str], verbose: bool) -> None:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from nst_lightning.cli import StyleTransferCLI
+
     try:
         StyleTransferCLI(args=argv, verbose=verbose)
     except Interrupted as err:
@@ -97,6 +105,10 @@ def _fit_main(argv: list[str], verbose: bool) -> None:
 
 def _batch_main(args: list[str], verbose: bool) -> None:
     """``python cli.py batch ...`` with the arguments after ``batch``."""
+    from nst_lightning import batch
+    from nst_lightning.cli import BatchCLI
+    from nst_lightning.runtime import quiet_lightning
+
     started = time.perf_counter()
     try:
         with contextlib.nullcontext() if verbose else quiet_lightning():

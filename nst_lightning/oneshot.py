@@ -13,13 +13,15 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn, get_args
+from typing import NoReturn
 
 from nst_lightning import __version__
-from nst_lightning.backbones import BACKBONES
-from nst_lightning.checks import PreserveColor
 from nst_lightning.errors import ConfigError
 
+# The choices of --preserve-color and --backbone: model.preserve_color's and BACKBONES' (tests/test_entry.py
+# checks), written out so that --help needs neither torch nor Lightning.
+PRESERVE_COLOR = ("none", "luminance", "histogram")
+BACKBONE_NAMES = ("vgg19", "vgg16", "resnet18")
 OUTPUT_FOLDER = "outputs"
 """Where the image goes when ``-o`` is not given, as ``<content>__<style>.png`` (the batch's naming)."""
 # Options of fit that are not dotted keys but pass through all the same.
@@ -73,9 +75,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="OUT", help=f"the image ({OUTPUT_FOLDER}/<content>__<style>.png)")
     for flag, kind, metavar, text in FLAGS:
         p.add_argument(flag, type=kind, metavar=metavar, help=text)
-    p.add_argument("--preserve-color", choices=get_args(PreserveColor), help="keep the photo's colours (none)")
+    p.add_argument("--preserve-color", choices=PRESERVE_COLOR, help="keep the photo's colours (none)")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), help="where to run (auto: a GPU where there is one)")
-    p.add_argument("--backbone", choices=tuple(BACKBONES), help="the feature network (vgg19)")
+    p.add_argument("--backbone", choices=BACKBONE_NAMES, help="the feature network (vgg19)")
     p.add_argument("--config", action="append", default=[], metavar="FILE|NAME", help=CONFIG_HELP)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other key: model.tv_weight=1")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (else it is refused)")
@@ -132,7 +134,8 @@ def _check_device(device: str | None) -> None:
 def fit_arguments(argv: Sequence[str]) -> list[str]:
     """The arguments of the ``fit`` command (from ``fit`` on) that run what ``argv`` (the one-shot form) asks."""
     own, passed = split_fit_options(argv)
-    args = parser().parse_args(own)
+    one_shot = parser()
+    args = one_shot.parse_args(own)
     _check_numbers(args)
     _check_device(args.device)
     styles = list(args.styles)
@@ -155,6 +158,6 @@ def fit_arguments(argv: Sequence[str]) -> list[str]:
     for item in args.set:
         key, equals, value = item.partition("=")
         if not equals or not key.strip() or key.startswith("-"):
-            raise ConfigError(f"--set takes KEY=VALUE, such as --set model.tv_weight=1; got {item!r}")
+            one_shot.error(f"--set takes KEY=VALUE, such as --set model.tv_weight=1; got {item!r}")
         fit.append(f"--{key.strip()}={value}")
     return fit + passed

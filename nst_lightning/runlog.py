@@ -40,6 +40,7 @@ class RunLogger(TensorBoardLogger):
         self.logged_steps = False
         # A folder of its own: with no version given, the logger takes the next free number.
         self._new_folder = kwargs.get("version") is None or not os.path.isdir(self.log_dir)
+        self._new_root = not os.path.isdir(self.root_dir)  # lightning_logs itself
 
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
         super().log_hyperparams(_settings(params), *args, **kwargs)
@@ -52,6 +53,8 @@ class RunLogger(TensorBoardLogger):
         super().finalize(status)  # closes the event file first
         if status == "failed" and not self.logged_steps and self._new_folder:
             remove_run_folder(Path(self.log_dir))
+            if self._new_root:
+                remove_run_folder(Path(self.root_dir))  # only if that left it empty
 
 
 def remove_run_folder(folder: Path) -> None:
