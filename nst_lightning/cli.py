@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import Namespace
+import lightning
+from jsonargparse import ActionConfigFile, Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar as AnyProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -52,9 +53,8 @@ BATCH_TRAINER_DEFAULTS = dict.fromkeys(
 
 
 class StyleTransferCLI(LightningCLI):
-    """LightningCLI with the ``output:`` section (an :class:`ImageWriter`), the ``guard:`` section (a
-    :class:`RunGuard`) and the ``fit`` command only. Settings that cannot work are refused before
-    the model (and its weights) loads."""
+    """LightningCLI with the ``output:`` (:class:`ImageWriter`) and ``guard:`` (:class:`RunGuard`) sections and the
+    ``fit`` command only. Settings that cannot work are refused before the model (and its weights) loads."""
 
     # Whether output.path is this command's image (a batch names its own outputs).
     writes_output_path = True
@@ -68,7 +68,6 @@ class StyleTransferCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
-        kwargs.setdefault("parser_class", StyleTransferArgumentParser)
         parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
         parser_kwargs.setdefault("description", "nst-lightning: neural style transfer (Gatys et al.) with Lightning.")
         parser_kwargs.setdefault(
@@ -78,6 +77,13 @@ class StyleTransferCLI(LightningCLI):
         )
         kwargs["parser_kwargs"] = parser_kwargs
         super().__init__(StyleTransfer, StyleTransferDataModule, *args, **kwargs)
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """LightningCLI's, with a :class:`StyleTransferArgumentParser` (``parser_class`` is not in Lightning 2.4)."""
+        kwargs.setdefault("dump_header", [f"lightning.pytorch=={lightning.__version__}"])
+        parser = StyleTransferArgumentParser(**kwargs)
+        parser.add_argument("-c", "--config", action=ActionConfigFile, help="a config file, or a shipped config's name")
+        return parser
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -179,11 +185,8 @@ class StyleTransferCLI(LightningCLI):
 
     @staticmethod
     def check_run_outputs(trainer: Trainer, inputs: Sequence[tuple[str, Path]]) -> None:
-        """The files a run writes in its log folder (config.yaml, hparams.yaml, snapshots,
-        checkpoints) must not be inputs either; known once the trainer (and its logger) exists.
-
-        A checkpoint may replace the one the run resumes from: it is a later state of the same run.
-        """
+        """The files a run writes in its log folder (config.yaml, hparams.yaml, snapshots, checkpoints) must not be
+        inputs either (known once the logger exists); a checkpoint may replace the one the run resumes from."""
         log_dir = Path(trainer.log_dir) if trainer.log_dir is not None else None
         outputs: list[tuple[str, Path, str]] = []
         fix = "trainer.default_root_dir (or the logger's version)"

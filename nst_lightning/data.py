@@ -161,7 +161,7 @@ class StyleTransferDataModule(L.LightningDataModule):
     def __init__(
         self,
         content: InputPath,
-        style: InputPath | list[InputPath],
+        style: list[InputPath] | InputPath,
         image_size: int = 512,
         style_blend_weights: list[float] | None = None,
         style_scale: float = 1.0,

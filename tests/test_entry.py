@@ -56,7 +56,7 @@ def one_error_line(capsys, args: list[str], message: str, code: int | None = Non
     err = capsys.readouterr().err
     assert exit_info.value.code not in (0, None) and (code is None or exit_info.value.code == code), err
     lines = [line for line in err.splitlines() if line.startswith("nst-lightning: error:")]
-    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+    assert len(lines) == 1 and message.lower() in lines[0].lower() and "Traceback" not in err, err
     return lines[0]
 
 
