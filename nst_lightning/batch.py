@@ -249,8 +249,8 @@ def _sharded(fabric: Any, runner: PairRunner, pairs: list[Pair], started: float)
 
 def run_batch(runner: PairRunner, args: Sequence[str], started: float) -> int:
     """``python cli.py batch ...`` once the command line has checked its configuration (``runner``);
-    ``args`` are the arguments after ``batch``. Returns the exit status: 0 when every pair is done (or
-    skipped), 1 when any pair failed."""
+    ``args`` are the arguments after ``batch`` as typed (a sharded batch's processes rerun them). Returns
+    the exit status: 0 when every pair is done (or skipped), 1 when any pair failed."""
     settings = runner.settings
     contents, styles = runner.contents_and_styles()
     pairs = make_pairs(

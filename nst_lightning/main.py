@@ -32,7 +32,7 @@ def cli_main(args: list[str] | None = None) -> None:
     Torch uses one thread per physical core unless ``OMP_NUM_THREADS`` (or ``MKL_NUM_THREADS``) says
     otherwise; freed memory is kept for the next iteration (see :func:`~nst_lightning.runtime.keep_freed_memory`).
     """
-    argv = sys.argv[1:] if args is None else list(args)
+    argv = raw = sys.argv[1:] if args is None else list(args)
     verbose = "--verbose" in argv
     argv = [arg for arg in argv if arg != "--verbose"]
     command = argv[0] if argv else None
@@ -75,8 +75,8 @@ def cli_main(args: list[str] | None = None) -> None:
             checks.check_config_files(argv)
         except NSTError as err:
             _stop("error", str(err), EXIT_USAGE)
-        if argv[0] == "batch":
-            _batch_main(argv[1:], verbose)
+        if argv[0] == "batch":  # a sharded batch's processes rerun the command line as it was typed (raw)
+            _batch_main(argv[1:], raw[1:], verbose)
         else:
             _fit_main(argv, verbose)
 
@@ -103,8 +103,8 @@ def _fit_main(argv: list[str], verbose: bool) -> None:
         raise
 
 
-def _batch_main(args: list[str], verbose: bool) -> None:
-    """``python cli.py batch ...`` with the arguments after ``batch``."""
+def _batch_main(args: list[str], typed: list[str], verbose: bool) -> None:
+    """``python cli.py batch ...`` with the arguments after ``batch`` (``typed``: as they were typed)."""
     from nst_lightning import batch
     from nst_lightning.cli import BatchCLI
     from nst_lightning.runtime import quiet_lightning
@@ -112,7 +112,7 @@ def _batch_main(args: list[str], verbose: bool) -> None:
     started = time.perf_counter()
     try:
         with contextlib.nullcontext() if verbose else quiet_lightning():
-            status = batch.run_batch(BatchCLI(args), args, started)
+            status = batch.run_batch(BatchCLI(args), typed, started)
     except Interrupted as err:
         _stop("interrupted", f"the batch stopped at {err}", err.exit_code)
     except NSTError as err:
