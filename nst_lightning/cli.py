@@ -72,8 +72,8 @@ class StyleTransferCLI(LightningCLI):
         parser_kwargs.setdefault("description", "nst-lightning: neural style transfer (Gatys et al.) with Lightning.")
         parser_kwargs.setdefault(
             "epilog",
-            "commands: 'fit' stylises one image (python cli.py fit --help lists every setting); "
-            "'batch' stylises many content/style pairs (python cli.py batch --help).",
+            "commands: 'fit' stylises one image (nst-lightning fit --help lists every setting); "
+            "'batch' stylises many content/style pairs (nst-lightning batch --help); nst-lightning --help: all.",
         )
         kwargs["parser_kwargs"] = parser_kwargs
         super().__init__(StyleTransfer, StyleTransferDataModule, *args, **kwargs)

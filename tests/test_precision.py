@@ -80,6 +80,20 @@ def test_bf16_on_a_cpu_without_native_support_warns(tmp_path, images, monkeypatc
         make_trainer(tmp_path, steps=0, precision="bf16-mixed").fit(make_module(), datamodule=datamodule(images))
 
 
+def test_bf16_on_a_gpu_without_native_support_warns_in_one_line(monkeypatch):
+    from nst_lightning.checks import check_precision
+
+    monkeypatch.setattr("nst_lightning.checks.bf16_is_native_on_gpu", lambda: False)  # a GPU before Ampere
+    with pytest.warns(UserWarning, match="this GPU computes bfloat16 without native support") as caught:
+        check_precision("bf16-mixed", "cuda")
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    monkeypatch.setattr("nst_lightning.checks.bf16_is_native_on_gpu", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_precision("bf16-mixed", "cuda")
+        check_precision("16-mixed", "cuda")
+
+
 def test_16_mixed_with_lbfgs_scales_the_loss_in_the_closure(tmp_path, images):
     # Lightning's own 16-mixed plugin holds a GradScaler that refuses L-BFGS; the module takes it out
     # and scales the loss itself. On CPU the Trainer flag maps to bf16, so the plugin is built here to
