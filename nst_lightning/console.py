@@ -99,7 +99,7 @@ class ProgressBar(TQDMProgressBar):
     def init_train_tqdm(self) -> Tqdm:
         # As Lightning's, but on stderr: stdout holds the summary line alone.
         return _Bar(
-            desc="stylising",
+            desc="stylising: ",  # as set_description makes it
             position=2 * self.process_position,
             disable=self.is_disabled,
             leave=True,
