@@ -83,7 +83,8 @@ def main() -> None:
     for name in args.only or list(ENTRIES):
         shown = command(name, args.weights, args.backbone)
         logs = Path(args.logs) / name
-        run = [sys.executable, *shown[1:], "--trainer.default_root_dir", str(logs)]
+        # --overwrite: a second making of the gallery replaces its own images (the tool refuses otherwise).
+        run = [sys.executable, *shown[1:], "--trainer.default_root_dir", str(logs), "--overwrite"]
         print(f"{name}: {shlex.join(shown)}", flush=True)
         start = time.perf_counter()
         subprocess.run(run, cwd=REPO, env=env, check=True)

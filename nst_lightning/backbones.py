@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 from torchvision.models import ResNet18_Weights, VGG16_Weights, VGG19_Weights, resnet, vgg
 
 from nst_lightning.errors import ConfigError, WeightsError
-from nst_lightning.files import file_kind
+from nst_lightning.files import file_kind, file_stamp
 
 # The input normalisation of torchvision's ImageNet weights (RGB in [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -116,8 +117,35 @@ def hub_cache_file(backbone: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
 
 
+# Cached files already checked in this process, by (path, size, modification time): a batch loads the
+# weights once per pair, and hashing 548 MB takes a second or two.
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
+def check_cached_hash(path: Path) -> None:
+    """torchvision checks the SHA-256 prefix in a weights file's name (``vgg19-dcbb9e9d.pth``) when it downloads
+    the file, but not when it finds it in the hub cache: there, any file of that name would be taken (a
+    truncated download, random weights). This is that check, for the cached file."""
+    prefix = path.stem.rpartition("-")[2]
+    stamp = file_stamp(path) if file_kind(path) == "file" else None
+    if stamp is None or not prefix or (str(path), *stamp) in _VERIFIED:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    if not digest.hexdigest().startswith(prefix):
+        raise WeightsError(
+            f"the cached weights {path} are not torchvision's: their SHA-256 starts with {digest.hexdigest()[:8]}, "
+            f"not {prefix} (a damaged download or another file under that name): delete the file to download it "
+            "again, or pass a weights file you trust with --model.weights"
+        )
+    _VERIFIED.add((str(path), *stamp))
+
+
 def _imagenet_state_dict(backbone: str) -> dict:
     weights = BACKBONES[backbone].weights
+    check_cached_hash(hub_cache_file(backbone))
     try:
         return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except (OSError, RuntimeError) as err:  # URLError is an OSError; a bad hash a RuntimeError

@@ -31,7 +31,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from tqdm import tqdm
 
 from nst_lightning.callbacks import partial_path
-from nst_lightning.errors import ConfigError, Interrupted, NSTError
+from nst_lightning.errors import ConfigError, ImageError, Interrupted, NSTError
 from nst_lightning.files import check_outputs_apart, check_replaceable, file_kind, remove_file
 from nst_lightning.image_io import check_writable
 from nst_lightning.pairs import (
@@ -63,6 +63,8 @@ class PairRunner(Protocol):
     """trainer.default_root_dir: the pairs' runs and interrupted checkpoints go under it."""
     accelerator: Any
     """trainer.accelerator, for a sharded batch's launcher."""
+    overwrite: bool
+    """output.overwrite (``--overwrite``): pairs may replace existing images."""
 
     def contents_and_styles(self) -> tuple[list[str], list[str]]: ...
 
@@ -77,7 +79,8 @@ class PairRunner(Protocol):
 
 def check_outputs(runner: PairRunner, pairs: Sequence[Pair]) -> None:
     """Before any pair runs: no pair's output (nor its partial image) may be one of the batch's
-    inputs, or exist as something other than a regular file."""
+    inputs, or exist as something other than a regular file; nor exist at all, unless ``--overwrite``
+    (or ``batch.skip_existing``, which skips those pairs)."""
     inputs = sorted({("batch.contents", p.content) for p in pairs} | {("batch.styles", p.style) for p in pairs})
     inputs += runner.input_files()
     outputs = []
@@ -87,6 +90,13 @@ def check_outputs(runner: PairRunner, pairs: Sequence[Pair]) -> None:
     check_outputs_apart(outputs, inputs)
     for _, path, _ in outputs:
         check_replaceable(path, "output")
+    existing = [pair.output for pair in pairs if file_kind(pair.output) == "file"]
+    if existing and not runner.overwrite and not runner.settings.skip_existing:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise ImageError(
+            f"the batch's output {existing[0]}{more} exists: pass --overwrite to replace them, or "
+            "--batch.skip_existing true to skip those pairs (nothing was written)"
+        )
 
 
 def fit_pair(runner: PairRunner, pair: Pair, placement: dict[str, Any]) -> tuple[bool, str]:
@@ -239,8 +249,8 @@ def _sharded(fabric: Any, runner: PairRunner, pairs: list[Pair], started: float)
 
 def run_batch(runner: PairRunner, args: Sequence[str], started: float) -> int:
     """``python cli.py batch ...`` once the command line has checked its configuration (``runner``);
-    ``args`` are the arguments after ``batch``. Returns the exit status: 0 when every pair is done (or
-    skipped), 1 when any pair failed."""
+    ``args`` are the arguments after ``batch`` as typed (a sharded batch's processes rerun them). Returns
+    the exit status: 0 when every pair is done (or skipped), 1 when any pair failed."""
     settings = runner.settings
     contents, styles = runner.contents_and_styles()
     pairs = make_pairs(

@@ -8,12 +8,13 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 
 from nst_lightning.checkpoint import estimate_checkpoint_bytes
 from nst_lightning.checks import check_output
+from nst_lightning.console import detail, note
 from nst_lightning.errors import ConfigError, ImageError, Interrupted, NSTError, NumericalError
-from nst_lightning.files import check_replaceable, check_room, remove_file
+from nst_lightning.files import check_new_output, check_replaceable, check_room, remove_file
 from nst_lightning.guard import RunGuard
 from nst_lightning.image_io import check_writable, estimate_image_bytes, save_image, save_image_elsewhere
 
@@ -42,6 +43,8 @@ class ImageWriter(L.Callback):
         snapshot_every_n_steps: also write the image every N steps to ``<log dir>/snapshots/``
             (0 turns snapshots off).
         log_image_every_n_steps: send the image to TensorBoard every N steps (0 turns it off).
+        overwrite: replace ``path`` if it exists (``--overwrite``); otherwise an existing file is refused
+            before the run starts.
     """
 
     def __init__(
@@ -49,6 +52,7 @@ class ImageWriter(L.Callback):
         path: str = "outputs/stylised.png",
         snapshot_every_n_steps: int = 0,
         log_image_every_n_steps: int = 10,
+        overwrite: bool = False,
     ) -> None:
         check_output(
             path=path, snapshot_every_n_steps=snapshot_every_n_steps, log_image_every_n_steps=log_image_every_n_steps
@@ -56,6 +60,7 @@ class ImageWriter(L.Callback):
         self.path = Path(path)
         self.snapshot_every_n_steps = snapshot_every_n_steps
         self.log_image_every_n_steps = log_image_every_n_steps
+        self.overwrite = overwrite
         self._final_handled = False  # the finished image was written (or its failure reported)
 
     @property
@@ -66,6 +71,7 @@ class ImageWriter(L.Callback):
         # Fail before any computation if the output cannot be written, or the disks have no room.
         self._final_handled = False
         if trainer.is_global_zero:
+            check_new_output(self.path, self.overwrite)
             check_writable(self.path)
             check_replaceable(self.partial_path, "output")
             self._check_room(trainer, pl_module)
@@ -129,7 +135,7 @@ class ImageWriter(L.Callback):
         self._save_final(trainer, pl_module.output_image())
         step, max_steps = trainer.global_step, trainer.max_steps
         early = f" of {max_steps}: the run ended early" if 0 <= step < max_steps else ""
-        rank_zero_info(f"Wrote the stylised image to {self.path} (step {step}{early})")
+        detail(f"wrote the stylised image to {self.path} (step {step}{early})")
 
     def _save_final(self, trainer: L.Trainer, image: torch.Tensor) -> None:
         """Writes the finished image to ``path`` and drops a partial image of an earlier, interrupted
@@ -174,7 +180,7 @@ class ImageWriter(L.Callback):
             except NSTError as err:
                 rank_zero_warn(f"the run's {step} steps are done, but {err}")
                 return
-            rank_zero_info(
+            note(
                 f"The run's {step} steps are done: wrote the complete image to {self.path}; what failed afterwards: "
                 f"{failure}"
             )
@@ -190,7 +196,7 @@ class ImageWriter(L.Callback):
         except NSTError as err:
             rank_zero_warn(f"could not write the {what}: {err}")
             return
-        rank_zero_info(
+        note(
             f"Wrote the {what} to {self.partial_path} (step {step} of {max_steps}; {self.path} is left as it was)"
         )
         if isinstance(exception, Interrupted):

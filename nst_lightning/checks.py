@@ -9,11 +9,13 @@ setting that cannot work is one line, however heavy the class it belongs to.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from jsonargparse.typing import path_type
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 
@@ -21,7 +23,7 @@ from nst_lightning.backbones import check_layers
 from nst_lightning.errors import ConfigError, ImageError
 from nst_lightning.files import check_text_file, file_kind
 from nst_lightning.image_io import image_format
-from nst_lightning.runtime import bf16_is_native_on_cpu, quiet_lightning
+from nst_lightning.runtime import bf16_is_native_on_cpu, bf16_is_native_on_gpu, quiet_lightning
 
 # ---------------------------------------------------------------- names and defaults (one source each)
 
@@ -36,6 +38,12 @@ PreserveColor = Literal["none", "luminance", "histogram"]
 Optimizer = Literal["lbfgs", "adam"]
 INITS = ("content", "style", "noise")
 """The starting images that are not a file."""
+Init = Literal["content", "style", "noise"]
+NamedWeights = Literal["imagenet", "random"]
+InputPath = path_type("", docstring="a file the run reads: in a config file, relative to that file")
+"""A setting that names a file the run reads. In a config file a relative path is relative to that file
+(jsonargparse's path types), on the command line to the working folder; nothing is checked at parsing (the
+checks here say more). The command line hands the classes absolute path strings."""
 # Precisions that would hold the image itself in half precision.
 HALF_PRECISIONS = ("16-true", "bf16-true", "16", "bf16", "transformer-engine")
 MIXED_PRECISIONS = ("bf16-mixed", "16-mixed")
@@ -48,6 +56,23 @@ NAME_FIELDS = ("content", "style", "n")
 # What a Trainer raises for settings that cannot work on this machine (no GPU, devices 0, no torch_xla).
 TRAINER_ERRORS = (MisconfigurationException, ValueError, TypeError, ImportError, RuntimeError)
 _ACCELERATORS = ("gpu", "cuda", "mps", "tpu", "hpu", "xla")
+
+
+def plain(value: Any) -> Any:
+    """A path setting as plain text: a parsed :data:`InputPath` (or any path object) as its absolute path, a
+    list item by item; anything else (a name such as ``imagenet``, None) as it is."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value) if str(value) else ""  # "": a batch's mark of an unset data.content
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    return value
+
+
+def as_list(value: Any) -> list:
+    """A setting that takes one item or a list (``trainer.callbacks``, ``trainer.plugins``) as a list."""
+    return [] if value is None else list(value) if isinstance(value, list) else [value]
 
 
 def _choose(key: str, value: Any, names: Sequence[str]) -> None:
@@ -160,6 +185,12 @@ def check_precision(precision: str, device_type: str) -> None:
         warnings.warn(
             f"trainer.precision is {precision} but this CPU has no native bfloat16: it runs many "
             "times slower than 32-true; use --trainer.precision 32-true on this machine",
+            stacklevel=3,
+        )
+    if precision.startswith("bf16") and device_type == "cuda" and not bf16_is_native_on_gpu():
+        warnings.warn(
+            f"trainer.precision is {precision} but this GPU computes bfloat16 without native support (it has "
+            "none before compute capability 8.0): slower than 16-mixed; use --trainer.precision 16-mixed",
             stacklevel=3,
         )
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from jsonargparse import Namespace
+import lightning
+from jsonargparse import ActionConfigFile, Namespace
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ProgressBar as AnyProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -26,14 +28,17 @@ from lightning.pytorch.trainer.states import TrainerStatus
 from nst_lightning import batch, checks
 from nst_lightning.callbacks import ImageWriter, partial_path
 from nst_lightning.checkpoint import AtomicCheckpointIO, check_same_config, read_checkpoint
+from nst_lightning.console import ProgressBar
 from nst_lightning.data import StyleTransferDataModule, check_files_fit
 from nst_lightning.errors import CheckpointError, ConfigError
-from nst_lightning.files import check_outputs_apart, check_writable_dir
+from nst_lightning.files import check_new_output, check_outputs_apart, check_writable_dir
 from nst_lightning.guard import RunGuard
 from nst_lightning.image_io import check_writable
 from nst_lightning.module import StyleTransfer
 from nst_lightning.pairs import BatchSettings, Pair
+from nst_lightning.parsing import StyleTransferArgumentParser, absolute_paths
 from nst_lightning.precision import choose_precision
+from nst_lightning.runlog import RunLogger, RunRecord, run_summary
 
 # Trainer defaults that differ from Lightning's: the seed's 300 iterations, one GPU at most
 # (one image is one optimisation), and a scalar per step in TensorBoard.
@@ -42,50 +47,43 @@ TRAINER_DEFAULTS = {"trainer.max_steps": 300, "trainer.devices": 1, "trainer.log
 # no checkpoints at the end of a pair (each is hundreds of MB at 512 px, and a finished pair is not
 # resumed); an interrupted pair still gets its checkpoint, from which the next run resumes it. The
 # configuration may turn them back on.
-BATCH_TRAINER_DEFAULTS = {
-    "trainer.enable_progress_bar": False,
-    "trainer.enable_model_summary": False,
-    "trainer.enable_checkpointing": False,
-}
-# Exit status of a bad command line or config (argparse's convention).
-EXIT_USAGE = 2
-
-
-class StyleTransferArgumentParser(LightningArgumentParser):
-    """Reports a bad command line or config file (an unknown key, a wrong type) as one line; the usage
-    text that argparse would print first is one ``--help`` away."""
-
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
-            super().error(message, ex)
-        detail = " ".join(str(message).split())
-        sys.stderr.write(f"nst-lightning: error: {detail} (--help lists every key and its type)\n")
-        self.exit(EXIT_USAGE)
+BATCH_TRAINER_DEFAULTS = dict.fromkeys(
+    ("trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.enable_checkpointing"), False
+)
 
 
 class StyleTransferCLI(LightningCLI):
-    """LightningCLI with the ``output:`` section (an :class:`ImageWriter`), the ``guard:`` section (a
-    :class:`RunGuard`) and the ``fit`` command only. Settings that cannot work are refused before
-    the model (and its weights) loads."""
+    """LightningCLI with the ``output:`` (:class:`ImageWriter`) and ``guard:`` (:class:`RunGuard`) sections and the
+    ``fit`` command only. Settings that cannot work are refused before the model (and its weights) loads."""
 
     # Whether output.path is this command's image (a batch names its own outputs).
     writes_output_path = True
 
-    def __init__(self, *args, trainer_overrides: dict[str, Any] | None = None, **kwargs) -> None:
+    def __init__(
+        self, *args, trainer_overrides: dict[str, Any] | None = None, verbose: bool = False, **kwargs
+    ) -> None:
+        self.started = time.perf_counter()
         self.trainer_overrides = dict(trainer_overrides or {})
+        self.verbose = verbose
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
-        kwargs.setdefault("parser_class", StyleTransferArgumentParser)
         parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
         parser_kwargs.setdefault("description", "nst-lightning: neural style transfer (Gatys et al.) with Lightning.")
         parser_kwargs.setdefault(
             "epilog",
-            "commands: 'fit' stylises one image (python cli.py fit --help lists every setting); "
-            "'batch' stylises many content/style pairs (python cli.py batch --help).",
+            "commands: 'fit' stylises one image (nst-lightning fit --help lists every setting); "
+            "'batch' stylises many content/style pairs (nst-lightning batch --help); nst-lightning --help: all.",
         )
         kwargs["parser_kwargs"] = parser_kwargs
         super().__init__(StyleTransfer, StyleTransferDataModule, *args, **kwargs)
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """LightningCLI's, with a :class:`StyleTransferArgumentParser` (``parser_class`` is not in Lightning 2.4)."""
+        kwargs.setdefault("dump_header", [f"lightning.pytorch=={lightning.__version__}"])
+        parser = StyleTransferArgumentParser(**kwargs)
+        parser.add_argument("-c", "--config", action=ActionConfigFile, help="a config file, or a shipped config's name")
+        return parser
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -111,6 +109,7 @@ class StyleTransferCLI(LightningCLI):
         refused with the list of differing keys). A run normalised with measured layer means goes on
         with the checkpoint's means, not with fresh measurements."""
         super().parse_arguments(parser, args)
+        absolute_paths(self.config)  # what the classes, config.yaml and hparams get
         config = self._subcommand_config()
         ckpt_path = config.get("ckpt_path")
         if not ckpt_path or str(ckpt_path) in checks.SPECIAL_CKPT_PATHS or "://" in str(ckpt_path):
@@ -124,7 +123,8 @@ class StyleTransferCLI(LightningCLI):
         saved_means = (checkpoint.get("hyper_parameters") or {}).get("layer_means")
         if config.model.get("layer_means") is None and saved_means and config.model.get("normalize"):
             config.model.layer_means = dict(saved_means)
-        check_same_config(ckpt_path, checkpoint, model=config.model.as_dict(), data=config.data.as_dict())
+        model, data = checks.plain(config.model.as_dict()), checks.plain(config.data.as_dict())
+        check_same_config(ckpt_path, checkpoint, model=model, data=data)
 
     def _parse_ckpt_path(self) -> None:
         """Nothing: LightningCLI's own version would overwrite this run's model settings with the
@@ -138,12 +138,13 @@ class StyleTransferCLI(LightningCLI):
         """Refuses settings that cannot work before the model, and its weights, load."""
         config = self._subcommand_config()
         checks.check_max_steps(config.trainer.max_steps)
-        checks.check_data(**config.data.as_dict())
+        data = checks.plain(config.data.as_dict())
+        checks.check_data(**data)
         checks.check_output(**config.output.as_dict())
         checks.check_guard(**config.guard.as_dict())
         choose_precision(config)
         checks.check_trainer_settings(config.trainer)
-        checks.check_model(**config.model.as_dict())
+        checks.check_model(**checks.plain(config.model.as_dict()))
         root = config.trainer.default_root_dir
         if root is None or "://" not in str(root):
             check_writable_dir(root or os.getcwd(), "trainer.default_root_dir")
@@ -153,17 +154,18 @@ class StyleTransferCLI(LightningCLI):
                 [("output.path", output, "output.path"), ("the partial image", partial_path(output), "output.path")],
                 self.input_files(config),
             )
+            check_new_output(output, config.output.overwrite, "output.path")
             check_writable(output)
-        if config.data.content:  # a batch sets its images pair by pair
-            check_files_fit(**config.data.as_dict())  # from the files' headers: nothing is decoded or resized yet
+        if data["content"]:  # a batch sets its images pair by pair
+            check_files_fit(**data)  # from the files' headers: nothing is decoded or resized yet
 
     def input_files(self, config: Any | None = None) -> list[tuple[str, Path]]:
-        """Every file the run reads, as (setting, path): the images, masks, init image, weights file,
-        checkpoint and config files. No output may be one of them."""
+        """Every file the run reads, as (setting, path): images, masks, init, weights, checkpoint, configs."""
         config = config if config is not None else self._subcommand_config()
         files: list[tuple[str, Path]] = []
 
         def add(setting: str, values: Any) -> None:
+            values = checks.plain(values)
             for value in [values] if isinstance(values, str) else list(values or []):
                 if value and "://" not in str(value):
                     files.append((setting, Path(str(value))))
@@ -183,11 +185,8 @@ class StyleTransferCLI(LightningCLI):
 
     @staticmethod
     def check_run_outputs(trainer: Trainer, inputs: Sequence[tuple[str, Path]]) -> None:
-        """The files a run writes in its log folder (config.yaml, hparams.yaml, snapshots,
-        checkpoints) must not be inputs either; known once the trainer (and its logger) exists.
-
-        A checkpoint may replace the one the run resumes from: it is a later state of the same run.
-        """
+        """The files a run writes in its log folder (config.yaml, hparams.yaml, snapshots, checkpoints) must not be
+        inputs either (known once the logger exists); a checkpoint may replace the one the run resumes from."""
         log_dir = Path(trainer.log_dir) if trainer.log_dir is not None else None
         outputs: list[tuple[str, Path, str]] = []
         fix = "trainer.default_root_dir (or the logger's version)"
@@ -208,19 +207,28 @@ class StyleTransferCLI(LightningCLI):
         self.check_run_outputs(self.trainer, self.input_files())
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """LightningCLI's, with three changes: checkpoints are written atomically (:class:`AtomicCheckpointIO`,
-        unless the configuration names a CheckpointIO plugin of its own); a run without a logger still
-        gets a folder of its own, ``lightning_logs/version_N`` (Lightning would put its config.yaml,
-        snapshots and checkpoints straight into ``default_root_dir``, the working folder by default,
-        over any config.yaml there); and settings that cannot work here are one :class:`ConfigError`."""
+        """LightningCLI's, with these changes: atomic checkpoints (:class:`AtomicCheckpointIO`, unless the config
+        names a CheckpointIO plugin); a :class:`RunLogger` fed by a :class:`RunRecord`; the console's
+        :class:`~nst_lightning.console.ProgressBar`; the model summary only with ``--verbose`` (unless
+        ``trainer.enable_model_summary`` says); a run without a logger in a ``lightning_logs/version_N`` of its
+        own (Lightning would write its files straight into the working folder, over any config.yaml there);
+        and settings that cannot work here as one :class:`ConfigError`."""
         kwargs = {**self.trainer_overrides, **kwargs}
         trainer = self._subcommand_config().trainer
-        plugins = self._command(self.config_init).trainer.plugins
-        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+        built = self._command(self.config_init).trainer
+        plugins = checks.as_list(built.plugins)
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])
+        callbacks = [*checks.as_list(built.callbacks), RunRecord()]
+        if trainer.enable_progress_bar is not False and not any(isinstance(c, AnyProgressBar) for c in callbacks):
+            callbacks.append(ProgressBar())
+        kwargs.setdefault("callbacks", callbacks)
+        if trainer.enable_model_summary is None:
+            kwargs.setdefault("enable_model_summary", self.verbose)
+        root = trainer.default_root_dir or os.getcwd()
+        if trainer.logger in (None, True) and "logger" not in kwargs:
+            kwargs["logger"] = RunLogger(save_dir=root)
         if trainer.logger is False and "logger" not in kwargs and "default_root_dir" not in kwargs:
-            root = trainer.default_root_dir or os.getcwd()
             if "://" not in str(root):
                 # The numbering TensorBoard would use; the logger itself is not used (nothing written).
                 kwargs["default_root_dir"] = TensorBoardLogger(save_dir=root).log_dir
@@ -228,6 +236,11 @@ class StyleTransferCLI(LightningCLI):
             return super().instantiate_trainer(**kwargs)
         except checks.TRAINER_ERRORS as err:
             raise checks.trainer_error(trainer, err) from None
+
+    def after_fit(self) -> None:
+        """Called by LightningCLI once ``Trainer.fit`` returns: the run's summary line, on stdout."""
+        if line := run_summary(self.trainer, time.perf_counter() - self.started):
+            print(line, flush=True)
 
     def after_instantiate_classes(self) -> None:
         """Puts the layer means the model was normalised with into the config (``model.layer_means``), so
@@ -263,6 +276,7 @@ class BatchCLI(StyleTransferCLI):
         self.settings: BatchSettings = self.config_init.batch
         self.root_dir = Path(self.config.trainer.default_root_dir or ".")
         self.accelerator = self.config.trainer.accelerator
+        self.overwrite = bool(self.config.output.overwrite)
         if not self.pair_run:  # the classes were a check: the pairs build their own
             self.model = self.datamodule = self.trainer = self.config_init = None
 
@@ -282,7 +296,7 @@ class BatchCLI(StyleTransferCLI):
         for key, fallback in (("contents", "content"), ("styles", "style")):
             entries = getattr(self.settings, key)
             if entries is None:
-                value = self.config.data[fallback]
+                value = checks.plain(self.config.data[fallback])
                 if not value:
                     raise ConfigError(f"no {fallback} images: set batch.{key} (files, folders or glob patterns)")
                 entries = [value] if isinstance(value, str) else list(value)
@@ -310,7 +324,7 @@ class BatchCLI(StyleTransferCLI):
         overrides = dict(placement)
         runs = self.root_dir / "lightning_logs" / "batch"
         if config.trainer.logger in (None, True):
-            overrides["logger"] = TensorBoardLogger(save_dir=runs, name=pair.run)
+            overrides["logger"] = RunLogger(save_dir=runs, name=pair.run)
         elif config.trainer.logger is False:
             # No logger: the pair's snapshots and config.yaml still need a folder of their own.
             overrides["default_root_dir"] = str(runs / pair.run)
@@ -324,7 +338,8 @@ class BatchCLI(StyleTransferCLI):
             self.check_run_outputs(run.trainer, [*run.input_files(), *files])
             if resume is not None:  # the same checks as fit's --ckpt_path, before the pair starts
                 checkpoint = read_checkpoint(resume, mmap=True)
-                check_same_config(resume, checkpoint, model=run.config.model.as_dict(), data=run.config.data.as_dict())
+                model, data = checks.plain(run.config.model.as_dict()), checks.plain(run.config.data.as_dict())
+                check_same_config(resume, checkpoint, model=model, data=data)
                 del checkpoint
             run.trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=resume)
             return run.trainer.state.status == TrainerStatus.FINISHED, str(run.trainer.log_dir or "")

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from nst_lightning import runtime
-from nst_lightning.checks import check_data
+from nst_lightning.checks import InputPath, check_data, plain
 from nst_lightning.errors import ConfigError, ImageError
 from nst_lightning.image_io import RGBImage, fit_size, open_mask, open_rgb, resized
 from nst_lightning.image_io import image_size as header_size
@@ -160,14 +160,15 @@ class StyleTransferDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        content: str,
-        style: str | list[str],
+        content: InputPath,
+        style: list[InputPath] | InputPath,
         image_size: int = 512,
         style_blend_weights: list[float] | None = None,
         style_scale: float = 1.0,
-        style_masks: list[str] | None = None,
+        style_masks: list[InputPath] | None = None,
     ) -> None:
         super().__init__()
+        content, style, style_masks = plain(content), plain(style), plain(style_masks)
         check_data(
             style=style,
             image_size=image_size,

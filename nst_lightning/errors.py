@@ -7,6 +7,11 @@ Messages name the problem and the fix.
 
 import signal
 
+# Exit status of a problem with the input (or a batch in which some pair failed).
+EXIT_ERROR = 1
+# Exit status of a bad command line or config (argparse's convention).
+EXIT_USAGE = 2
+
 
 class NSTError(Exception):
     """Base class of the errors that the CLI reports as one clear line."""

@@ -122,6 +122,16 @@ def check_replaceable(path: str | os.PathLike, what: str = "output") -> Path:
     return path
 
 
+def check_new_output(path: str | os.PathLike, overwrite: bool, setting: str = "output.path") -> None:
+    """Refuse an output file that exists unless ``overwrite``: a finished image never silently replaces one.
+    (The run's own partial image, ``<name>.partial.png``, is not this: it is replaced and removed freely.)"""
+    if not overwrite and file_kind(path) == "file":
+        raise ImageError(
+            f"{setting} {path} exists: pass --overwrite to replace it, or choose another {setting} "
+            "(nothing was written)"
+        )
+
+
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether two paths name one file: the same resolved path (through links, ``..``), or where both
     exist the same file on disk (``os.path.samefile``: hard links, bind mounts, case-insensitive names)."""

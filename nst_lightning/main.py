@@ -1,22 +1,16 @@
-"""The entry point: ``python cli.py``, ``python -m nst_lightning`` and the ``nst-lightning`` command run
-:func:`cli_main`, which runs a command and turns what stops it into one line and an exit status."""
+"""The entry point: ``nst-lightning``, ``python -m nst_lightning`` and ``python cli.py`` run :func:`cli_main`, which
+picks the command, runs it, and turns what stops it into one line and an exit status."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import warnings
 from typing import NoReturn
 
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-from nst_lightning import batch, checks
-from nst_lightning.cli import EXIT_USAGE, BatchCLI, StyleTransferCLI
-from nst_lightning.errors import Interrupted, NSTError
-from nst_lightning.runtime import keep_freed_memory, quiet_lightning, set_default_threads
-
-# Exit status of a problem with the input (or a batch in which some pair failed).
-EXIT_ERROR = 1
+from nst_lightning import __version__
+from nst_lightning.errors import EXIT_ERROR, EXIT_USAGE, Interrupted, NSTError
 
 
 def _stop(prefix: str, message: str, code: int) -> NoReturn:
@@ -25,8 +19,11 @@ def _stop(prefix: str, message: str, code: int) -> NoReturn:
 
 
 def cli_main(args: list[str] | None = None) -> None:
-    """Runs the command of ``args`` (default: ``sys.argv[1:]``): ``fit`` one optimisation, ``batch`` many
-    (see :mod:`nst_lightning.batch`).
+    """Runs the command of ``args`` (default: ``sys.argv[1:]``): ``fit`` one optimisation from config files
+    and dotted flags, ``batch`` many (see :mod:`nst_lightning.batch`), ``configs`` the list of shipped
+    configs, and ``CONTENT STYLE ...`` one optimisation from plain flags (:mod:`nst_lightning.oneshot`,
+    which builds a ``fit`` command). ``--verbose`` anywhere shows what Lightning says as well; ``--overwrite``
+    lets ``fit`` and ``batch`` replace existing images.
 
     Exit status: 0 when the run is done; 1 with one line on stderr for a problem with the input (or
     a batch in which some pair failed); 2 for a command line or config that does not parse;
@@ -35,6 +32,27 @@ def cli_main(args: list[str] | None = None) -> None:
     Torch uses one thread per physical core unless ``OMP_NUM_THREADS`` (or ``MKL_NUM_THREADS``) says
     otherwise; freed memory is kept for the next iteration (see :func:`~nst_lightning.runtime.keep_freed_memory`).
     """
+    argv = raw = sys.argv[1:] if args is None else list(args)
+    verbose = "--verbose" in argv
+    argv = [arg for arg in argv if arg != "--verbose"]
+    command = argv[0] if argv else None
+    if command == "--version":  # before torch and Lightning load: at once
+        print(f"nst-lightning {__version__}")
+        return
+    from nst_lightning import configs, oneshot  # light: the help and the list come at once too
+
+    if command in (None, "-h", "--help"):
+        if command is None:
+            oneshot.parser().print_usage(sys.stderr)
+            _stop("error", "give CONTENT STYLE, or a command (nst-lightning --help lists them)", EXIT_USAGE)
+        oneshot.parser().parse_args([command])  # prints the help, and exits
+    if command in ("configs", "--list-configs"):
+        with contextlib.suppress(BrokenPipeError):  # nst-lightning configs | head
+            print(configs.config_list(), flush=True)
+        return
+    from nst_lightning import checks, console
+    from nst_lightning.runtime import keep_freed_memory, set_default_threads
+
     set_default_threads()
     keep_freed_memory()
     # The loader only paces the steps: worker processes would not help. The extractor is meant to
@@ -43,16 +61,33 @@ def cli_main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", r".*module\(s\) in eval mode.*")
     # Raised inside Lightning 2.6 itself on every step; nothing a user can act on.
     warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\).*")
-    argv = sys.argv[1:] if args is None else list(args)
+    # cli_main hands LightningCLI the arguments it has built: not the mistake this warns about.
+    warnings.filterwarnings("ignore", ".*LightningCLI's args parameter is intended.*")
+    with console.session(verbose):
+        try:
+            if command not in ("fit", "batch"):
+                argv = oneshot.fit_arguments(argv)
+        except NSTError as err:  # values that parse but cannot work, as fit's own checks say them
+            _stop("error", str(err), EXIT_ERROR)
+        try:
+            argv = ["--output.overwrite=true" if arg == "--overwrite" else arg for arg in argv]
+            argv = configs.resolve_config_names(argv)
+            checks.check_config_files(argv)
+        except NSTError as err:
+            _stop("error", str(err), EXIT_USAGE)
+        if argv[0] == "batch":  # a sharded batch's processes rerun the command line as it was typed (raw)
+            _batch_main(argv[1:], raw[1:], verbose)
+        else:
+            _fit_main(argv, verbose)
+
+
+def _fit_main(argv: list[str], verbose: bool) -> None:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from nst_lightning.cli import StyleTransferCLI
+
     try:
-        checks.check_config_files(argv)
-    except NSTError as err:
-        _stop("error", str(err), EXIT_USAGE)
-    if argv[:1] == ["batch"]:
-        _batch_main(argv[1:])
-        return
-    try:
-        StyleTransferCLI(args=args)
+        StyleTransferCLI(args=argv, verbose=verbose)
     except Interrupted as err:
         _stop("interrupted", str(err), err.exit_code)
     except NSTError as err:
@@ -68,14 +103,16 @@ def cli_main(args: list[str] | None = None) -> None:
         raise
 
 
-def _batch_main(args: list[str]) -> None:
-    """``python cli.py batch ...`` with the arguments after ``batch``."""
+def _batch_main(args: list[str], typed: list[str], verbose: bool) -> None:
+    """``python cli.py batch ...`` with the arguments after ``batch`` (``typed``: as they were typed)."""
+    from nst_lightning import batch
+    from nst_lightning.cli import BatchCLI
+    from nst_lightning.runtime import quiet_lightning
+
     started = time.perf_counter()
-    # cli_main hands LightningCLI the arguments after "batch": not the mistake this warns about.
-    warnings.filterwarnings("ignore", ".*LightningCLI's args parameter is intended.*")
     try:
-        with quiet_lightning():
-            status = batch.run_batch(BatchCLI(args), args, started)
+        with contextlib.nullcontext() if verbose else quiet_lightning():
+            status = batch.run_batch(BatchCLI(args), typed, started)
     except Interrupted as err:
         _stop("interrupted", f"the batch stopped at {err}", err.exit_code)
     except NSTError as err:

@@ -14,13 +14,13 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from nst_lightning import checks, schedule
 from nst_lightning.checkpoint import check_resume, saved_scale, upgrade_state_dict
 from nst_lightning.checks import CONTENT_LAYERS, LBFGS_HISTORY_SIZE, STYLE_LAYERS, Optimizer, PreserveColor, StyleLoss
 from nst_lightning.closure import Evaluator
+from nst_lightning.console import detail
 from nst_lightning.data import ImageSource, Inputs
 from nst_lightning.errors import ConfigError, NumericalError
 from nst_lightning.features import FeatureExtractor, Pooling
@@ -69,8 +69,7 @@ class StyleTransfer(L.LightningModule):
             [256, 362, 512]; None optimises at data.image_size only.
         scale_steps: iterations at each of ``scales``; trainer.max_steps must be at least their sum
             (any further steps run at the last scale).
-        compile: compile the loss computation with torch.compile (opt-in: a one-off cost of tens of
-            seconds at the first step, then faster steps; see the README's Benchmarks).
+        compile: compile the loss computation with torch.compile (a one-off cost; see docs/benchmarks.md).
         float32_final_steps: under bf16-mixed or 16-mixed, the last this many iterations run in
             float32: mixed precision is the faster way down, float32 reaches the lower loss at the
             end (see the README's Mixed precision); 0 keeps mixed precision to the end.
@@ -87,11 +86,11 @@ class StyleTransfer(L.LightningModule):
         style_loss: StyleLoss = "gram",
         preserve_color: PreserveColor = "none",
         backbone: str = "vgg19",
-        weights: str = "imagenet",
+        weights: checks.NamedWeights | checks.InputPath = "imagenet",
         normalize: bool = True,
         layer_means: dict[str, float] | None = None,
         pooling: Pooling = "max",
-        init: str = "content",
+        init: checks.Init | checks.InputPath = "content",
         seed: int = 0,
         optimizer: Optimizer = "lbfgs",
         lr: float | None = None,
@@ -104,6 +103,7 @@ class StyleTransfer(L.LightningModule):
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
+        weights, init = checks.plain(weights), checks.plain(init)
         content_layers, style_layers = list(content_layers), list(style_layers)
         if style_layer_weights is None:
             style_layer_weights = [1.0] * len(style_layers)
@@ -222,7 +222,7 @@ class StyleTransfer(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         step, float32 = self.global_step, self.in_float32_phase()
         if step == self._float32_start():
-            rank_zero_info(f"step {step}: the last {self.trainer.max_steps - step} iterations run in float32 "
+            detail(f"step {step}: the last {self.trainer.max_steps - step} iterations run in float32 "
                            "(model.float32_final_steps)")  # fmt: skip
         optimizer, evaluations, made = self.optimizers(), [], self.evaluator.count
 

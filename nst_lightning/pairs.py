@@ -3,11 +3,12 @@ and the summary at the end."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nst_lightning.checks import check_batch
+from nst_lightning.checks import InputPath, check_batch
 from nst_lightning.errors import ConfigError, Interrupted
 from nst_lightning.files import find_images
 from nst_lightning.guard import INTERRUPTED_CHECKPOINT
@@ -37,8 +38,8 @@ class BatchSettings:
 
     def __init__(
         self,
-        contents: list[str] | str | None = None,
-        styles: list[str] | str | None = None,
+        contents: list[InputPath] | InputPath | None = None,
+        styles: list[InputPath] | InputPath | None = None,
         output_dir: str = "outputs/batch",
         name: str = "{content}__{style}.png",
         skip_existing: bool = False,
@@ -64,7 +65,7 @@ class BatchSettings:
 def _as_list(value: list[str] | str | None) -> list[str] | None:
     if value is None:
         return None
-    return [value] if isinstance(value, str) else [str(v) for v in value]
+    return [os.fspath(value)] if isinstance(value, (str, os.PathLike)) else [os.fspath(v) for v in value]
 
 
 @dataclass(frozen=True)

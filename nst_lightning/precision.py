@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from nst_lightning.checks import MIXED_PRECISIONS
+from nst_lightning.console import note
 from nst_lightning.runtime import automatic_precision
 
 # Dynamic loss scaling: the first scale, the factor after an overflow, finite evaluations before it doubles.
@@ -47,7 +47,7 @@ def choose_precision(config: Any) -> None:
     if chosen is None:
         return
     trainer.precision = chosen
-    rank_zero_info(
+    note(
         f"trainer.precision is not set: using {chosen}, since this CPU computes bfloat16 in AMX tiles "
         f"(about 2x faster); the last {config.model.float32_final_steps} iterations run in float32 "
         "(model.float32_final_steps); --trainer.precision 32-true keeps float32 throughout"

@@ -132,6 +132,13 @@ def bf16_is_native_on_cpu() -> bool:
         return False
 
 
+def bf16_is_native_on_gpu() -> bool:
+    """Whether the current CUDA GPU computes bfloat16 natively (compute capability 8.0, Ampere, or later)."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+
+
 def available_bytes(device: str = "cpu") -> int | None:
     """Memory a new allocation can still get: ``MemAvailable`` from /proc/meminfo on a CPU, the
     free memory of the current GPU on CUDA; None where it cannot be told."""

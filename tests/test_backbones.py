@@ -5,7 +5,15 @@ from urllib.error import URLError
 import pytest
 import torch
 
-from nst_lightning.backbones import BACKBONES, backbone_layers, check_layers, hub_cache_file, layer_names, load_backbone
+from nst_lightning.backbones import (
+    BACKBONES,
+    backbone_layers,
+    check_cached_hash,
+    check_layers,
+    hub_cache_file,
+    layer_names,
+    load_backbone,
+)  # fmt: skip
 from nst_lightning.errors import ConfigError, WeightsError
 from nst_lightning.features import FeatureExtractor
 
@@ -37,6 +45,8 @@ def test_weight_file_in_both_layouts(tmp_path, weights_file, vgg19_features_stat
 
 def test_imagenet_weights_come_from_the_torch_hub_cache(tmp_path, monkeypatch, weights_file):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    # Random weights under torchvision's name: the hash check would refuse them (its own test is below).
+    monkeypatch.setattr("nst_lightning.backbones.check_cached_hash", lambda path: None)
     cached = hub_cache_file("vgg19")
     assert cached.name == "vgg19-dcbb9e9d.pth"
     cached.parent.mkdir(parents=True)
@@ -44,6 +54,21 @@ def test_imagenet_weights_come_from_the_torch_hub_cache(tmp_path, monkeypatch, w
     extractor = FeatureExtractor(["conv1_1"], weights="imagenet")
     expected = torch.load(weights_file, weights_only=True)["features.0.weight"]
     torch.testing.assert_close(extractor.body.conv1_1.weight, expected)
+
+
+def test_a_cached_file_must_match_the_hash_in_its_name(tmp_path):
+    import hashlib
+
+    content = b"some weights"
+    prefix = hashlib.sha256(content).hexdigest()[:8]
+    good = tmp_path / f"vgg19-{prefix}.pth"
+    good.write_bytes(content)
+    check_cached_hash(good)  # as torchvision checks a download: the name's prefix of the SHA-256
+    bad = tmp_path / "vgg19-dcbb9e9d.pth"
+    bad.write_bytes(content)
+    with pytest.raises(WeightsError, match=f"SHA-256 starts with {prefix}, not dcbb9e9d"):
+        check_cached_hash(bad)
+    check_cached_hash(tmp_path / "missing-dcbb9e9d.pth")  # nothing cached: torchvision downloads it
 
 
 def test_imagenet_weights_offline_say_how_to_get_them(tmp_path, monkeypatch):

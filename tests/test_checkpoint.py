@@ -1,5 +1,6 @@
 """Checkpoints: atomic writes (a simulated full disk), safe reads, refusal of foreign or mismatched ones."""
 
+import inspect
 import os
 import re
 import resource
@@ -8,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from lightning import Trainer
 from PIL import Image
 
 from nst_lightning.checkpoint import AtomicCheckpointIO, read_checkpoint
@@ -176,7 +178,7 @@ def test_resuming_with_another_style_image_is_refused(tmp_path, finished_run, ca
     config, ckpt = finished_run
     other = make_image(tmp_path / "other_style.png", 32, 32, seed=7)
     with pytest.raises(SystemExit):
-        cli_main(["fit", "--config", str(config), "--ckpt_path", str(ckpt), "--data.style", str(other)])
+        cli_main(["fit", "--config", str(config), "--ckpt_path", str(ckpt), "--data.style", str(other), "--overwrite"])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nst-lightning: error:")]
     assert len(lines) == 1 and "made from another style image" in lines[0], lines
 
@@ -185,8 +187,11 @@ def test_weights_only_false_is_refused(finished_run, capsys):
     config, ckpt = finished_run
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["fit", "--config", str(config), "--ckpt_path", str(ckpt), "--weights_only", "false"])
-    assert exit_info.value.code == 1
-    assert "only read with weights_only=True" in capsys.readouterr().err
+    if "weights_only" in inspect.signature(Trainer.fit).parameters:
+        assert exit_info.value.code == 1
+        assert "only read with weights_only=True" in capsys.readouterr().err
+    else:  # before Lightning 2.6 fit takes no weights_only: the key is unknown, refused as such
+        assert exit_info.value.code == 2 and "--weights_only" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="weights_only=True"):
         AtomicCheckpointIO().load_checkpoint(ckpt, weights_only=False)
 

@@ -63,7 +63,7 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path, images):
     run_cli("--config", str(config))
     ckpt = next((version_dir(tmp_path, 0) / "checkpoints").glob("*.ckpt"))
     saved = torch.load(ckpt, weights_only=True)["state_dict"]["image"]
-    run_cli("--config", str(config), "--trainer.max_steps", "6", "--ckpt_path", str(ckpt))
+    run_cli("--config", str(config), "--trainer.max_steps", "6", "--ckpt_path", str(ckpt), "--overwrite")
     resumed = version_dir(tmp_path, 1)
     assert list((resumed / "checkpoints").glob("*step=6.ckpt"))
     steps = [event.step for event in scalars(resumed).Scalars("loss")]
@@ -99,8 +99,8 @@ def test_default_config_holds_the_seed_defaults(capsys):
     assert config["model"]["content_weight"] == 1.0 and config["model"]["style_weight"] == 1e6
     assert config["model"]["optimizer"] == "lbfgs"
     assert config["data"]["image_size"] == 512
-    for key in ("content", "style"):
-        assert (REPO / config["data"][key]).is_file()
+    for key in ("content", "style"):  # relative to the config file
+        assert (REPO / "configs" / config["data"][key]).is_file()
 
 
 def _expect_one_line_error(tmp_path, capsys, args, message):
@@ -159,7 +159,7 @@ OVERLAY_OVERRIDES = {"multiscale.yaml": ["--model.scales", "[32, 64]", "--model.
 )
 def test_every_example_config_runs_in_miniature(tmp_path, monkeypatch, overlay):
     """Each shipped overlay, on the shipped sample images, shrunk to 64 px and 2 steps."""
-    monkeypatch.chdir(REPO)  # the configs' paths are relative to the repository root
+    monkeypatch.chdir(tmp_path)  # the configs' paths are relative to the configs: any folder will do
     run_cli(
         "--config", str(REPO / "configs" / "default.yaml"),
         "--config", str(REPO / "configs" / overlay),
@@ -201,7 +201,8 @@ def test_unknown_keys_and_wrong_types_get_one_line(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("nst-lightning: error:") and err.count("\n") == 1, err
-    assert message in err and "--help" in err and "usage" not in err
+    # jsonargparse's own messages changed case over its versions ("Unrecognized arguments").
+    assert message.lower() in err.lower() and "--help" in err and "usage" not in err
 
 
 @pytest.mark.parametrize(

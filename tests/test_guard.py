@@ -318,7 +318,7 @@ def test_cli_absurd_style_weight_names_it_and_leaves_the_old_output(tmp_path, im
     Image.new("RGB", (4, 4), (1, 2, 3)).save(output)
     before = output.read_bytes()
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(["fit", "--config", str(config)])
+        cli_main(["fit", "--config", str(config), "--overwrite"])
     assert exit_info.value.code == 1
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nst-lightning: error:")]
     assert (

@@ -117,7 +117,7 @@ def test_the_runs_config_file_may_not_be_the_config_it_reads(tmp_path, images, c
     cli_main(fit(config, "--trainer.logger", logger))
     saved = tmp_path / "runs" / "lightning_logs" / "version_0" / "config.yaml"
     before = saved.read_bytes()
-    line = one_line(capsys, fit(saved, "--trainer.logger", logger), "the run's config file")
+    line = one_line(capsys, fit(saved, "--trainer.logger", logger, "--overwrite"), "the run's config file")
     assert f"--config {saved}" in line
     assert saved.read_bytes() == before
 

@@ -80,6 +80,20 @@ def test_bf16_on_a_cpu_without_native_support_warns(tmp_path, images, monkeypatc
         make_trainer(tmp_path, steps=0, precision="bf16-mixed").fit(make_module(), datamodule=datamodule(images))
 
 
+def test_bf16_on_a_gpu_without_native_support_warns_in_one_line(monkeypatch):
+    from nst_lightning.checks import check_precision
+
+    monkeypatch.setattr("nst_lightning.checks.bf16_is_native_on_gpu", lambda: False)  # a GPU before Ampere
+    with pytest.warns(UserWarning, match="this GPU computes bfloat16 without native support") as caught:
+        check_precision("bf16-mixed", "cuda")
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    monkeypatch.setattr("nst_lightning.checks.bf16_is_native_on_gpu", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_precision("bf16-mixed", "cuda")
+        check_precision("16-mixed", "cuda")
+
+
 def test_16_mixed_with_lbfgs_scales_the_loss_in_the_closure(tmp_path, images):
     # Lightning's own 16-mixed plugin holds a GradScaler that refuses L-BFGS; the module takes it out
     # and scales the loss itself. On CPU the Trainer flag maps to bf16, so the plugin is built here to
@@ -96,7 +110,7 @@ def test_the_last_steps_of_a_mixed_precision_run_are_float32(tmp_path, images, c
     module = make_module(float32_final_steps=2, lbfgs_line_search=None)  # one evaluation per iteration
     dtypes = []
     module.objective.extractor.body.conv1_1.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
-    with warnings.catch_warnings(), caplog.at_level("INFO"):
+    with warnings.catch_warnings(), caplog.at_level("DEBUG", logger="nst_lightning"):  # a detail (--verbose)
         warnings.simplefilter("ignore")
         make_trainer(tmp_path, steps=5, precision="bf16-mixed").fit(module, datamodule=datamodule(images, size=32))
     assert "step 3: the last 2 iterations run in float32" in caplog.text

@@ -24,6 +24,12 @@ ALLOWED = {
 }
 
 
+# Lightning before 2.6 has no _parse_ckpt_path: it does not adopt a checkpoint's settings, so there is
+# nothing to turn off (the dependency floors run on such a version).
+HAS_PARSE_CKPT_PATH = "_parse_ckpt_path" in vars(LightningCLI)
+
+
+@pytest.mark.skipif(not HAS_PARSE_CKPT_PATH, reason="Lightning < 2.6: no checkpoint settings adopted")
 def test_lightning_cli_still_calls_parse_ckpt_path_between_parsing_and_instantiation(monkeypatch):
     monkeypatch.setattr("sys.argv", ["cli.py"])
     # StyleTransferCLI overrides it with nothing: if LightningCLI renames it or stops calling it there,
@@ -94,4 +100,5 @@ def test_no_other_private_name_is_used():
     used = {path.name: _foreign_private_names(path) for path in sorted((REPO / "nst_lightning").glob("*.py"))}
     unexpected = {name: names - ALLOWED for name, names in used.items() if names - ALLOWED}
     assert not unexpected, f"private names of other packages: {unexpected} (add a public way, or a pin here)"
-    assert set().union(*used.values()) == ALLOWED, "an allowed private name is no longer used: drop it from ALLOWED"
+    expected = ALLOWED if HAS_PARSE_CKPT_PATH else ALLOWED - {"_parse_ckpt_path"}
+    assert set().union(*used.values()) == expected, "an allowed private name is no longer used: drop it from ALLOWED"

@@ -1,0 +1,41 @@
+"""How the command line's settings are read: paths relative to the config file that holds them, and the parser
+that reports a bad command line or config as one line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, NoReturn
+
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningArgumentParser
+
+from nst_lightning.checks import InputPath
+from nst_lightning.errors import EXIT_USAGE
+
+
+def absolute_paths(value: Any) -> Any:
+    """``value`` with every :data:`~nst_lightning.checks.InputPath` jsonargparse parsed (relative to the config
+    file that held it, or to the working folder) made absolute, in place for a namespace: so that the classes,
+    the run's saved config.yaml and its hparams name the same files from any folder."""
+    if isinstance(value, InputPath):
+        return InputPath(os.fspath(value)) if str(value) else value
+    if isinstance(value, Namespace):
+        for key in list(value.keys()):
+            value[key] = absolute_paths(value[key])
+        return value
+    if isinstance(value, list):
+        return [absolute_paths(item) for item in value]
+    return value
+
+
+class StyleTransferArgumentParser(LightningArgumentParser):
+    """Reports a bad command line or config file (an unknown key, a wrong type) as one line; the usage
+    text that argparse would print first is one ``--help`` away."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)
+        detail = " ".join(str(message).split())
+        sys.stderr.write(f"nst-lightning: error: {detail} (--help lists every key and its type)\n")
+        self.exit(EXIT_USAGE)
