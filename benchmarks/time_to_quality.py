@@ -22,7 +22,7 @@ per lever beside the baseline (needs matplotlib: ``pip install -e ".[bench]"``);
 contact sheet of each lever's final image beside the baseline's image at the same modelled time.
 
     python benchmarks/time_to_quality.py --weights ../shared/weights/vgg16_imagenet_keras.pth --backbone vgg16 \\
-        --size 512 --plot docs/time_to_quality.png --sheet docs/time_to_quality_images.jpg --json ttq.json
+        --size 512 --plot docs/studies/time_to_quality.png --sheet docs/studies/time_to_quality_images.jpg --json ttq.json
 
 A run is ``--run LABEL STAGE [STAGE ...]``, a stage ``SIZE:STEPS`` or ``SIZE:STEPS:KEY=VALUE;KEY=VALUE``
 with ``model.`` settings (VALUE read as YAML), e.g. ``--run "coarse x3 content" 256:150:content_weight=3 512:100``.
@@ -192,6 +192,17 @@ def run_stages(label, stages, base, final, content, style, per_eval, folder, log
     return record
 
 
+def remodel(runs: list[dict], per_eval: dict[int, float]) -> None:
+    """Recomputes each step's modelled time with other seconds per evaluation (``--remodel``)."""
+    for run in runs:
+        modelled, evaluations, steps = 0.0, 0, []
+        for wall, _, made, size, loss in run["steps"]:
+            modelled += (made - evaluations) * per_eval[size]
+            evaluations = made
+            steps.append((wall, modelled, made, size, loss))
+        run["steps"] = steps
+
+
 def first_time(steps: list, target: float, column: int) -> float | None:
     return next((step[column] for step in steps if step[4] is not None and step[4] <= target), None)
 
@@ -308,6 +319,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results (without images) here")
     parser.add_argument("--plot", type=Path, help="loss against modelled seconds, one panel per lever (PNG)")
     parser.add_argument("--sheet", type=Path, help="final images beside the seed's at equal time (JPEG/PNG)")
+    parser.add_argument(
+        "--remodel",
+        type=Path,
+        metavar="JSON",
+        help="run nothing: re-measure the seconds per evaluation (on a quiet machine) and redo the table and "
+        "--plot of an earlier --json with them",
+    )
     args = parser.parse_args()
 
     import torch
@@ -322,11 +340,17 @@ def main() -> None:
     base = {"weights": args.weights, "backbone": args.backbone}
     sizes = sorted({stage.size for _, stages in runs_spec for stage in stages})
     log = lambda text: print(text, flush=True)  # noqa: E731
+    earlier = json.loads(args.remodel.read_text()) if args.remodel else None
+    if earlier:
+        sizes = sorted({step[3] for run in earlier["runs"] for step in run["steps"]})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         per_eval = evaluation_seconds(base, sizes, Path(args.content), Path(args.style))
         log("seconds per evaluation: " + ", ".join(f"{s} px {t:.3f}" for s, t in per_eval.items()))
-        runs = []
+        runs = earlier["runs"] if earlier else []
+        if earlier:
+            remodel(runs, per_eval)
+            runs_spec = []
         with tempfile.TemporaryDirectory(prefix="nst-ttq-") as folder:
             for label, stages in runs_spec:
                 log(f"{label} ...")
@@ -343,7 +367,7 @@ def main() -> None:
         args.json.write_text(json.dumps({"size": args.size, "per_evaluation_s": per_eval, "runs": plain}, indent=1))
     if args.plot:
         plot(runs, args.plot, f"Tübingen x Starry Night, {args.size} px, {Path(args.weights).name}")
-    if args.sheet:
+    if args.sheet and not earlier:
         sheet(runs, args.sheet)
 
 

@@ -113,3 +113,10 @@ def test_reference_implementation_computes_the_same_loss(tmp_path, images):
     torch.testing.assert_close(float(ref.loss()), float(module(module.image.detach())["total"]), rtol=1e-4, atol=0)
     ref.step()
     assert ref.evaluations == 1
+
+
+def test_remodel_recomputes_modelled_time_from_evaluation_counts():
+    runs = [{"steps": [(1.0, 9.0, 2, 32, None), (2.0, 9.0, 3, 32, None), (3.0, 9.0, 5, 48, 1.5)]}]
+    time_to_quality.remodel(runs, {32: 0.5, 48: 2.0})
+    assert [step[1] for step in runs[0]["steps"]] == [1.0, 1.5, 5.5]
+    assert runs[0]["steps"][-1][4] == 1.5
