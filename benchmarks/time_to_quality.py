@@ -22,7 +22,8 @@ per lever beside the baseline (needs matplotlib: ``pip install -e ".[bench]"``);
 contact sheet of each lever's final image beside the baseline's image at the same modelled time.
 
     python benchmarks/time_to_quality.py --weights ../shared/weights/vgg16_imagenet_keras.pth --backbone vgg16 \\
-        --size 512 --plot docs/studies/time_to_quality.png --sheet docs/studies/time_to_quality_images.jpg --json ttq.json
+        --size 512 --json ttq.json \\
+        --plot docs/studies/time_to_quality.png --sheet docs/studies/time_to_quality_images.jpg
 
 A run is ``--run LABEL STAGE [STAGE ...]``, a stage ``SIZE:STEPS`` or ``SIZE:STEPS:KEY=VALUE;KEY=VALUE``
 with ``model.`` settings (VALUE read as YAML), e.g. ``--run "coarse x3 content" 256:150:content_weight=3 512:100``.
