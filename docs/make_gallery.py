@@ -8,7 +8,7 @@ network, wall time, final loss of each image).
 
 The network is the ImageNet VGG-16 in ``../shared/weights/`` (the default VGG-19 cannot be downloaded
 where this was made); ``--weights`` and ``--backbone`` choose another. Full-size outputs go to
-``outputs/gallery/`` (not committed); the gallery copies are JPEGs, 512 px on the longest side.
+``outputs/gallery/`` (not committed); the gallery copies are JPEGs, 400 px on the longest side.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 GALLERY = REPO / "docs" / "gallery"
 TRAINED = "../shared/weights/vgg16_imagenet_keras.pth"
 SAMPLES = "nst_lightning/samples"
-QUALITY = 82  # JPEG quality of the gallery copies: ~40-70 KB per 512 px image
+SIDE, QUALITY = 400, 74  # the gallery copies: longest side and JPEG quality (about 35 KB each)
 
 
 def pair(content: str, style: str) -> list[str]:
@@ -66,6 +66,16 @@ def final_loss(log_dir: Path) -> float | None:
     return events.Scalars("loss")[-1].value if "loss" in events.Tags()["scalars"] else None
 
 
+def compress(name: str) -> None:
+    """The gallery copy of ``outputs/gallery/<name>.png``."""
+    from PIL import Image
+
+    with Image.open(REPO / "outputs" / "gallery" / f"{name}.png") as image:
+        image = image.convert("RGB")
+        image.thumbnail((SIDE, SIDE), Image.Resampling.LANCZOS)
+        image.save(GALLERY / f"{name}.jpg", quality=QUALITY, optimize=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=sorted(ENTRIES), help="make only these images")
@@ -73,8 +83,6 @@ def main() -> None:
     parser.add_argument("--backbone", default="vgg16")
     parser.add_argument("--logs", default="outputs/gallery/logs", help="trainer.default_root_dir of the runs")
     args = parser.parse_args()
-
-    from PIL import Image
 
     GALLERY.mkdir(parents=True, exist_ok=True)
     record_path = GALLERY / "commands.json"
@@ -90,8 +98,7 @@ def main() -> None:
         subprocess.run(run, cwd=REPO, env=env, check=True)
         seconds = time.perf_counter() - start
         versions = sorted((REPO / logs / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
-        with Image.open(REPO / "outputs" / "gallery" / f"{name}.png") as image:
-            image.convert("RGB").save(GALLERY / f"{name}.jpg", quality=QUALITY, optimize=True)
+        compress(name)
         record[name] = {
             "command": shlex.join(shown),
             "network": f"{args.backbone} from {Path(args.weights).name}",
