@@ -153,8 +153,9 @@ class JobStore:
         self.jobs_dir = self.data / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.data / "jobs.sqlite3"
+        with contextlib.closing(sqlite3.connect(self.path, timeout=30)) as db:
+            db.execute("PRAGMA journal_mode=WAL")  # readers never wait for the workers' writes
         with self._db() as db:
-            db.execute("PRAGMA journal_mode=WAL")
             db.execute(_SCHEMA)
 
     @contextlib.contextmanager

@@ -38,7 +38,7 @@ def flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in settings.items():
         name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and prefix == "" and key in (*SECTIONS, "trainer"):
+        if isinstance(value, Mapping) and prefix == "" and "." not in key:
             flat.update(flatten(value, f"{name}."))
         else:
             flat[name] = value
