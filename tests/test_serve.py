@@ -20,7 +20,7 @@ with warnings.catch_warnings():  # Starlette 1.x: httpx in its test client is de
 from PIL import Image  # noqa: E402
 
 from nst_lightning.serve.app import create_app  # noqa: E402
-from nst_lightning.serve.jobs import read_progress  # noqa: E402
+from nst_lightning.serve.progress import read_progress  # noqa: E402
 from tests.conftest import make_image, wait_for  # noqa: E402
 
 TINY = {"data": {"image_size": 32}, "trainer": {"max_steps": 4}, "model": {"weights": "random", "init": "noise"}}

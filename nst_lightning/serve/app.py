@@ -21,17 +21,15 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from nst_lightning.errors import ImageError
-from nst_lightning.serve import jobs, settings
+from nst_lightning.serve import jobs, progress, settings
 from nst_lightning.serve.progress import PREVIEW_FILE
+from nst_lightning.serve.uploads import UploadError, display_name, save_upload
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_STYLES = 8
 UPLOAD_LIMIT_MB = 25.0
 PREVIEW_EVERY = 5
 EVENT_POLL_SECONDS = 0.25
-# What Pillow calls the formats kept as uploaded; any other readable image is stored as PNG.
-KEPT_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif", "GIF": ".gif"}
 
 
 class ApiError(Exception):
@@ -41,12 +39,6 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.key = key
-
-
-def _display_name(name: str | None) -> str:
-    """A user's file name as text to show (never used as a path)."""
-    text = "".join(ch for ch in (name or "") if ch.isprintable())[:200]
-    return text or "image"
 
 
 def offered_weights(weights_dir: Path | None) -> dict[str, str]:
@@ -76,44 +68,6 @@ def defaults() -> dict[str, Any]:
         "model.backbone": model["backbone"].default,
         "model.weights": model["weights"].default,
     }
-
-
-def _check_image(path: Path, label: str) -> str:
-    """Decodes an upload with the command line's checks (type, size, decompression bombs); returns the
-    extension it is stored with. Raises :class:`ApiError` (422) with the check's message."""
-    from PIL import Image
-
-    from nst_lightning.image_io import open_rgb
-
-    try:
-        image = open_rgb(path)
-        with Image.open(path) as opened:
-            kind = opened.format
-    except ImageError as err:
-        raise ApiError(422, str(err).replace(str(path), label), label.split(" ")[0]) from None
-    if kind in KEPT_FORMATS:
-        return KEPT_FORMATS[kind]
-    image.save(path.with_suffix(".png.tmp"), format="PNG")
-    os.replace(path.with_suffix(".png.tmp"), path)
-    return ".png"
-
-
-async def _save_upload(upload: UploadFile, stem: Path, label: str, limit: int) -> Path:
-    """The upload, checked, as ``stem`` plus the extension of its format (by content, never by its name)."""
-    partial = stem.with_suffix(".upload")
-    size = 0
-    with open(partial, "wb") as out:
-        while chunk := await upload.read(1 << 20):
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"{label} is over the upload limit of {limit / 1e6:g} MB: send a smaller image")
-            out.write(chunk)
-    if size == 0:
-        raise ApiError(422, f"{label} is empty: send an image file", label.split(" ")[0])
-    suffix = await run_in_threadpool(_check_image, partial, label)
-    path = stem.with_suffix(suffix)
-    os.replace(partial, path)
-    return path
 
 
 def _event(name: str, data: Any) -> str:
@@ -162,6 +116,10 @@ def create_app(
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
         return JSONResponse({"detail": str(err), "key": err.key}, status_code=err.status)
 
+    @app.exception_handler(UploadError)
+    async def upload_error(request: Request, err: UploadError) -> JSONResponse:
+        return JSONResponse({"detail": str(err), "key": err.key}, status_code=err.status)
+
     @app.exception_handler(RequestValidationError)
     async def request_error(request: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0] if err.errors() else {}
@@ -196,7 +154,7 @@ def create_app(
         return job
 
     def public(job: jobs.Job) -> dict[str, Any]:
-        eta = jobs.eta_seconds(jobs.read_progress(store.folder(job.id))) if job.state == "running" else None
+        eta = progress.eta_seconds(progress.read_progress(store.folder(job.id))) if job.state == "running" else None
         return job.public(store.position(job.id), eta)
 
     @api.get("/options")
@@ -237,19 +195,19 @@ def create_app(
         folder = store.folder(job_id)
         folder.mkdir(parents=True)
         try:
-            content_path = await _save_upload(content, folder / "content", "content", limit)
+            content_path = await save_upload(content, folder / "content", "content", limit)
             styles = []
             for index, upload in enumerate(style):
-                label = f"style {index + 1} ({_display_name(upload.filename)})"
-                styles.append(await _save_upload(upload, folder / f"style_{index}", label, limit))
+                label = f"style {index + 1} ({display_name(upload.filename)})"
+                styles.append(await save_upload(upload, folder / f"style_{index}", label, limit))
             fit = settings.fit_arguments(folder, content_path, styles, arguments, preview_every)
             try:
                 parsed = await run_in_threadpool(settings.validate, fit)
             except settings.SettingsError as err:
                 raise ApiError(422, str(err).replace(str(folder) + os.sep, ""), err.key) from None
             names = {
-                "content": _display_name(content.filename),
-                "styles": [_display_name(upload.filename) for upload in style],
+                "content": display_name(content.filename),
+                "styles": [display_name(upload.filename) for upload in style],
                 "files": {"content": content_path.name, "styles": [path.name for path in styles]},
             }
             shown = {**settings.flatten(chosen), "data.image_size": parsed["data"]["image_size"],
@@ -288,7 +246,7 @@ def create_app(
                 if job is None:
                     yield _event("state", {"id": job_id, "state": "deleted"})
                     return
-                records = await run_in_threadpool(jobs.read_progress, folder)
+                records = await run_in_threadpool(progress.read_progress, folder)
                 steps = [r for r in records if "step" in r]
                 previews = [r for r in records if "preview" in r]
                 if len(steps) > sent_steps:
@@ -296,7 +254,7 @@ def create_app(
                     losses = [[r["step"], r.get("loss")] for r in steps[sent_steps:]]
                     yield _event("progress", {
                         "step": last["step"], "max_steps": last["max_steps"], "loss": last.get("loss"),
-                        "eta_s": jobs.eta_seconds(records), "losses": losses,
+                        "eta_s": progress.eta_seconds(records), "losses": losses,
                     })  # fmt: skip
                     sent_steps = len(steps)
                 if len(previews) > sent_previews:

@@ -24,14 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nst_lightning.guard import INTERRUPTED_CHECKPOINT
-from nst_lightning.serve.progress import PROGRESS_FILE
+from nst_lightning.serve.progress import LOG_FILE, last_error, latest_checkpoint, read_progress
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED = ("done", "failed", "cancelled")
 RESULT_FILE = "result.png"
 PARTIAL_FILE = "result.partial.png"
-LOG_FILE = "run.log"
 JOB_ID_LENGTH = 32
 POLL_SECONDS = 0.2
 STOP_WAIT_SECONDS = 120.0  # how long a run gets to write its partial image and checkpoint after SIGTERM
@@ -71,52 +69,6 @@ def new_job_id() -> str:
 def is_job_id(value: str) -> bool:
     """Whether ``value`` has the form of a job id (so it can name a folder)."""
     return len(value) == JOB_ID_LENGTH and all(c in "0123456789abcdef" for c in value)
-
-
-def read_progress(folder: Path) -> list[dict[str, Any]]:
-    """The complete lines of a job's ``progress.jsonl`` (a line being written is left for the next read)."""
-    try:
-        text = (folder / PROGRESS_FILE).read_text(encoding="utf-8")
-    except OSError:
-        return []
-    records = []
-    for line in text.splitlines(keepends=True):
-        if line.endswith("\n"):
-            with contextlib.suppress(ValueError):
-                records.append(json.loads(line))
-    return records
-
-
-def eta_seconds(records: list[dict[str, Any]]) -> float | None:
-    """Seconds left, from the pace of the steps since the run (or its resumption) started."""
-    start = next((r for r in reversed(records) if "start" in r), None)
-    steps = [r for r in records if "step" in r and start is not None and r["time"] >= start["time"]]
-    if start is None or not steps:
-        return None
-    done = steps[-1]["step"] - start["start"]
-    if done < 1:
-        return None
-    pace = (steps[-1]["time"] - start["time"]) / done
-    return max(0.0, pace * (steps[-1]["max_steps"] - steps[-1]["step"]))
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest ``interrupted.ckpt`` of the job's runs, from which the job resumes."""
-    found = list((folder / "lightning_logs").glob(f"version_*/checkpoints/{INTERRUPTED_CHECKPOINT}"))
-    return max(found, key=lambda path: path.stat().st_mtime) if found else None
-
-
-def last_error(folder: Path) -> str:
-    """The run's own one-line reason (``nst-lightning: error: ...``) from its log, or a general one."""
-    try:
-        lines = (folder / LOG_FILE).read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        lines = []
-    for prefix in ("nst-lightning: error: ", "nst-lightning: interrupted: "):
-        found = [line[len(prefix) :] for line in lines if line.startswith(prefix)]
-        if found:
-            return found[-1].replace(str(folder) + os.sep, "")
-    return "the run stopped without a reason: see run.log in the job's folder"
 
 
 @dataclass
@@ -336,8 +288,9 @@ class Worker(threading.Thread):
         env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), **self.env}
         with open(folder / LOG_FILE, "ab") as log:
             self.process = subprocess.Popen(
-                command, cwd=folder, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-            )
+                command, cwd=folder, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True,  # a Ctrl-C at the server's terminal is the server's: it stops the run itself
+            )  # fmt: skip
         self.store.update(job_id, pid=self.process.pid)
         signalled = None  # why the run was sent SIGTERM: "cancel" or "stop"
         seen = (-1, None)

@@ -1,7 +1,8 @@
-"""``JobProgress``: the callback through which a server job's run reports its steps, losses and preview images."""
+"""A server job's progress: written by its run (the ``JobProgress`` callback), read by the server (steps, ETA)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -12,10 +13,12 @@ from typing import Any
 import lightning as L
 import torch
 
+from nst_lightning.guard import INTERRUPTED_CHECKPOINT
 from nst_lightning.image_io import save_image
 
 PROGRESS_FILE = "progress.jsonl"
 PREVIEW_FILE = "preview.png"
+LOG_FILE = "run.log"
 
 
 class JobProgress(L.Callback):
@@ -70,3 +73,49 @@ class JobProgress(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             self._preview(trainer, pl_module)
+
+
+def read_progress(folder: Path) -> list[dict[str, Any]]:
+    """The complete lines of a job's ``progress.jsonl`` (a line being written is left for the next read)."""
+    try:
+        text = (folder / PROGRESS_FILE).read_text(encoding="utf-8")
+    except OSError:
+        return []
+    records = []
+    for line in text.splitlines(keepends=True):
+        if line.endswith("\n"):
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+    return records
+
+
+def eta_seconds(records: list[dict[str, Any]]) -> float | None:
+    """Seconds left, from the pace of the steps since the run (or its resumption) started."""
+    start = next((r for r in reversed(records) if "start" in r), None)
+    steps = [r for r in records if "step" in r and start is not None and r["time"] >= start["time"]]
+    if start is None or not steps:
+        return None
+    done = steps[-1]["step"] - start["start"]
+    if done < 1:
+        return None
+    pace = (steps[-1]["time"] - start["time"]) / done
+    return max(0.0, pace * (steps[-1]["max_steps"] - steps[-1]["step"]))
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest ``interrupted.ckpt`` of the job's runs, from which the job resumes."""
+    found = list((folder / "lightning_logs").glob(f"version_*/checkpoints/{INTERRUPTED_CHECKPOINT}"))
+    return max(found, key=lambda path: path.stat().st_mtime) if found else None
+
+
+def last_error(folder: Path) -> str:
+    """The run's own one-line reason (``nst-lightning: error: ...``) from its log, or a general one."""
+    try:
+        lines = (folder / LOG_FILE).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        lines = []
+    for prefix in ("nst-lightning: error: ", "nst-lightning: interrupted: "):
+        found = [line[len(prefix) :] for line in lines if line.startswith(prefix)]
+        if found:
+            return found[-1].replace(str(folder) + os.sep, "")
+    return "the run stopped without a reason: see run.log in the job's folder"
