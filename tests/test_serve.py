@@ -148,18 +148,15 @@ def test_the_token_is_needed_on_every_api_call(tmp_path, uploads):
         assert client.get("/api/options", headers={"X-Token": "s3cret"}).json()["weights"][:2] == ["imagenet", "random"]
 
 
-def test_a_second_job_waits_then_runs_and_cancel_keeps_the_image(tmp_path, uploads):
+def test_cancel_stops_a_run_and_keeps_its_image_and_takes_a_queued_job_off(tmp_path, uploads):
     data = tmp_path / "data"
     with TestClient(create_app(data)) as client:
         long = post_job(client, uploads, {**TINY, "trainer": {"max_steps": 2000}}).json()["id"]
-        short = post_job(client, uploads).json()["id"]
-        wait_for(lambda: job(client, long)["step"] >= 2, 120, "the first job's steps")
-        third = post_job(client, uploads).json()["id"]
-        waiting = job(client, short)
-        assert waiting["state"] == "queued" and waiting["position"] == 1 and job(client, third)["position"] == 2
+        queued = post_job(client, uploads).json()["id"]
+        assert job(client, queued)["position"] in (1, 2)
         # A queued job is cancelled at once, without a run.
-        assert client.post(f"/api/jobs/{third}/cancel").json()["state"] == "cancelled"
-        assert not (data / "jobs" / third / "progress.jsonl").exists()
+        assert client.post(f"/api/jobs/{queued}/cancel").json()["state"] == "cancelled"
+        wait_for(lambda: job(client, long)["step"] >= 2, 120, "the job's steps")
         assert job(client, long)["position"] == 0
         assert client.post(f"/api/jobs/{long}/cancel").status_code == 200
         cancelled = wait_state(client, long, "cancelled", "failed", "done")
@@ -167,15 +164,20 @@ def test_a_second_job_waits_then_runs_and_cancel_keeps_the_image(tmp_path, uploa
         assert client.get(f"/api/jobs/{long}/result").status_code == 404
         assert client.get(f"/api/jobs/{long}/result?partial=true").status_code == 200
         assert client.get(f"/api/jobs/{long}/preview").status_code == 200
-        assert wait_state(client, short, "done", "failed")["state"] == "done"
+        assert job(client, queued)["state"] == "cancelled"
+        assert not (data / "jobs" / queued / "progress.jsonl").exists(), "the cancelled queued job never ran"
 
 
-def test_a_job_runs_streams_its_progress_survives_a_restart_and_is_deleted(tmp_path, uploads):
+def test_jobs_queue_run_stream_their_progress_survive_a_restart_and_are_deleted(tmp_path, uploads):
     data = tmp_path / "data"
     with TestClient(create_app(data)) as client:
         created = post_job(client, uploads, more=[("style", ("b.png", uploads["style2"], "image/png"))])
         assert created.status_code == 201, created.text
         job_id = created.json()["id"]
+        interrupted = post_job(client, uploads, {**TINY, "trainer": {"max_steps": 60}}).json()["id"]
+        wait_for(lambda: job(client, job_id)["state"] != "queued", 60, "the first job to start")
+        waiting = job(client, interrupted)
+        assert waiting["state"] == "queued" and waiting["position"] == 1, "the second job waits for the first"
         stream = events(client, job_id)
         states = [data["state"] for name, data in stream if name == "state"]
         assert states[-1] == "done" and "running" in states
@@ -197,10 +199,9 @@ def test_a_job_runs_streams_its_progress_survives_a_restart_and_is_deleted(tmp_p
         assert result.status_code == 200 and Image.open(io.BytesIO(result.content)).size == (32, 24)
         assert client.get(f"/api/jobs/{job_id}/preview").headers["content-type"] == "image/png"
         assert client.get(f"/api/jobs/{job_id}/inputs/style1").content == uploads["style2"]
-        assert [j["id"] for j in client.get("/api/jobs").json()] == [job_id]
+        assert [j["id"] for j in client.get("/api/jobs").json()] == [interrupted, job_id]
 
-        # A restart keeps the finished job and resumes an interrupted one from its checkpoint.
-        interrupted = post_job(client, uploads, {**TINY, "trainer": {"max_steps": 60}}).json()["id"]
+        # Then the second job runs; a restart keeps the finished job and resumes the other from its checkpoint.
         wait_for(lambda: job(client, interrupted)["step"] >= 3, 120, "the second job's steps")
     # The server stopped: the run got SIGTERM, as from the command line, and wrote its checkpoint.
     second = data / "jobs" / interrupted
@@ -218,3 +219,38 @@ def test_a_job_runs_streams_its_progress_survives_a_restart_and_is_deleted(tmp_p
         assert not folder.exists()
         assert client.get(f"/api/jobs/{job_id}").status_code == 404
         assert [j["id"] for j in client.get("/api/jobs").json()] == [interrupted]
+
+
+def test_the_serve_command_starts_on_localhost_and_stops_on_ctrl_c(tmp_path):
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "nst_lightning", "serve", "--port", str(port), "--data", str(tmp_path / "d")]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        assert line.startswith(f"nst-lightning: serving on http://127.0.0.1:{port}/"), line + server.stderr.read()
+
+        def answers() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/options", timeout=5) as response:
+                    return json.load(response)["defaults"]["data.image_size"] == 512
+            except OSError:
+                return False
+
+        wait_for(answers, 60, "the server to answer")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+            assert b'<script src="/static/app.js">' in response.read()
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=60) == 0
+        assert "Traceback" not in server.stderr.read()
+        assert (tmp_path / "d" / "jobs.sqlite3").is_file()
+    finally:
+        if server.poll() is None:
+            server.kill()

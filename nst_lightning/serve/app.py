@@ -225,7 +225,17 @@ def create_app(
     @api.get("/jobs")
     def list_jobs() -> list[dict[str, Any]]:
         """Every job, newest first."""
-        return [public(job) for job in store.all()]
+        everything = store.all()
+        queued = [job.id for job in reversed(everything) if job.state == "queued"]  # oldest first
+        positions = {job_id: index + 1 for index, job_id in enumerate(queued)}
+        shown = []
+        for job in everything:
+            position = 0 if job.state == "running" else positions.get(job.id)
+            eta = None
+            if job.state == "running":
+                eta = progress.eta_seconds(progress.read_progress(store.folder(job.id)))
+            shown.append(job.public(position, eta))
+        return shown
 
     @api.get("/jobs/{job_id}")
     def get_job(job_id: str) -> dict[str, Any]:

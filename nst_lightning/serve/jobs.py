@@ -111,11 +111,12 @@ class JobStore:
             db.execute(_SCHEMA)
 
     @contextlib.contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        """A connection whose ``with`` block is one transaction (committed, or rolled back on an error)."""
+    def _db(self, write: bool = True) -> Iterator[sqlite3.Connection]:
+        """A connection whose ``with`` block is one transaction (committed, or rolled back on an error); a
+        writing one takes the write lock at once, so that a read-then-write (a claim) cannot interleave."""
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         try:
-            db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield db
             except BaseException:
@@ -148,19 +149,19 @@ class JobStore:
         return Job(**values)
 
     def get(self, job_id: str) -> Job | None:
-        with self._db() as db:
+        with self._db(write=False) as db:
             row = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return self._job(row) if row else None
 
     def all(self) -> list[Job]:
         """Every job, newest first."""
-        with self._db() as db:
+        with self._db(write=False) as db:
             rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs ORDER BY seq DESC").fetchall()
         return [self._job(row) for row in rows]
 
     def position(self, job_id: str) -> int | None:
         """1 for the next job to start, 2 for the one after...; 0 while it runs; None once finished."""
-        with self._db() as db:
+        with self._db(write=False) as db:
             row = db.execute("SELECT seq, state FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None or row[1] in FINISHED:
                 return None
@@ -202,7 +203,7 @@ class JobStore:
             return row[0]
 
     def cancel_requested(self, job_id: str) -> bool:
-        with self._db() as db:
+        with self._db(write=False) as db:
             row = db.execute("SELECT cancel FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return bool(row and row[0])
 
