@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -24,6 +25,14 @@ from pathlib import Path
 
 import common
 from common import CONTENT, STYLE, median
+
+# The run's own time, from the summary line that ends every run ("done: ... (40 iterations, ..., 12.3 s)").
+SUMMARY = re.compile(r"iterations, final loss [^,]+, ([0-9.]+) s\)")
+
+
+def run_time(text: str) -> float:
+    found = SUMMARY.findall(text)
+    return float(found[-1]) if found else float("nan")
 
 
 def free_port() -> int:
@@ -37,8 +46,8 @@ def settings(args) -> dict:
     return {"data": {"image_size": args.size}, "trainer": {"max_steps": args.steps}, "model": model}
 
 
-def cli_run(args, folder: Path) -> float:
-    """One ``nst-lightning fit`` of the job, timed from start to exit."""
+def cli_run(args, folder: Path) -> tuple[float, float]:
+    """One ``nst-lightning fit`` of the job: (seconds from start to exit, the run's own seconds)."""
     weights = args.weights if args.weights == "random" else str(Path(args.weights).resolve())
     command = [
         sys.executable, "-m", "nst_lightning", "fit", f"--data.content={CONTENT}", f"--data.style={STYLE}",
@@ -47,12 +56,13 @@ def cli_run(args, folder: Path) -> float:
         "--trainer.enable_progress_bar=false",
     ]  # fmt: skip
     started = time.perf_counter()
-    subprocess.run(command, check=True, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - started
+    done = subprocess.run(command, check=True, cwd=folder, capture_output=True, text=True)
+    return time.perf_counter() - started, run_time(done.stdout)
 
 
-def server_run(httpx, base: str, args) -> float:
-    """One job through the server, timed from the upload to ``done``, watched as the page watches it."""
+def server_run(httpx, base: str, args, data: Path) -> tuple[float, float]:
+    """One job through the server, watched as the page watches it: (seconds from the upload to ``done``, the
+    run's own seconds, from its log in the server's ``data`` folder)."""
     body = settings(args)
     files = [
         ("content", (CONTENT.name, CONTENT.read_bytes(), "image/jpeg")),
@@ -76,8 +86,9 @@ def server_run(httpx, base: str, args) -> float:
         elapsed = time.perf_counter() - started
         if state != "done":
             raise SystemExit(f"the server's job ended {state}: see its run.log under the server's data folder")
+        own = run_time((data / "jobs" / job_id / "run.log").read_text())
         client.delete(f"/api/jobs/{job_id}")
-    return elapsed
+    return elapsed, own
 
 
 def main() -> None:
@@ -111,7 +122,7 @@ def main() -> None:
             if time.monotonic() > deadline:
                 raise SystemExit("the server did not answer") from None
             time.sleep(0.2)
-    cli_times, server_times = [], []
+    cli_times, server_times, cli_own, server_own = [], [], [], []
     try:
         for repeat in range(args.repeats):  # interleaved: the machine's load falls on both alike
             order = (("cli", "server"), ("server", "cli"))[repeat % 2]
@@ -119,13 +130,14 @@ def main() -> None:
                 if kind == "cli":
                     folder = work / f"cli_{repeat}"
                     folder.mkdir()
-                    cli_times.append(cli_run(args, folder))
+                    wall, own = cli_run(args, folder)
+                    cli_times.append(wall)
+                    cli_own.append(own)
                 else:
-                    server_times.append(server_run(httpx, base, args))
-                print(
-                    f"repeat {repeat + 1}: {kind} {(cli_times if kind == 'cli' else server_times)[-1]:.1f} s",
-                    flush=True,
-                )
+                    wall, own = server_run(httpx, base, args, work / "data")
+                    server_times.append(wall)
+                    server_own.append(own)
+                print(f"repeat {repeat + 1}: {kind} {wall:.1f} s (the run itself {own:.1f} s)", flush=True)
     finally:
         server.terminate()
         server.wait(timeout=180)
@@ -134,11 +146,14 @@ def main() -> None:
     results = {
         "size": args.size, "steps": args.steps, "backbone": args.backbone, "weights": Path(args.weights).name,
         "cli_s": cli_times, "server_s": server_times, "cli_median_s": cli, "server_median_s": served,
+        "cli_run_s": cli_own, "server_run_s": server_own,
         "overhead_pct": 100 * (served / cli - 1),
     }  # fmt: skip
     print(
         f"{args.size} px, {args.steps} steps, {args.backbone} ({Path(args.weights).name}): CLI median {cli:.1f} s, "
-        f"server median {served:.1f} s (upload to done, previews fetched): overhead {results['overhead_pct']:+.1f} %"
+        f"server median {served:.1f} s (upload to done, previews fetched): overhead {results['overhead_pct']:+.1f} %; "
+        f"the runs' own time (from their summary line): CLI median {median(cli_own):.1f} s, server median "
+        f"{median(server_own):.1f} s"
     )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
