@@ -254,3 +254,18 @@ def test_the_serve_command_starts_on_localhost_and_stops_on_ctrl_c(tmp_path):
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_the_server_files_are_short_say_their_job_and_the_core_never_imports_them():
+    import ast
+
+    from tests.conftest import REPO
+    from tests.test_package import FILE_LINES, imports_of
+
+    for path in sorted((REPO / "nst_lightning" / "serve").glob("*.py")):
+        lines = path.read_text().splitlines()
+        assert len(lines) <= FILE_LINES, f"{path.name} has {len(lines)} lines (at most {FILE_LINES})"
+        assert ast.get_docstring(ast.parse(path.read_text())), f"{path.name} has no docstring saying its job"
+    for path in (REPO / "nst_lightning").glob("*.py"):
+        serve = {name for name in imports_of(path) if name.startswith("nst_lightning.serve")}
+        assert not serve or path.name == "main.py", f"{path.name} imports {serve}"
