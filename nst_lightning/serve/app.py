@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
@@ -113,12 +113,10 @@ def create_app(
     app.state.workers = workers
 
     @app.exception_handler(ApiError)
-    async def api_error(request: Request, err: ApiError) -> JSONResponse:
+    async def api_error(request: Request, err: ApiError | UploadError) -> JSONResponse:
         return JSONResponse({"detail": str(err), "key": err.key}, status_code=err.status)
 
-    @app.exception_handler(UploadError)
-    async def upload_error(request: Request, err: UploadError) -> JSONResponse:
-        return JSONResponse({"detail": str(err), "key": err.key}, status_code=err.status)
+    app.add_exception_handler(UploadError, api_error)
 
     @app.exception_handler(RequestValidationError)
     async def request_error(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -289,10 +287,15 @@ def create_app(
                                     headers={"Cache-Control": "no-store"})  # fmt: skip
         raise ApiError(404, f"no {what} yet: the job is {job.state}")
 
-    @api.get("/jobs/{job_id}/preview", response_class=FileResponse)
-    def preview(job_id: str) -> FileResponse:
+    @api.get("/jobs/{job_id}/preview", response_class=Response)
+    def preview(job_id: str) -> Response:
         """The latest image of the run (PNG)."""
-        return image(job_id, (PREVIEW_FILE,), "preview")
+        job = job_or_404(job_id)
+        try:  # read whole: the run replaces the file (atomically) while it goes on
+            data = (store.folder(job_id) / PREVIEW_FILE).read_bytes()
+        except OSError:
+            raise ApiError(404, f"no preview yet: the job is {job.state}") from None
+        return Response(data, media_type="image/png", headers={"Cache-Control": "no-store"})
 
     @api.get("/jobs/{job_id}/result", response_class=FileResponse)
     def result(job_id: str, partial: bool = False) -> FileResponse:
