@@ -71,7 +71,7 @@ def test_the_page_uploads_shows_the_image_forming_and_downloads_the_result(serve
             page.set_input_files("#content", str(SAMPLES / "content_tubingen.jpg"))
             page.set_input_files("#style", str(SAMPLES / "style_starry_night.jpg"))
             page.fill("#size", "64")
-            page.fill("#steps", "60" if weights else "40")
+            page.fill("#steps", "60" if weights else "20")
             if weights:
                 page.select_option("#backbone", "vgg16")
                 page.select_option("#weights", weights)
