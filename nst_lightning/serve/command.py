@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import socket
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -63,8 +64,21 @@ def serve_main(argv: list[str]) -> None:
     except OSError as err:
         sys.stderr.write(f"nst-lightning: error: cannot use --data {data}: {err.strerror or err}\n")
         raise SystemExit(1) from None
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((args.host, args.port))
+    except OSError as err:
+        listener.close()
+        sys.stderr.write(
+            f"nst-lightning: error: cannot listen on {args.host}:{args.port} ({err.strerror or err}): "
+            "choose another --port (or --host)\n"
+        )
+        raise SystemExit(1) from None
     query = f"?token={args.token}" if args.token else ""
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"nst-lightning: serving on http://{shown}:{args.port}/{query} (jobs in {data.resolve()}; Ctrl-C stops)",
           flush=True)  # fmt: skip
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server.run(sockets=[listener])
