@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import socket
 import sys
@@ -81,4 +82,5 @@ def serve_main(argv: list[str]) -> None:
     print(f"nst-lightning: serving on http://{shown}:{args.port}/{query} (jobs in {data.resolve()}; Ctrl-C stops)",
           flush=True)  # fmt: skip
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    server.run(sockets=[listener])
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises the Ctrl-C again once it has shut down
+        server.run(sockets=[listener])
