@@ -210,7 +210,7 @@ def test_jobs_queue_run_stream_their_progress_survive_a_restart_and_are_deleted(
         assert job(client, job_id)["state"] == "done"
         assert client.get(f"/api/jobs/{job_id}/result").content == result.content
         after = wait_state(client, interrupted, "done", "failed")
-        assert after["state"] == "done" and "resumed from its checkpoint" in after["note"], after
+        assert after["state"] == "done" and "went on from its checkpoint" in after["note"], after
         starts = [record["start"] for record in read_progress(second) if "start" in record]
         assert starts[0] == 0 and starts[1] >= 3, "the second run went on from the checkpoint"
         assert after["step"] == 60 and client.get(f"/api/jobs/{interrupted}/result").status_code == 200

@@ -226,7 +226,7 @@ class JobStore:
                 continue
             checkpoint = latest_checkpoint(folder)
             if checkpoint is not None:
-                note = "the server stopped during the run: resumed from its checkpoint"
+                note = "the server stopped during the run: it went on from its checkpoint"
             else:
                 note = "the server stopped before the run wrote a checkpoint: restarted from the start"
             self.update(job_id, state="queued", pid=None, resume=str(checkpoint) if checkpoint else None, note=note)
