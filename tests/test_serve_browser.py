@@ -85,7 +85,7 @@ def test_the_page_uploads_shows_the_image_forming_and_downloads_the_result(serve
             page.wait_for_function(
                 f"Number(document.querySelector('#preview').dataset.step) > {seen}", timeout=120_000
             )  # the image changes while the run goes on
-            assert page.evaluate("document.querySelector('#preview').naturalWidth") == 64
+            page.wait_for_function("document.querySelector('#preview').naturalWidth == 64")  # it loads
             screenshot = os.environ.get("NST_SCREENSHOT")
             if screenshot:
                 page.wait_for_function("Number(document.querySelector('#preview').dataset.step) >= 20", timeout=120_000)
@@ -100,5 +100,13 @@ def test_the_page_uploads_shows_the_image_forming_and_downloads_the_result(serve
             download.value.save_as(saved)
             assert max(Image.open(saved).size) == 64
             assert page.inner_text("#live-state") == "done"
+
+            # "Run again" puts that job's images and settings back in the form.
+            page.reload()
+            page.wait_for_function("document.querySelector('#weights').options.length > 0")
+            page.fill("#size", "512")
+            page.click("#gallery .card button:has-text('Run again')")
+            page.wait_for_function("document.querySelectorAll('#style-thumbs img').length == 1")
+            assert page.input_value("#size") == "64" and page.locator("#content-thumbs img").count() == 1
         finally:
             browser.close()
