@@ -21,7 +21,8 @@ def _stop(prefix: str, message: str, code: int) -> NoReturn:
 def cli_main(args: list[str] | None = None) -> None:
     """Runs the command of ``args`` (default: ``sys.argv[1:]``): ``fit`` one optimisation from config files
     and dotted flags, ``batch`` many (see :mod:`nst_lightning.batch`), ``configs`` the list of shipped
-    configs, and ``CONTENT STYLE ...`` one optimisation from plain flags (:mod:`nst_lightning.oneshot`,
+    configs, ``serve`` the web app (:mod:`nst_lightning.serve`),
+    and ``CONTENT STYLE ...`` one optimisation from plain flags (:mod:`nst_lightning.oneshot`,
     which builds a ``fit`` command). ``--verbose`` anywhere shows what Lightning says as well; ``--overwrite``
     lets ``fit`` and ``batch`` replace existing images.
 
@@ -38,6 +39,11 @@ def cli_main(args: list[str] | None = None) -> None:
     command = argv[0] if argv else None
     if command == "--version":  # before torch and Lightning load: at once
         print(f"nst-lightning {__version__}")
+        return
+    if command == "serve":  # the web app: its libraries load only here (nst_lightning.serve)
+        from nst_lightning.serve.command import serve_main
+
+        serve_main(argv[1:])
         return
     from nst_lightning import configs, oneshot  # light: the help and the list come at once too
 

@@ -1,0 +1,86 @@
+"""``nst-lightning serve``: its options, and uvicorn started on the app (one line for what stops it)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import socket
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+DEFAULT_DATA = "nst-serve"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"nst-lightning: error: {message} (nst-lightning serve --help lists the options)\n")
+        raise SystemExit(2)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The options of ``nst-lightning serve``."""
+    p = _Parser(
+        prog="nst-lightning serve",
+        description="A web page and JSON API for style transfer jobs (see the README's Web app section).",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (8000)")
+    p.add_argument(
+        "--data", default=DEFAULT_DATA, help=f"folder of the jobs, their files and the job store ({DEFAULT_DATA})"
+    )
+    p.add_argument("--token", help="require this token on every API call (set it when other machines can connect)")
+    p.add_argument("--max-upload-mb", type=float, default=25.0, help="largest image file taken, in MB (25)")
+    p.add_argument("--weights-dir", help="folder of weight files offered to jobs (<data>/weights)")
+    return p
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def serve_main(argv: list[str]) -> None:
+    """Runs the server until Ctrl-C; running jobs are stopped with a checkpoint and resume at the next start."""
+    args = parser().parse_args(argv)
+    try:
+        import uvicorn
+
+        from nst_lightning.serve.app import create_app
+    except ImportError as err:
+        sys.stderr.write(f"nst-lightning: error: the web app needs {err.name}: pip install 'nst-lightning[web]'\n")
+        raise SystemExit(1) from None
+    if not _is_loopback(args.host) and not args.token:
+        sys.stderr.write(
+            f"nst-lightning: warning: listening on {args.host} without --token: anyone who can reach this port "
+            "can run jobs and see every image\n"
+        )
+    data = Path(args.data)
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+        app = create_app(data, token=args.token, max_upload_mb=args.max_upload_mb, weights_dir=args.weights_dir)
+    except OSError as err:
+        sys.stderr.write(f"nst-lightning: error: cannot use --data {data}: {err.strerror or err}\n")
+        raise SystemExit(1) from None
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((args.host, args.port))
+    except OSError as err:
+        listener.close()
+        sys.stderr.write(
+            f"nst-lightning: error: cannot listen on {args.host}:{args.port} ({err.strerror or err}): "
+            "choose another --port (or --host)\n"
+        )
+        raise SystemExit(1) from None
+    query = f"?token={args.token}" if args.token else ""
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"nst-lightning: serving on http://{shown}:{args.port}/{query} (jobs in {data.resolve()}; Ctrl-C stops)",
+          flush=True)  # fmt: skip
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises the Ctrl-C again once it has shut down
+        server.run(sockets=[listener])

@@ -1,0 +1,121 @@
+"""A server job's progress: written by its run (the ``JobProgress`` callback), read by the server (steps, ETA)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from nst_lightning.guard import INTERRUPTED_CHECKPOINT
+from nst_lightning.image_io import save_image
+
+PROGRESS_FILE = "progress.jsonl"
+PREVIEW_FILE = "preview.png"
+LOG_FILE = "run.log"
+
+
+class JobProgress(L.Callback):
+    """Appends one JSON line per step (``step``, ``max_steps``, ``loss``, ``time``) to ``folder/progress.jsonl``
+    and writes the current image to ``folder/preview.png`` (atomically) every ``preview_every_n_steps`` steps,
+    at the first step and at the end. The server reads both; the run itself is the command line's.
+
+    Args:
+        folder: the job's folder.
+        preview_every_n_steps: how often the preview image is written (0: only at the first and last step).
+    """
+
+    def __init__(self, folder: str, preview_every_n_steps: int = 5) -> None:
+        self.folder = Path(folder)
+        self.preview_every_n_steps = preview_every_n_steps
+        self._previewed: int | None = None  # the step of the last preview
+
+    def _write(self, record: dict[str, Any]) -> None:
+        with open(self.folder / PROGRESS_FILE, "a", encoding="utf-8") as file:
+            file.write(json.dumps(record) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+
+    def _preview(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._previewed == trainer.global_step:
+            return
+        self._previewed = trainer.global_step
+        image = pl_module.output_image()
+        if bool(torch.isfinite(image).all()):
+            save_image(image, self.folder / PREVIEW_FILE)
+            self._write({"preview": trainer.global_step, "time": time.time()})
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._write({"start": trainer.global_step, "max_steps": trainer.max_steps, "time": time.time()})
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not trainer.is_global_zero:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        value = float(loss) if isinstance(loss, torch.Tensor) else None
+        step = trainer.global_step
+        record = {"step": step, "max_steps": trainer.max_steps, "time": time.time()}
+        record["loss"] = value if value is not None and math.isfinite(value) else None
+        self._write(record)
+        every = self.preview_every_n_steps
+        if step == 1 or (every > 0 and step % every == 0):
+            self._preview(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._preview(trainer, pl_module)
+
+
+def read_progress(folder: Path) -> list[dict[str, Any]]:
+    """The complete lines of a job's ``progress.jsonl`` (a line being written is left for the next read)."""
+    try:
+        text = (folder / PROGRESS_FILE).read_text(encoding="utf-8")
+    except OSError:
+        return []
+    records = []
+    for line in text.splitlines(keepends=True):
+        if line.endswith("\n"):
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+    return records
+
+
+def eta_seconds(records: list[dict[str, Any]]) -> float | None:
+    """Seconds left, from the pace of the steps since the run (or its resumption) started."""
+    start = next((r for r in reversed(records) if "start" in r), None)
+    steps = [r for r in records if "step" in r and start is not None and r["time"] >= start["time"]]
+    if start is None or not steps:
+        return None
+    done = steps[-1]["step"] - start["start"]
+    if done < 1:
+        return None
+    pace = (steps[-1]["time"] - start["time"]) / done
+    return max(0.0, pace * (steps[-1]["max_steps"] - steps[-1]["step"]))
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest ``interrupted.ckpt`` of the job's runs, from which the job resumes."""
+    found = list((folder / "lightning_logs").glob(f"version_*/checkpoints/{INTERRUPTED_CHECKPOINT}"))
+    return max(found, key=lambda path: path.stat().st_mtime) if found else None
+
+
+def last_error(folder: Path) -> str:
+    """The run's own one-line reason (``nst-lightning: error: ...``) from its log, or a general one."""
+    try:
+        lines = (folder / LOG_FILE).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        lines = []
+    for prefix in ("nst-lightning: error: ", "nst-lightning: interrupted: "):
+        found = [line[len(prefix) :] for line in lines if line.startswith(prefix)]
+        if found:
+            return found[-1].replace(str(folder) + os.sep, "")
+    return "the run stopped without a reason: see run.log in the job's folder"
