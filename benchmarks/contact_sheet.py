@@ -128,7 +128,7 @@ def compose(
     columns: list[str], rows: list[tuple[Path, Path]], cells: dict, title: str, path: Path, side: int = CELL
 ) -> None:
     """The sheet: a header row of column labels, then per pair the inputs and one cell per column.
-    A ``.jpg`` path is written as a JPEG (quality 85)."""
+    A ``.jpg`` path is written as a JPEG (quality 75)."""
     from PIL import Image, ImageDraw
 
     pad, header, caption = 8, 40, 22
@@ -154,7 +154,7 @@ def compose(
             text = f"loss {cell['losses']['total']:.4g} ({cell['seconds']:.0f} s)"
             draw.text((left, top + image.height + 4), text, fill="black", font=small)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path, **({"quality": 85, "optimize": True} if path.suffix.lower() in (".jpg", ".jpeg") else {}))
+    sheet.save(path, **({"quality": 75, "optimize": True} if path.suffix.lower() in (".jpg", ".jpeg") else {}))
 
 
 def main() -> None:
