@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from nst_lightning import __version__
-from nst_lightning.errors import ConfigError, ImageError
+from nst_lightning.errors import ConfigError, ImageError, NSTError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -95,7 +95,9 @@ def check_output(output: Path, inputs: list[Path], overwrite: bool) -> str:
     found = file_kind(output)
     wanted = "file" if kind == "video" else "folder"
     if found not in ("missing", wanted):
-        raise ImageError(f"OUT {output} exists and is {found}, not a {wanted}: choose another output path")
+        what = f"a {found}" if found in ("file", "folder") else found
+        fix = "give it an ending (.mp4) for a video" if kind == "png" else "choose another output path"
+        raise ImageError(f"OUT {output} exists and is {what}, not a {wanted}: {fix}")
     if found != "missing" and not overwrite:
         raise ImageError(f"OUT {output} exists: pass --overwrite to replace it, or choose another output path")
     check_writable_dir(output.parent, "the output folder", "choose a writable output path")
@@ -134,7 +136,20 @@ def video_main(argv: list[str], verbose: bool = False) -> None:
         "configs": _config_digests(rest),
     }  # fmt: skip
     resuming = work.claim(settings)
-    _run(args, rest, info, size, work, output, kind, resuming, started, verbose)
+    try:
+        _run(args, rest, info, size, work, output, kind, resuming, started, verbose)
+    except ConfigError as err:  # fit's checks name data.image_size, which is --size here
+        _drop_if_unused(work, resuming, info.frames)
+        raise ConfigError(str(err).replace("data.image_size", "--size")) from None
+    except NSTError:
+        _drop_if_unused(work, resuming, info.frames)
+        raise
+
+
+def _drop_if_unused(work: Any, resuming: bool, frames: int) -> None:
+    """A work folder this run made, that holds no stylised frame yet, goes with the run that failed."""
+    if not resuming and work.first_unfinished(frames) == 0:
+        work.remove()
 
 
 def _config_digests(rest: list[str]) -> list[str]:
@@ -190,10 +205,7 @@ def _run(args, rest, info, size, work, output: Path, kind: str, resuming: bool, 
     first = StyleTransferDataModule(**{**data, "content": str(work.input(0))})
     precision = str(trainer["precision"] or "32-true")
     device = "cuda" if trainer["accelerator"] in ("gpu", "cuda") else "cpu"
-    try:
-        check_run(first, [side], module.objective.extractor, module.hparams, precision, device)
-    except ConfigError as err:
-        raise ConfigError(str(err).replace("data.image_size", "--size")) from None
+    check_run(first, [side], module.objective.extractor, module.hparams, precision, device)
     start = work.first_unfinished(info.frames)
     work.drop_from(start, info.frames)
     if resuming and start:
