@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--shift", type=int, default=3, help="pan in px per frame (3)")
     parser.add_argument("--steps-first", type=int, default=300)
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--temporal-weight", type=float, default=1e3)
+    parser.add_argument("--temporal-weight", type=float, default=2e2)
     parser.add_argument("--weights", default="imagenet")
     parser.add_argument("--backbone", default="vgg16")
     parser.add_argument("--style", type=Path, default=STYLE)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 DEFAULT_SIZE, DEFAULT_STEPS_FIRST, DEFAULT_STEPS = 512, 300, 100
-DEFAULT_TEMPORAL_WEIGHT = 1e3
+DEFAULT_TEMPORAL_WEIGHT = 2e2
 """Weight of the temporal loss against content 1 and style 1e6 (see docs/video.md for how it was chosen)."""
 USAGE = (
     "nst-lightning video IN STYLE [STYLE ...] -o OUT [--size PX] [--steps-first N] [--steps N] "
@@ -62,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
                    help=f"weight of the temporal loss; 0 keeps only the warm start ({DEFAULT_TEMPORAL_WEIGHT:g})")
     p.add_argument("--independent", action="store_true",
                    help="stylise every frame on its own, as the first (the flickering baseline)")
-    p.add_argument("--keep-frames", action="store_true", help="keep OUT.parts/ (frames, flows, logs) after OUT")
+    p.add_argument("--keep-frames", action="store_true", help="keep OUT.parts/ (frames, flows, losses) after OUT")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (else it is refused)")
     p.add_argument("--version", action="version", version=f"nst-lightning {__version__}")
     return p  # fmt: skip
@@ -213,16 +214,25 @@ def _run(args, rest, info, size, work, output: Path, kind: str, resuming: bool, 
     runner = FrameRunner(module, plan, work)
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    def on_sigterm(signum: int, frame: object) -> None:
+        # Also inside fit: Lightning calls the handler it finds beside its own (which would exit 0 at the next step).
+        raise SIGTERMException
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         results = run_frames(runner, start)
-    except (KeyboardInterrupt, SIGTERMException, SystemExit) as err:
+    except (KeyboardInterrupt, SystemExit) as err:  # SIGTERMException is a SystemExit
         # Lightning answers a Ctrl-C inside fit with sys.exit(1), with the KeyboardInterrupt as its context.
-        if isinstance(err, SystemExit) and not isinstance(err.__context__, KeyboardInterrupt):
+        terminated = isinstance(err, SIGTERMException)
+        if isinstance(err, SystemExit) and not terminated and not isinstance(err.__context__, KeyboardInterrupt):
             raise
-        signal, code = ("SIGTERM", 143) if isinstance(err, SIGTERMException) else ("Ctrl-C", 130)
+        name, code = ("SIGTERM", 143) if terminated else ("Ctrl-C", 130)
         done = work.first_unfinished(info.frames)
-        raise Stopped(f"{signal} at frame {done + 1} of {info.frames}: frames 1-{done} are kept in {work.root}; "
-                      "run the same command again to resume there", code) from None  # fmt: skip
+        kept = "no frame was finished" if done == 0 else f"frame{'s 1-' if done > 1 else ' '}{done} kept in {work.root}"
+        raise Stopped(f"{name} at frame {done + 1} of {info.frames} ({kept}): run the same command again to resume "
+                      "there", code) from None  # fmt: skip
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     frames = _display_frames(work, info)
     if kind == "video":
         from nst_lightning.video.media import encode_video
