@@ -170,6 +170,30 @@ def test_killed_run_resumes_at_the_next_frame_and_gives_the_same_frames(tmp_path
     assert all(np.array_equal(a, b) for a, b in zip(resumed, whole, strict=True)), "the same frames as one run"
 
 
+def test_sigterm_inside_a_frame_is_one_line_exit_143_and_keeps_the_frames_done(tmp_path, clip, style, capsys,
+                                                                               monkeypatch):
+    from nst_lightning.module import StyleTransfer
+
+    original, steps = StyleTransfer.training_step, []
+
+    def step(self, batch, batch_idx):
+        steps.append(batch_idx)
+        if len(steps) == 6 + 2:  # frame 2's second step (frame 1 has 6): inside Lightning's fit
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(StyleTransfer, "training_step", step)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        cli_main(["video", str(clip), str(style), "-o", str(tmp_path / "out.mp4"), *FAST])
+    lines = [line for line in capsys.readouterr().err.splitlines() if "weights is 'random'" not in line]
+    assert stopped.value.code == 143 and len(lines) == 1, lines
+    assert lines[0].startswith("nst-lightning: interrupted: SIGTERM at frame 2 of 6 (frame 1 kept in")
+    stylised = tmp_path / "out.mp4.parts" / "stylised"
+    assert sorted(p.name for p in stylised.glob("*.png")) == ["000001.png"] and not (tmp_path / "out.mp4").exists()
+    assert signal.getsignal(signal.SIGTERM) == before, "the previous handler is back"
+
+
 def _audio_only(path: Path) -> Path:
     with av.open(str(path), "w") as out:
         _tone(out, out.add_stream("aac", rate=8000, layout="mono"), 0.5)
@@ -213,7 +237,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, style, capsys, case)
 
 def test_bad_output_is_refused_before_any_work(tmp_path, clip, style, capsys):
     (tmp_path / "file").write_text("")
+    (tmp_path / "old.mp4").write_text("someone's video")
     cases = {
+        str(tmp_path / "old.mp4"): "exists: pass --overwrite",
         str(clip): "is the input",
         str(tmp_path / "out.gif"): "end it in .mp4",
         str(tmp_path / "file" / "out.mp4"): "cannot write",
@@ -226,7 +252,7 @@ def test_bad_output_is_refused_before_any_work(tmp_path, clip, style, capsys):
         err = capsys.readouterr().err.strip()
         assert stopped.value.code == 1 and len(err.splitlines()) == 1 and message in err, (out, err)
         assert clip.read_bytes() == before
-    assert not list(tmp_path.glob("*.parts"))
+    assert not list(tmp_path.glob("*.parts")) and (tmp_path / "old.mp4").read_text() == "someone's video"
 
 
 def test_a_frame_size_over_the_memory_estimate_names_a_size_that_fits(tmp_path, clip, style, capsys, monkeypatch):
