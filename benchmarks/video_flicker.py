@@ -106,7 +106,8 @@ def write_gif(left: list[np.ndarray], right: list[np.ndarray], path: Path, rate:
     gap = np.full((left[0].shape[0], 4, 3), 255, np.uint8)
     pictures = [Image.fromarray(np.concatenate([a, gap, b], axis=1)) for a, b in zip(left, right, strict=True)]
     pictures = [p.convert("P", palette=Image.Palette.ADAPTIVE, colors=64) for p in pictures]
-    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=round(1000 / rate), loop=0, optimize=True)
+    frame_ms = round(1000 / rate)
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=frame_ms, loop=0, optimize=True)
 
 
 def main() -> None:

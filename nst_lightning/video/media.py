@@ -123,12 +123,6 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         return VideoInfo(path, width, height, rate, count, rotation, audio)
 
 
-def fit_size(width: int, height: int, longest: int) -> tuple[int, int]:
-    """(width, height) scaled so the longer side is ``longest`` (never enlarged), aspect ratio kept."""
-    scale = min(1.0, longest / max(width, height))
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
 def decode_frames(info: VideoInfo, size: tuple[int, int], each: Callable[[int, np.ndarray], None]) -> None:
     """Decodes every frame of ``info``'s video upright, resized to ``size`` (width, height; Lanczos), and calls
     ``each(index, rgb)`` with an (H, W, 3) uint8 array, in order."""
