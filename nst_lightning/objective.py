@@ -32,7 +32,8 @@ _WEIGHTS = {"content": "content_weight", "style": "style_weight", "tv": "tv_weig
 
 
 class Objective(nn.Module):
-    """``image -> {total, content, style, style_<layer>, tv}``: the weighted loss and its terms (float32).
+    """``image -> {total, content, style, style_<layer>, tv}`` (and ``temporal`` for a video frame, see
+    :meth:`set_temporal`): the weighted loss and its terms (float32).
 
     Args:
         extractor: the frozen feature extractor (it returns at least the content and style layers).
