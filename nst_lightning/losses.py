@@ -158,3 +158,13 @@ def total_variation(image: Tensor) -> Tensor:
     _, c, h, w = image.shape
     with torch.autocast(device_type=image.device.type, enabled=False):
         return _tv_sum(_fp32(image), reduction="mean") / (c * h * w)
+
+
+def temporal_loss(image: Tensor, warped: Tensor, mask: Tensor) -> Tensor:
+    """Ruder, Dosovitskiy & Brox (2016), eq. 5: ``(1/D) sum_i c_i (x_i - w_i)^2``, the squared difference
+    between ``image`` (B, C, H, W) and ``warped`` (the previous stylised frame warped into this one by
+    the optical flow), weighted by the per-pixel reliability ``mask`` (B or 1, 1, H, W; 0 where the flow
+    is occluded or on a motion boundary, 1 elsewhere); D = C*H*W, so one weight suits every frame size."""
+    with torch.autocast(device_type=image.device.type, enabled=False):
+        difference = _fp32(image) - _fp32(warped)
+        return (difference.pow(2) * _fp32(mask)).mean()

@@ -21,10 +21,10 @@ def _stop(prefix: str, message: str, code: int) -> NoReturn:
 def cli_main(args: list[str] | None = None) -> None:
     """Runs the command of ``args`` (default: ``sys.argv[1:]``): ``fit`` one optimisation from config files
     and dotted flags, ``batch`` many (see :mod:`nst_lightning.batch`), ``configs`` the list of shipped
-    configs, ``serve`` the web app (:mod:`nst_lightning.serve`),
-    and ``CONTENT STYLE ...`` one optimisation from plain flags (:mod:`nst_lightning.oneshot`,
-    which builds a ``fit`` command). ``--verbose`` anywhere shows what Lightning says as well; ``--overwrite``
-    lets ``fit`` and ``batch`` replace existing images.
+    configs, ``serve`` the web app (:mod:`nst_lightning.serve`), ``video`` a video (:mod:`nst_lightning.video`),
+    and ``CONTENT STYLE ...`` one optimisation from plain flags (:mod:`nst_lightning.oneshot`, which builds a
+    ``fit`` command). ``--verbose`` anywhere shows what Lightning says as well; ``--overwrite`` lets ``fit``,
+    ``batch`` and ``video`` replace existing outputs.
 
     Exit status: 0 when the run is done; 1 with one line on stderr for a problem with the input (or
     a batch in which some pair failed); 2 for a command line or config that does not parse;
@@ -70,6 +70,9 @@ def cli_main(args: list[str] | None = None) -> None:
     # cli_main hands LightningCLI the arguments it has built: not the mistake this warns about.
     warnings.filterwarnings("ignore", ".*LightningCLI's args parameter is intended.*")
     with console.session(verbose):
+        if command == "video":  # its own flags; PyAV and OpenCV load only here
+            _video_main(argv[1:], verbose)
+            return
         try:
             if command not in ("fit", "batch"):
                 argv = oneshot.fit_arguments(argv)
@@ -107,6 +110,28 @@ def _fit_main(argv: list[str], verbose: bool) -> None:
         if isinstance(exit_.__context__, KeyboardInterrupt):
             _stop("interrupted", "Ctrl-C before the optimisation started: nothing was written", 130)
         raise
+
+
+def _video_main(args: list[str], verbose: bool) -> None:
+    """``nst-lightning video ...`` with the arguments after ``video`` (see :mod:`nst_lightning.video.command`)."""
+    try:
+        import av  # noqa: F401
+        import cv2  # noqa: F401
+
+        from nst_lightning.video.command import Stopped, video_main
+    except ImportError as err:
+        _stop("error", f"video needs PyAV and OpenCV ({err.name} is missing): pip install 'nst-lightning[video]'", 1)
+    from nst_lightning.runtime import quiet_lightning
+
+    try:
+        with contextlib.nullcontext() if verbose else quiet_lightning():
+            video_main(args, verbose)
+    except Stopped as err:
+        _stop("interrupted", str(err), err.code)
+    except NSTError as err:
+        _stop("error", str(err), EXIT_ERROR)
+    except KeyboardInterrupt:
+        _stop("interrupted", "Ctrl-C before the first frame started: run the same command again", 130)
 
 
 def _batch_main(args: list[str], typed: list[str], verbose: bool) -> None:

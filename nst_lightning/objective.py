@@ -20,7 +20,7 @@ from nst_lightning.color import combine_luminance, grey_rgb, luminance, match_co
 from nst_lightning.data import Inputs
 from nst_lightning.errors import CheckpointError
 from nst_lightning.features import FeatureExtractor
-from nst_lightning.losses import total_variation
+from nst_lightning.losses import temporal_loss, total_variation
 from nst_lightning.targets import STYLE_TARGETS, ContentTarget, resize_mask
 
 # A checkpoint's targets may differ from this run's by this much (relative) and still be "the same images".
@@ -32,7 +32,8 @@ _WEIGHTS = {"content": "content_weight", "style": "style_weight", "tv": "tv_weig
 
 
 class Objective(nn.Module):
-    """``image -> {total, content, style, style_<layer>, tv}``: the weighted loss and its terms (float32).
+    """``image -> {total, content, style, style_<layer>, tv}`` (and ``temporal`` for a video frame, see
+    :meth:`set_temporal`): the weighted loss and its terms (float32).
 
     Args:
         extractor: the frozen feature extractor (it returns at least the content and style layers).
@@ -64,6 +65,10 @@ class Objective(nn.Module):
         self.content_targets = nn.ModuleDict()
         self.style_targets = nn.ModuleDict()
         self.register_buffer("content_image", None)  # the chroma of a luminance-only run's output
+        # The temporal term of a video frame (see set_temporal): off (None) for a still image.
+        self.register_buffer("temporal_target", None)
+        self.register_buffer("temporal_mask", None)
+        self.temporal_weight = 0.0
         self.group_weights: list[float] = []
         # The largest mean activation of a layer in use: what a message about an overflow can point to.
         self.activation_scale: tuple[float, str] = (0.0, "")
@@ -115,6 +120,22 @@ class Objective(nn.Module):
             }
         )
 
+    def set_temporal(self, warped: Tensor | None, mask: Tensor | None = None, weight: float = 0.0) -> None:
+        """Turns the temporal term of Ruder et al. (2016) on for the next optimisation: ``weight`` times
+        :func:`~nst_lightning.losses.temporal_loss` against ``warped`` (1, 3, H, W: the previous stylised
+        frame warped into this frame, in [0, 1]) where ``mask`` (1, 1, H, W) trusts the flow. ``warped``
+        None turns it off: then the losses are exactly those of a still image (no ``temporal`` key)."""
+        if warped is None or weight <= 0:
+            self.temporal_target = self.temporal_mask = None
+            self.temporal_weight = 0.0
+            return
+        if mask is None:
+            mask = torch.ones_like(warped[:, :1])
+        # A luminance-only run optimises one channel: it is compared with the warped frame's luminance.
+        self.temporal_target = luminance(warped) if self.preserve_color == "luminance" else warped
+        self.temporal_mask = mask
+        self.temporal_weight = float(weight)
+
     def initial_image(self, inputs: Inputs, init: str, seed: int = 0, image: Tensor | None = None) -> Tensor:
         """The image the optimisation starts from: the (prepared) ``content``, the first ``style``, ``noise``
         (uniform, from ``seed``) or ``image`` (an init file's pixels), resized to the content's size. With
@@ -150,6 +171,10 @@ class Objective(nn.Module):
             style = style + self.style_layer_weights[layer] * term
         tv = total_variation(image) if self.weights["tv"] > 0 else zero
         total = self.weights["content"] * content + self.weights["style"] * style + self.weights["tv"] * tv
+        if self.temporal_target is not None:  # a video frame after the first (set_temporal)
+            temporal = temporal_loss(image, self.temporal_target, self.temporal_mask)
+            total = total + self.temporal_weight * temporal
+            losses["temporal"] = temporal.detach()
         losses.update(total=total, content=content.detach(), style=style.detach(), tv=tv.detach())
         return losses
 

@@ -30,11 +30,13 @@ FIT_FLAGS = ("--print_config",)  # no value of their own
 USAGE = """nst-lightning CONTENT STYLE [STYLE ...] [-o OUT] [--size PX] [--steps N] [options]
        nst-lightning {fit,batch} [--config FILE|NAME ...] [--KEY VALUE ...]
        nst-lightning serve [--host H] [--port P] [--data DIR] [--token T]
+       nst-lightning video IN STYLE [STYLE ...] -o OUT [--steps-first N] [--steps N] [options]
        nst-lightning configs | --version | --help"""
 COMMANDS = """commands:
   CONTENT STYLE ...  stylise CONTENT with the STYLE images, with the flags above (this form)
   fit                the same run from config files and every key as a flag (nst-lightning fit --help)
   batch              stylise every content image with every style image (nst-lightning batch --help)
+  video              stylise a video, frame by frame without flicker (nst-lightning video --help; pip install '.[video]')
   configs            list the shipped configs, which --config takes by name from any folder
   serve              a web page and JSON API for jobs (nst-lightning serve --help; pip install '.[web]')
 
