@@ -36,7 +36,7 @@ COMMANDS = """commands:
   CONTENT STYLE ...  stylise CONTENT with the STYLE images, with the flags above (this form)
   fit                the same run from config files and every key as a flag (nst-lightning fit --help)
   batch              stylise every content image with every style image (nst-lightning batch --help)
-  video              stylise a video, frame by frame without flicker (nst-lightning video --help; pip install '.[video]')
+  video              stylise a video without flicker (nst-lightning video --help; pip install '.[video]')
   configs            list the shipped configs, which --config takes by name from any folder
   serve              a web page and JSON API for jobs (nst-lightning serve --help; pip install '.[web]')
 
