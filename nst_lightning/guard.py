@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import signal
@@ -40,6 +41,10 @@ STALL_IMPROVEMENT = 1e-3
 RISE_REPORTED = 0.1
 # Steps in a row without any change of the image before the run is ended.
 STILL_STEPS = 2
+# A loss that fell by less than this fraction over the last ``LEVEL_STEPS`` steps has levelled off: an image
+# that stops changing then is finished, not stuck.
+LEVELLED = 1e-2
+LEVEL_STEPS = 20
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -84,11 +89,13 @@ class LossWatch:
         self.previous: float | None = None
         self.stall_reported = False
         self.rise_reported = False
+        self.recent: collections.deque[float] = collections.deque(maxlen=LEVEL_STEPS + 1)
 
     def update(self, step: int, loss: float) -> list[str]:
         """Messages for the loss of ``step`` (the loss at the point where that step started)."""
         messages = []
         previous, self.previous = self.previous, loss
+        self.recent.append(loss)
         # Relative to the loss's size, whatever its sign: a rise is a rise.
         if previous is not None and not self.rise_reported and loss - previous > RISE_REPORTED * abs(previous) + 1e-12:
             self.rise_reported = True
@@ -104,6 +111,14 @@ class LossWatch:
                 "use fewer trainer.max_steps, or change model.lr or the loss weights"
             )
         return messages
+
+    def levelled_off(self) -> float | None:
+        """How much the loss fell over the last ``LEVEL_STEPS`` steps (a fraction), where that is under
+        ``LEVELLED``; ``None`` where it fell more, or fewer steps were seen."""
+        if len(self.recent) <= LEVEL_STEPS or not math.isfinite(self.recent[0]) or self.recent[0] == 0:
+            return None
+        fall = (self.recent[0] - self.recent[-1]) / abs(self.recent[0])
+        return fall if fall < LEVELLED else None
 
 
 class RunGuard(L.Callback):
@@ -208,15 +223,21 @@ class RunGuard(L.Callback):
             return
         trainer.should_stop = True
         if trainer.is_global_zero:
-            warnings.warn(self._still_message(trainer, image, step), stacklevel=2)
+            warnings.warn(self._still_message(trainer, image, step, self._watch), stacklevel=2)
 
     @staticmethod
-    def _still_message(trainer: L.Trainer, image: torch.Tensor, step: int) -> str:
+    def _still_message(trainer: L.Trainer, image: torch.Tensor, step: int, watch: LossWatch | None = None) -> str:
         optimizer = trainer.optimizers[0]
         tolerance = optimizer.defaults.get("tolerance_grad")
         grad = image.grad
+        levelled = watch.levelled_off() if watch is not None else None
         if tolerance is not None and grad is not None and float(grad.abs().max()) <= tolerance:
             why = f"the gradient is below L-BFGS's tolerance ({tolerance:g}): the image has converged"
+        elif levelled is not None:
+            why = (
+                f"the loss had levelled off (down {levelled:.2%} over the last {LEVEL_STEPS} steps) and no lower "
+                "point was found within float32's precision: the image is finished"
+            )
         elif isinstance(optimizer, torch.optim.LBFGS):
             why = (
                 "L-BFGS found no step that lowers the loss (its line search failed or its direction went uphill); "

@@ -7,6 +7,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -265,6 +266,22 @@ def test_a_run_whose_image_stops_moving_ends_early_with_a_warning(tmp_path, imag
     with pytest.warns(UserWarning, match="has not changed in the last 2 steps.*below L-BFGS's tolerance"):
         trainer.fit(module, datamodule=datamodule(images))
     assert trainer.global_step == 2
+
+
+def test_an_image_that_stops_moving_on_a_levelled_loss_is_called_finished_not_stuck():
+    image = torch.nn.Parameter(torch.rand(1, 3, 4, 4))
+    image.grad = torch.ones_like(image)  # above L-BFGS's tolerance: not the converged case
+    trainer = SimpleNamespace(optimizers=[torch.optim.LBFGS([image])])
+    levelled, falling = LossWatch(stall_steps=0), LossWatch(stall_steps=0)
+    for step in range(1, 40):
+        levelled.update(step, 8.2 - 0.001 * step)  # 0.25% over 20 steps
+        falling.update(step, 8.2 * 0.99**step)  # 18% over 20 steps
+    assert levelled.levelled_off() == pytest.approx(0.02 / 8.181, rel=1e-3)
+    assert falling.levelled_off() is None and LossWatch(stall_steps=0).levelled_off() is None
+    message = RunGuard._still_message(trainer, image, 39, levelled)
+    assert "levelled off (down 0.24% over the last 20 steps)" in message and "finished" in message
+    assert "lower model.lr" not in message
+    assert "lower model.lr" in RunGuard._still_message(trainer, image, 39, falling)
 
 
 # ---------------------------------------------------------------- numerical faults
