@@ -350,6 +350,22 @@ def test_two_devices_split_the_frames_into_segments_the_first_as_one_run(tmp_pat
         cli_main([*args, "--overwrite"])
     err = capsys.readouterr().err.strip()
     assert stopped.value.code == 1 and "holds the frames of another video run" in err, err
+    # Killed in both segments (frames 3 and 6 lost): each segment resumes at its first unfinished frame.
+    stylised = parts / "stylised"
+    for name in ("000003", "000006"):
+        (stylised / f"{name}.png").unlink()
+        (stylised / f"{name}.json").unlink()
+    kept = {n: (stylised / f"{n}.png").stat().st_mtime_ns for n in ("000001", "000002", "000004", "000005")}
+    result = subprocess.run([sys.executable, str(REPO / "cli.py"), *args, "--devices", "2", "--overwrite"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming at frame 3 (segment 1-3 of 6)" in result.stderr and "resuming at frame 6 (segment 4-6 of 6)" in (
+        result.stderr
+    )
+    assert "4 done before" in result.stdout
+    assert kept == {n: (stylised / f"{n}.png").stat().st_mtime_ns for n in kept}, "not redone"
+    again = [np.asarray(Image.open(stylised / f"{i:06d}.png").convert("RGB")) for i in range(1, 7)]
+    assert all(np.array_equal(a, b) for a, b in zip(again, frames, strict=True)), "the same frames as one run"
 
 
 @pytest.mark.parametrize(("devices", "message"), [("0", "--devices must be at least 1, got 0"),
