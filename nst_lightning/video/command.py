@@ -132,6 +132,11 @@ def video_main(argv: list[str], verbose: bool = False) -> None:
             f"--devices {args.devices} is more than the {info.frames} frames of {source}: each process needs a "
             f"segment of at least one frame; give --devices {info.frames} or fewer"
         )
+    if args.devices > 1 and [arg for arg in sys.argv[1:] if arg != "--verbose"] != ["video", *argv]:
+        raise ConfigError(
+            "--devices above 1 starts processes that re-run the command line: run it as a command "
+            "(nst-lightning video ...), not through cli_main(args) from Python"
+        )
     from nst_lightning.video.frames import segments
 
     layout = segments(info.frames, args.devices)
@@ -154,7 +159,7 @@ def video_main(argv: list[str], verbose: bool = False) -> None:
         settings["cold_frames"] = [first for first, _ in layout]
     resuming = work.claim(settings)
     try:
-        _run(args, rest, info, size, work, output, kind, resuming, started, verbose, argv, layout)
+        _run(args, rest, info, size, work, output, kind, resuming, started, verbose, layout)
     except ConfigError as err:  # fit's checks name data.image_size, which is --size here
         if not _is_child():
             _drop_if_unused(work, resuming, info.frames)
@@ -207,7 +212,7 @@ def _build_module(args: argparse.Namespace, rest: list[str], work: Any, side: in
 
 
 def _run(args, rest, info, size, work, output: Path, kind: str, resuming: bool, started: float, verbose: bool,
-         argv: list[str], layout: list[tuple[int, int]]) -> None:
+         layout: list[tuple[int, int]]) -> None:
     """Decodes the frames, builds the module, then stylises the segments (``layout``: one per process) and,
     in the first process once every segment is done, writes OUT."""
     from nst_lightning.memory import check_run
@@ -237,12 +242,6 @@ def _run(args, rest, info, size, work, output: Path, kind: str, resuming: bool, 
     else:
         from nst_lightning.batch import start_fabric
 
-        typed = [arg for arg in sys.argv[1:] if arg != "--verbose"]
-        if typed != ["video", *argv]:
-            raise ConfigError(
-                "--devices above 1 starts processes that re-run the command line: run it as a command "
-                "(nst-lightning video ...), not through cli_main(args) from Python"
-            )
         if not isinstance(trainer["accelerator"], str):
             raise ConfigError("--devices above 1 needs trainer.accelerator as a name: auto, cpu or gpu")
         fabric = start_fabric(trainer["accelerator"], len(layout), 1, "--device")
