@@ -124,7 +124,7 @@ def fit_pair(runner: PairRunner, pair: Pair, placement: dict[str, Any]) -> tuple
 
 
 @contextlib.contextmanager
-def _as_rank_zero() -> Iterator[None]:
+def as_rank_zero() -> Iterator[None]:
     """Lightning's rank-zero-only switch reads 0 inside: each pair's Trainer is a single-device run
     of its own, whose logger and messages must work in every process of a sharded batch."""
     saved = getattr(rank_zero_only, "rank", 0)
@@ -140,7 +140,7 @@ def _run_pair(runner: PairRunner, pair: Pair, placement: dict[str, Any], rank: i
     result = PairResult(pair, "failed", rank=rank)
     start = time.perf_counter()
     try:
-        with _as_rank_zero():
+        with as_rank_zero():
             finished, result.log_dir = fit_pair(runner, pair, placement)
         result.status = "done" if finished else "failed"
         result.error = "" if finished else "the run stopped before its last step"
@@ -234,12 +234,7 @@ def _sharded(fabric: Any, runner: PairRunner, pairs: list[Pair], started: float)
     shared: list[Any] = [pairs]
     dist.broadcast_object_list(shared, src=0)
     pairs = shared[0]
-    if fabric.device.type == "cuda":
-        placement = {"accelerator": "cuda", "devices": [fabric.device.index]}
-    else:
-        placement = {"accelerator": fabric.device.type, "devices": 1}
-    placement.update(num_nodes=1, strategy="auto")
-    results = run_share(runner, pairs[rank::world_size], len(pairs), rank, world_size, placement)
+    results = run_share(runner, pairs[rank::world_size], len(pairs), rank, world_size, device_placement(fabric))
     gathered: list[Any] | None = [None] * world_size if rank == 0 else None
     dist.gather_object(results, gathered, dst=0)
     if rank != 0:
@@ -271,9 +266,6 @@ def run_batch(runner: PairRunner, args: Sequence[str], started: float) -> int:
 
 
 def _launch(runner: PairRunner, pairs: list[Pair], args: list[str], started: float) -> int:
-    from lightning.fabric import Fabric
-    from lightning.fabric.strategies import DDPStrategy
-
     if sys.argv[1:] != ["batch", *args]:
         raise ConfigError(
             "batch.devices / batch.num_nodes above 1 start processes that re-run the command line: "
@@ -289,18 +281,35 @@ def _launch(runner: PairRunner, pairs: list[Pair], args: list[str], started: flo
             "same command on every machine with MASTER_ADDR, MASTER_PORT and NODE_RANK set (or under SLURM or "
             "torchrun), or set batch.num_nodes 1"
         )
+    fabric = start_fabric(accelerator, settings.devices, settings.num_nodes, "trainer.accelerator")
+    return fabric.launch(functools.partial(_sharded, runner=runner, pairs=pairs, started=started))
+
+
+def start_fabric(accelerator: str, devices: int, num_nodes: int, accelerator_flag: str) -> Any:
+    """A Fabric whose ``launch`` starts ``devices`` processes per node on ``num_nodes`` nodes (each re-running
+    the command line), talking over Gloo; a setting Lightning refuses is one line naming ``accelerator_flag``."""
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy
+
     try:
         # Gloo carries the few objects the processes exchange, on every kind of device.
         strategy = DDPStrategy(process_group_backend="gloo", timeout=_GATHER_TIMEOUT)
-        fabric = Fabric(
-            accelerator=accelerator, devices=settings.devices, num_nodes=settings.num_nodes, strategy=strategy
-        )
+        return Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy)
     except (MisconfigurationException, ValueError, RuntimeError) as err:
         raise ConfigError(
-            f"cannot start {settings.devices} process(es) per node on {settings.num_nodes} node(s) with "
-            f"trainer.accelerator {accelerator}: {' '.join(str(err).split())}"
+            f"cannot start {devices} process(es) per node on {num_nodes} node(s) with "
+            f"{accelerator_flag} {accelerator}: {' '.join(str(err).split())}"
         ) from None
-    return fabric.launch(functools.partial(_sharded, runner=runner, pairs=pairs, started=started))
+
+
+def device_placement(fabric: Any) -> dict[str, Any]:
+    """Trainer arguments that run a single-device Trainer on this process's device (a GPU, or the CPU)."""
+    if fabric.device.type == "cuda":
+        placement: dict[str, Any] = {"accelerator": "cuda", "devices": [fabric.device.index]}
+    else:
+        placement = {"accelerator": fabric.device.type, "devices": 1}
+    placement.update(num_nodes=1, strategy="auto")
+    return placement
 
 
 def other_nodes_announced() -> bool:

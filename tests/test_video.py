@@ -317,3 +317,71 @@ def test_flicker_is_zero_for_a_frame_that_moved_with_the_flow():
     mask = reliability(-backward, backward)
     assert flicker(current, previous, backward, mask) == 0.0
     assert flicker(previous, previous, backward, mask) > 10
+
+
+def test_two_devices_split_the_frames_into_segments_the_first_as_one_run(tmp_path, clip, style, capsys,
+                                                                          temporal_frames):
+    """The real command on 2 CPU processes (Lightning's launcher re-runs it): frames 1-3 and 4-6, each segment's
+    first frame cold; the video keeps the clip's frames, size and rate; the first segment is the one-process
+    run's frames 1-3; the work folder records the segments."""
+    out = tmp_path / "styled.mp4"
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+    args = ["video", str(clip), str(style), "-o", str(out), *FAST, "--keep-frames"]
+    result = subprocess.run([sys.executable, str(REPO / "cli.py"), *args, "--devices", "2"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"({FRAMES} frames, 2 segments on 2 processes" in result.stdout
+    info = probe(out)
+    assert (info.frames, info.width, info.height, info.rate) == (FRAMES, WIDTH, HEIGHT, Fraction(RATE))
+    parts, half = tmp_path / "styled.mp4.parts", FRAMES // 2
+    from PIL import Image
+
+    frames = [np.asarray(Image.open(parts / "stylised" / f"{i:06d}.png").convert("RGB")) for i in range(1, 7)]
+    assert all(np.array_equal(a, b) for a, b in zip(frames[:half], temporal_frames[:half], strict=True))
+    assert not np.array_equal(frames[half], temporal_frames[half]), "segment 2 starts cold"
+    import json
+
+    steps = [json.loads((parts / "stylised" / f"{i:06d}.json").read_text())["steps"] for i in range(1, FRAMES + 1)]
+    assert steps == [6, 3, 3, 6, 3, 3], "each segment's first frame gets --steps-first"
+    assert json.loads((parts / "settings.json").read_text())["cold_frames"] == [0, half]
+    # One process would make other frames cold (other results): that folder is refused, before any work.
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        cli_main([*args, "--overwrite"])
+    err = capsys.readouterr().err.strip()
+    assert stopped.value.code == 1 and "holds the frames of another video run" in err, err
+    # Killed in both segments (frames 3 and 6 lost): each segment resumes at its first unfinished frame.
+    stylised = parts / "stylised"
+    for name in ("000003", "000006"):
+        (stylised / f"{name}.png").unlink()
+        (stylised / f"{name}.json").unlink()
+    kept = {n: (stylised / f"{n}.png").stat().st_mtime_ns for n in ("000001", "000002", "000004", "000005")}
+    result = subprocess.run([sys.executable, str(REPO / "cli.py"), *args, "--devices", "2", "--overwrite"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming at frame 3 (segment 1-3 of 6)" in result.stderr and "resuming at frame 6 (segment 4-6 of 6)" in (
+        result.stderr
+    )
+    assert "4 done before" in result.stdout
+    assert kept == {n: (stylised / f"{n}.png").stat().st_mtime_ns for n in kept}, "not redone"
+    again = [np.asarray(Image.open(stylised / f"{i:06d}.png").convert("RGB")) for i in range(1, 7)]
+    assert all(np.array_equal(a, b) for a, b in zip(again, frames, strict=True)), "the same frames as one run"
+
+
+@pytest.mark.parametrize(("devices", "message"), [("0", "--devices must be at least 1, got 0"),
+                                                  ("7", "--devices 7 is more than the 6 frames")])  # fmt: skip
+def test_bad_devices_is_one_line_and_writes_nothing(tmp_path, clip, style, capsys, devices, message):
+    out = tmp_path / "out.mp4"
+    with pytest.raises(SystemExit) as stopped:
+        cli_main(["video", str(clip), str(style), "-o", str(out), *FAST, "--devices", devices])
+    err = capsys.readouterr().err.strip()
+    assert stopped.value.code == 1 and len(err.splitlines()) == 1 and message in err, err
+    assert not out.exists() and not (tmp_path / "out.mp4.parts").exists()
+
+
+def test_devices_above_one_needs_the_real_command_line(tmp_path, clip, style, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli_main(["video", str(clip), str(style), "-o", str(tmp_path / "out.mp4"), *FAST, "--devices", "2"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if "weights is 'random'" not in line]
+    assert stopped.value.code == 1 and len(lines) == 1 and "re-run the command line" in lines[0], lines
+    assert not (tmp_path / "out.mp4.parts").exists()

@@ -29,7 +29,7 @@ DEFAULT_TEMPORAL_WEIGHT = 2e2
 """Weight of the temporal loss against content 1 and style 1e6 (see docs/video.md for how it was chosen)."""
 USAGE = (
     "nst-lightning video IN STYLE [STYLE ...] -o OUT [--size PX] [--steps-first N] [--steps N] "
-    "[--temporal-weight W] [--config FILE] [image options]"
+    "[--temporal-weight W] [--devices N] [--config FILE] [image options]"
 )
 EPILOG = """OUT ending in .mp4, .mov or .mkv is an H.264 video (the audio copied); OUT without an ending is a
 folder of PNG frames. The work goes into OUT.parts/ as each frame finishes: run the same command again
@@ -61,6 +61,9 @@ def parser() -> argparse.ArgumentParser:
                    help=f"iterations of each later frame, started from the one before ({DEFAULT_STEPS})")
     p.add_argument("--temporal-weight", type=float, default=DEFAULT_TEMPORAL_WEIGHT, metavar="W",
                    help=f"weight of the temporal loss; 0 keeps only the warm start ({DEFAULT_TEMPORAL_WEIGHT:g})")
+    p.add_argument("--devices", type=int, default=1, metavar="N",
+                   help="processes, one per device (a GPU, or a share of the CPU), each stylising a contiguous "
+                        "segment of the frames; each segment's first frame starts cold, as the first (1)")
     p.add_argument("--independent", action="store_true",
                    help="stylise every frame on its own, as the first (the flickering baseline)")
     p.add_argument("--keep-frames", action="store_true", help="keep OUT.parts/ (frames, flows, losses) after OUT")
@@ -70,7 +73,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    for flag, value in (("--size", args.size), ("--steps-first", args.steps_first), ("--steps", args.steps)):
+    numbers = ("--size", args.size), ("--steps-first", args.steps_first), ("--steps", args.steps), \
+        ("--devices", args.devices)
+    for flag, value in numbers:
         if value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
     if not (args.temporal_weight >= 0 and args.temporal_weight != float("inf")):
@@ -122,6 +127,19 @@ def video_main(argv: list[str], verbose: bool = False) -> None:
     from nst_lightning.video.media import probe
 
     info = probe(source)
+    if args.devices > info.frames:
+        raise ConfigError(
+            f"--devices {args.devices} is more than the {info.frames} frames of {source}: each process needs a "
+            f"segment of at least one frame; give --devices {info.frames} or fewer"
+        )
+    if args.devices > 1 and [arg for arg in sys.argv[1:] if arg != "--verbose"] != ["video", *argv]:
+        raise ConfigError(
+            "--devices above 1 starts processes that re-run the command line: run it as a command "
+            "(nst-lightning video ...), not through cli_main(args) from Python"
+        )
+    from nst_lightning.video.frames import segments
+
+    layout = segments(info.frames, args.devices)
     from nst_lightning.image_io import fit_size
 
     side = min(args.size, max(info.width, info.height))
@@ -130,21 +148,31 @@ def video_main(argv: list[str], verbose: bool = False) -> None:
 
     work = WorkFolder(output)
     video_flags = {k: v for k, v in vars(args).items() if k not in ("input", "styles", "output", "keep_frames",
-                                                                    "overwrite")}  # fmt: skip
+                                                                    "overwrite", "devices")}  # fmt: skip
     settings = {
         "version": __version__, "input": _fingerprint(source), "styles": [_fingerprint(s) for s in styles],
         "flags": video_flags, "options": rest, "frames": info.frames, "size": list(size),
         "configs": _config_digests(rest),
     }  # fmt: skip
+    if args.devices > 1 and not args.independent:
+        # Which frames start cold changes the frames; with one segment the record is as it always was.
+        settings["cold_frames"] = [first for first, _ in layout]
     resuming = work.claim(settings)
     try:
-        _run(args, rest, info, size, work, output, kind, resuming, started, verbose)
+        _run(args, rest, info, size, work, output, kind, resuming, started, verbose, layout)
     except ConfigError as err:  # fit's checks name data.image_size, which is --size here
-        _drop_if_unused(work, resuming, info.frames)
+        if not _is_child():
+            _drop_if_unused(work, resuming, info.frames)
         raise ConfigError(str(err).replace("data.image_size", "--size")) from None
     except NSTError:
-        _drop_if_unused(work, resuming, info.frames)
+        if not _is_child():
+            _drop_if_unused(work, resuming, info.frames)
         raise
+
+
+def _is_child() -> bool:
+    """Whether this process is one the launcher of a ``--devices`` run started (it re-runs the command line)."""
+    return int(os.environ.get("LOCAL_RANK", "0") or 0) > 0 or int(os.environ.get("NODE_RANK", "0") or 0) > 0
 
 
 def _drop_if_unused(work: Any, resuming: bool, frames: int) -> None:
@@ -183,10 +211,12 @@ def _build_module(args: argparse.Namespace, rest: list[str], work: Any, side: in
     return cli.model, data, trainer, root
 
 
-def _run(args, rest, info, size, work, output: Path, kind: str, resuming: bool, started: float, verbose: bool) -> None:
-    from nst_lightning.console import note
+def _run(args, rest, info, size, work, output: Path, kind: str, resuming: bool, started: float, verbose: bool,
+         layout: list[tuple[int, int]]) -> None:
+    """Decodes the frames, builds the module, then stylises the segments (``layout``: one per process) and,
+    in the first process once every segment is done, writes OUT."""
     from nst_lightning.memory import check_run
-    from nst_lightning.video.frames import FrameRunner, VideoPlan, run_frames, save_pixels, summary
+    from nst_lightning.video.frames import VideoPlan, save_pixels
     from nst_lightning.video.media import decode_frames
 
     def keep(index: int, pixels) -> None:
@@ -199,7 +229,7 @@ def _run(args, rest, info, size, work, output: Path, kind: str, resuming: bool, 
     plan = VideoPlan(
         frames=info.frames, steps_first=args.steps_first, steps=args.steps, temporal_weight=args.temporal_weight,
         independent=args.independent, init=str(module.hparams.init), data=data, trainer=trainer,
-        logs=root / "lightning_logs" / "video" / output.name,
+        logs=root / "lightning_logs" / "video" / output.name, cold=tuple(first for first, _ in layout),
     )  # fmt: skip
     from nst_lightning.data import StyleTransferDataModule
 
@@ -207,32 +237,18 @@ def _run(args, rest, info, size, work, output: Path, kind: str, resuming: bool, 
     precision = str(trainer["precision"] or "32-true")
     device = "cuda" if trainer["accelerator"] in ("gpu", "cuda") else "cpu"
     check_run(first, [side], module.objective.extractor, module.hparams, precision, device)
-    start = work.first_unfinished(info.frames)
-    work.drop_from(start, info.frames)
-    if resuming and start:
-        note(f"resuming at frame {start + 1} of {info.frames}: frames 1-{start} are done in {work.root}")
-    runner = FrameRunner(module, plan, work)
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    if len(layout) == 1:
+        results, resumed = _segment(module, plan, work, layout[0], 0, 1, resuming)
+    else:
+        from nst_lightning.batch import start_fabric
 
-    def on_sigterm(signum: int, frame: object) -> None:
-        # Also inside fit: Lightning calls the handler it finds beside its own (which would exit 0 at the next step).
-        raise SIGTERMException
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        results = run_frames(runner, start)
-    except (KeyboardInterrupt, SystemExit) as err:  # SIGTERMException is a SystemExit
-        # Lightning answers a Ctrl-C inside fit with sys.exit(1), with the KeyboardInterrupt as its context.
-        terminated = isinstance(err, SIGTERMException)
-        if isinstance(err, SystemExit) and not terminated and not isinstance(err.__context__, KeyboardInterrupt):
-            raise
-        name, code = ("SIGTERM", 143) if terminated else ("Ctrl-C", 130)
-        done = work.first_unfinished(info.frames)
-        kept = "no frame was finished" if done == 0 else f"frame{'s 1-' if done > 1 else ' '}{done} kept in {work.root}"
-        raise Stopped(f"{name} at frame {done + 1} of {info.frames} ({kept}): run the same command again to resume "
-                      "there", code) from None  # fmt: skip
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        if not isinstance(trainer["accelerator"], str):
+            raise ConfigError("--devices above 1 needs trainer.accelerator as a name: auto, cpu or gpu")
+        fabric = start_fabric(trainer["accelerator"], len(layout), 1, "--device")
+        gathered = fabric.launch(lambda fabric: _shared(fabric, module, plan, work, layout, resuming))
+        if gathered is None:  # a process other than the first: its segment is done, the first writes OUT
+            return
+        results, resumed = gathered
     frames = _display_frames(work, info)
     if kind == "video":
         from nst_lightning.video.media import encode_video
@@ -244,7 +260,88 @@ def _run(args, rest, info, size, work, output: Path, kind: str, resuming: bool, 
         write_png_sequence(frames, output, save_pixels)
     if not args.keep_frames:
         work.remove()
-    print(summary(output, results, info.frames, start, time.perf_counter() - started, plan.logs), flush=True)
+    from nst_lightning.video.frames import summary
+
+    line = summary(output, results, info.frames, resumed, time.perf_counter() - started, plan.logs, plan.cold)
+    print(line, flush=True)
+
+
+def _shared(fabric: Any, module: Any, plan: Any, work: Any, layout: list[tuple[int, int]],
+            resuming: bool) -> tuple[list[Any], int] | None:
+    """The body of each process of a ``--devices`` run: its segment on its device; the first process waits for
+    every segment and returns all results (and the frames done before), the others None. A process that fails
+    hands its error to the first, which raises it (no process is left waiting)."""
+    import torch.distributed as dist
+
+    from nst_lightning.batch import as_rank_zero, device_placement
+
+    rank, world = fabric.global_rank, fabric.world_size
+    plan.trainer.update(device_placement(fabric))
+    outcome: tuple[Any, ...]
+    try:
+        with as_rank_zero():
+            outcome = ("done", *_segment(module, plan, work, layout[rank], rank, world, resuming))
+    except Stopped as err:
+        outcome = ("stopped", str(err), err.code)
+    except NSTError as err:
+        outcome = ("error", f"segment {rank + 1} (frames {layout[rank][0] + 1}-{layout[rank][1]}): {err}")
+    except Exception as err:  # a crash (out of memory...): the first process reports it
+        outcome = ("error", f"segment {rank + 1}: {type(err).__name__}: {' '.join(str(err).split())}")
+    gathered: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(outcome, gathered, dst=0)
+    if rank != 0:
+        return None
+    for status, *rest in gathered:
+        if status == "stopped":
+            raise Stopped(rest[0], rest[1])
+        if status == "error":
+            raise ImageError(rest[0])
+    return [r for _, results, _ in gathered for r in results], sum(done for _, _, done in gathered)
+
+
+def _segment(module: Any, plan: Any, work: Any, segment: tuple[int, int], rank: int, world: int,
+             resuming: bool) -> tuple[list[Any], int]:
+    """Stylises the frames of ``segment`` (first, end) from its first unfinished frame; returns the results
+    and how many of its frames were done before. Ctrl-C and SIGTERM become :class:`Stopped`."""
+    from nst_lightning.console import note
+    from nst_lightning.video.frames import FrameRunner, run_frames
+
+    first, end = segment
+    start = next((i for i in range(first, end) if not work.stylised(i).is_file()), end)
+    work.drop_from(start, end)
+    if resuming and start > first:
+        where = f"of {plan.frames}" if world == 1 else f"(segment {first + 1}-{end} of {plan.frames})"
+        done = f"frames 1-{start}" if world == 1 else f"frames {first + 1}-{start}"
+        note(f"resuming at frame {start + 1} {where}: {done} are done in {work.root}")
+    runner = FrameRunner(module, plan, work)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        # Also inside fit: Lightning calls the handler it finds beside its own (which would exit 0 at the next step).
+        raise SIGTERMException
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        whole = world == 1
+        results = run_frames(runner, start, segment=None if whole else segment, position=None if whole else rank)
+    except (KeyboardInterrupt, SystemExit) as err:  # SIGTERMException is a SystemExit
+        # Lightning answers a Ctrl-C inside fit with sys.exit(1), with the KeyboardInterrupt as its context.
+        terminated = isinstance(err, SIGTERMException)
+        if isinstance(err, SystemExit) and not terminated and not isinstance(err.__context__, KeyboardInterrupt):
+            raise
+        name, code = ("SIGTERM", 143) if terminated else ("Ctrl-C", 130)
+        done = next((i for i in range(first, end) if not work.stylised(i).is_file()), end)
+        if done == first:
+            kept = "no frame was finished" if whole else "no frame of its segment was finished"
+        elif done == first + 1:
+            kept = f"frame {done} kept in {work.root}"
+        else:
+            kept = f"frames {first + 1}-{done} kept in {work.root}"
+        raise Stopped(f"{name} at frame {done + 1} of {plan.frames} ({kept}): run the same command again to resume "
+                      "there", code) from None  # fmt: skip
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return results, start - first
 
 
 def _display_frames(work: Any, info: Any) -> Iterator[np.ndarray]:

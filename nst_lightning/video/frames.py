@@ -158,6 +158,8 @@ class VideoPlan:
     """Trainer arguments of every frame's run (accelerator, precision)."""
     logs: Path
     """TensorBoard: one run per frame, ``logs/frame_000001``..."""
+    cold: tuple[int, ...] = (0,)
+    """The frames that start cold like the first: the first frame of each segment (``--devices``)."""
 
 
 class FrameRunner:
@@ -167,7 +169,7 @@ class FrameRunner:
         self.module, self.plan, self.work = module, plan, work
 
     def warm(self, index: int) -> bool:
-        return index > 0 and not self.plan.independent
+        return index not in self.plan.cold and not self.plan.independent
 
     def prepare(self, index: int) -> None:
         """The module's start and temporal term for frame ``index`` (see the module docstring)."""
@@ -195,7 +197,7 @@ class FrameRunner:
         logger = RunLogger(save_dir=self.plan.logs, name=None, version=f"frame_{index + 1:06d}")
         trainer = L.Trainer(
             max_steps=steps, logger=logger, callbacks=[writer], enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, log_every_n_steps=1, devices=1, **self.plan.trainer,
+            enable_model_summary=False, log_every_n_steps=1, **{"devices": 1, **self.plan.trainer},
         )  # fmt: skip
         trainer.fit(self.module, datamodule=data)
         if trainer.state.status != TrainerStatus.FINISHED or file_kind(self.work.stylised(index)) != "file":
@@ -209,18 +211,33 @@ class FrameRunner:
         return result
 
 
+def segments(frames: int, count: int) -> list[tuple[int, int]]:
+    """``frames`` split into ``count`` contiguous segments, (first, end) each, as even as they go (the longer first)."""
+    size, extra = divmod(frames, count)
+    bounds = [0]
+    for n in range(count):
+        bounds.append(bounds[-1] + size + (1 if n < extra else 0))
+    return list(zip(bounds, bounds[1:], strict=False))
+
+
 def run_frames(
-    runner: FrameRunner, start: int, report: Callable[[FrameResult], None] | None = None
+    runner: FrameRunner,
+    start: int,
+    report: Callable[[FrameResult], None] | None = None,
+    segment: tuple[int, int] | None = None,
+    position: int | None = None,
 ) -> list[FrameResult]:
-    """Frames ``start`` to the last, with a progress bar over frames (ETA) on a terminal."""
-    plan = runner.plan
+    """Frames ``start`` to the end of ``segment`` (the whole clip if none), with a progress bar over those
+    frames (ETA) on a terminal; ``position``: the bar's line among several processes' bars."""
+    first, end = segment if segment is not None else (0, runner.plan.frames)
+    desc = "frames" if segment is None else f"frames {first + 1}-{end}"
     bar = tqdm(
-        total=plan.frames, initial=start, desc="frames", unit="frame", disable=not sys.stderr.isatty(),
-        file=sys.stderr, dynamic_ncols=True,
+        total=end - first, initial=start - first, desc=desc, unit="frame", disable=not sys.stderr.isatty(),
+        file=sys.stderr, dynamic_ncols=True, position=position,
     )  # fmt: skip
     results = []
     try:
-        for index in range(start, plan.frames):
+        for index in range(start, end):
             result = runner.run(index)
             results.append(result)
             if report is not None:
@@ -231,16 +248,27 @@ def run_frames(
     return results
 
 
-def summary(output: Path, results: list[FrameResult], total: int, resumed: int, seconds: float, logs: Path) -> str:
-    """The last line of a video run."""
+def summary(
+    output: Path, results: list[FrameResult], total: int, resumed: int, seconds: float, logs: Path,
+    cold: tuple[int, ...] = (0,),
+) -> str:
+    """The last line of a video run; ``cold``: the first frame of each segment (several with ``--devices``),
+    and ``resumed`` then counts the frames done before in all segments."""
     from nst_lightning.console import duration, shown_path
 
-    first = [r for r in results if r.index == 0]
-    later = [r for r in results if r.index > 0]
+    first = [r for r in results if r.index in cold]
+    later = [r for r in results if r.index not in cold]
     parts = [f"{total} frames"]
-    if resumed:
+    if len(cold) > 1:
+        parts.append(f"{len(cold)} segments on {len(cold)} processes")
+    if resumed and len(cold) == 1:
         parts.append(f"{resumed} done before, resumed at frame {resumed + 1}")
-    if first:
+    elif resumed:
+        parts.append(f"{resumed} done before")
+    if len(first) > 1:
+        mean = sum(r.seconds for r in first) / len(first)
+        parts.append(f"first frames of the segments {mean:.1f} s each ({first[0].steps} iterations)")
+    elif first:
         parts.append(f"first frame {duration(first[0].seconds)} ({first[0].steps} iterations)")
     if later:
         mean = sum(r.seconds for r in later) / len(later)
