@@ -13,27 +13,24 @@ line's (:class:`nst_lightning.cli.BatchCLI`, a :class:`PairRunner`), which this 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gc
 import os
 import sys
 import time
 import traceback
-from collections.abc import Iterator, Sequence
-from datetime import timedelta
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities import rank_zero_only
 from tqdm import tqdm
 
 from nst_lightning.callbacks import partial_path
 from nst_lightning.errors import ConfigError, ImageError, Interrupted, NSTError
 from nst_lightning.files import check_outputs_apart, check_replaceable, file_kind, remove_file
 from nst_lightning.image_io import check_writable
+from nst_lightning.launch import as_rank_zero, device_placement, start_fabric
 from nst_lightning.pairs import (
     BatchSettings,
     Pair,
@@ -45,10 +42,6 @@ from nst_lightning.pairs import (
     seconds_text,
     summary,
 )
-
-# How long the processes of a sharded batch wait for each other at the end: one process may finish
-# its pairs long before another does.
-_GATHER_TIMEOUT = timedelta(days=7)
 
 
 class ResumeRefused(Exception):
@@ -121,18 +114,6 @@ def fit_pair(runner: PairRunner, pair: Pair, placement: dict[str, Any]) -> tuple
     if finished:
         remove_file(pending)  # done: the next run must not resume from it
     return finished, log_dir
-
-
-@contextlib.contextmanager
-def as_rank_zero() -> Iterator[None]:
-    """Lightning's rank-zero-only switch reads 0 inside: each pair's Trainer is a single-device run
-    of its own, whose logger and messages must work in every process of a sharded batch."""
-    saved = getattr(rank_zero_only, "rank", 0)
-    rank_zero_only.rank = 0
-    try:
-        yield
-    finally:
-        rank_zero_only.rank = saved
 
 
 def _run_pair(runner: PairRunner, pair: Pair, placement: dict[str, Any], rank: int, report: Any) -> PairResult:
@@ -283,33 +264,6 @@ def _launch(runner: PairRunner, pairs: list[Pair], args: list[str], started: flo
         )
     fabric = start_fabric(accelerator, settings.devices, settings.num_nodes, "trainer.accelerator")
     return fabric.launch(functools.partial(_sharded, runner=runner, pairs=pairs, started=started))
-
-
-def start_fabric(accelerator: str, devices: int, num_nodes: int, accelerator_flag: str) -> Any:
-    """A Fabric whose ``launch`` starts ``devices`` processes per node on ``num_nodes`` nodes (each re-running
-    the command line), talking over Gloo; a setting Lightning refuses is one line naming ``accelerator_flag``."""
-    from lightning.fabric import Fabric
-    from lightning.fabric.strategies import DDPStrategy
-
-    try:
-        # Gloo carries the few objects the processes exchange, on every kind of device.
-        strategy = DDPStrategy(process_group_backend="gloo", timeout=_GATHER_TIMEOUT)
-        return Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy)
-    except (MisconfigurationException, ValueError, RuntimeError) as err:
-        raise ConfigError(
-            f"cannot start {devices} process(es) per node on {num_nodes} node(s) with "
-            f"{accelerator_flag} {accelerator}: {' '.join(str(err).split())}"
-        ) from None
-
-
-def device_placement(fabric: Any) -> dict[str, Any]:
-    """Trainer arguments that run a single-device Trainer on this process's device (a GPU, or the CPU)."""
-    if fabric.device.type == "cuda":
-        placement: dict[str, Any] = {"accelerator": "cuda", "devices": [fabric.device.index]}
-    else:
-        placement = {"accelerator": fabric.device.type, "devices": 1}
-    placement.update(num_nodes=1, strategy="auto")
-    return placement
 
 
 def other_nodes_announced() -> bool:

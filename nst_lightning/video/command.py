@@ -240,7 +240,7 @@ def _run(args, rest, info, size, work, output: Path, kind: str, resuming: bool, 
     if len(layout) == 1:
         results, resumed = _segment(module, plan, work, layout[0], 0, 1, resuming)
     else:
-        from nst_lightning.batch import start_fabric
+        from nst_lightning.launch import start_fabric
 
         if not isinstance(trainer["accelerator"], str):
             raise ConfigError("--devices above 1 needs trainer.accelerator as a name: auto, cpu or gpu")
@@ -273,7 +273,7 @@ def _shared(fabric: Any, module: Any, plan: Any, work: Any, layout: list[tuple[i
     hands its error to the first, which raises it (no process is left waiting)."""
     import torch.distributed as dist
 
-    from nst_lightning.batch import as_rank_zero, device_placement
+    from nst_lightning.launch import as_rank_zero, device_placement
 
     rank, world = fabric.global_rank, fabric.world_size
     plan.trainer.update(device_placement(fabric))
