@@ -120,7 +120,8 @@ def _video_main(args: list[str], verbose: bool) -> None:
 
         from nst_lightning.video.command import Stopped, video_main
     except ImportError as err:
-        _stop("error", f"video needs PyAV and OpenCV ({err.name} is missing): pip install 'nst-lightning[video]'", 1)
+        missing = f"video needs PyAV and OpenCV ({err.name} is missing)"
+        _stop("error", f"{missing}: pip install 'nst-lightning[video]'", EXIT_ERROR)
     from nst_lightning.runtime import quiet_lightning
 
     try:

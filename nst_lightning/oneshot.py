@@ -56,17 +56,21 @@ FLAGS = (
 CONFIG_HELP = "a config file, or a shipped config by name (nst-lightning configs); several overlay"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, reporting a bad command line as one line."""
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, reporting a bad command line as one line that points to the same command's ``--help``
+    (the parser of every plain-flag command: the one-shot form, ``serve``, ``video``)."""
+
+    label = ""
+    """Put before the message (``video: ``)."""
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"nst-lightning: error: {message} (nst-lightning --help lists the options)\n")
+        sys.stderr.write(f"nst-lightning: error: {self.label}{message} ({self.prog} --help lists the options)\n")
         raise SystemExit(2)
 
 
 def parser() -> argparse.ArgumentParser:
     """The one-shot form's parser, whose help is the tool's top-level help."""
-    p = _Parser(
+    p = OneLineParser(
         prog="nst-lightning",
         usage=USAGE,
         description="Neural style transfer (Gatys et al.) as a PyTorch Lightning training loop.",

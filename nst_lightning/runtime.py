@@ -133,10 +133,11 @@ def bf16_is_native_on_cpu() -> bool:
 
 
 def bf16_is_native_on_gpu() -> bool:
-    """Whether the current CUDA GPU computes bfloat16 natively (compute capability 8.0, Ampere, or later)."""
+    """Whether the current CUDA GPU computes bfloat16 natively (compute capability 8.0, Ampere, or later; any ROCm
+    GPU): torch's own test without the emulation it otherwise counts as support."""
     import torch
 
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def available_bytes(device: str = "cpu") -> int | None:

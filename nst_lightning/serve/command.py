@@ -8,20 +8,15 @@ import ipaddress
 import socket
 import sys
 from pathlib import Path
-from typing import NoReturn
+
+from nst_lightning.oneshot import OneLineParser
 
 DEFAULT_DATA = "nst-serve"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"nst-lightning: error: {message} (nst-lightning serve --help lists the options)\n")
-        raise SystemExit(2)
-
-
 def parser() -> argparse.ArgumentParser:
     """The options of ``nst-lightning serve``."""
-    p = _Parser(
+    p = OneLineParser(
         prog="nst-lightning serve",
         description="A web page and JSON API for style transfer jobs (see the README's Web app section).",
     )

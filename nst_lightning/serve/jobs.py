@@ -26,7 +26,6 @@ from typing import Any
 
 from nst_lightning.serve.progress import LOG_FILE, last_error, latest_checkpoint, read_progress
 
-STATES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED = ("done", "failed", "cancelled")
 RESULT_FILE = "result.png"
 PARTIAL_FILE = "result.partial.png"

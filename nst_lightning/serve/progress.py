@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from nst_lightning.files import file_stamp
 from nst_lightning.guard import INTERRUPTED_CHECKPOINT
 from nst_lightning.image_io import save_image
 
@@ -75,10 +76,24 @@ class JobProgress(L.Callback):
             self._preview(trainer, pl_module)
 
 
+# The last read of each job's progress file, by its stamp: the page's event streams, the worker and GET /api/jobs
+# poll it several times a second, and it changes once a step.
+_READ: dict[Path, tuple[tuple[int, int], list[dict[str, Any]]]] = {}
+_READ_KEPT = 64
+
+
 def read_progress(folder: Path) -> list[dict[str, Any]]:
-    """The complete lines of a job's ``progress.jsonl`` (a line being written is left for the next read)."""
+    """The complete lines of a job's ``progress.jsonl`` (a line being written is left for the next read); the
+    list is shared between callers until the file changes: read it, do not change it."""
+    path = folder / PROGRESS_FILE
+    stamp = file_stamp(path)
+    if stamp is None:
+        _READ.pop(path, None)
+        return []
+    if path in _READ and _READ[path][0] == stamp:
+        return _READ[path][1]
     try:
-        text = (folder / PROGRESS_FILE).read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except OSError:
         return []
     records = []
@@ -86,6 +101,9 @@ def read_progress(folder: Path) -> list[dict[str, Any]]:
         if line.endswith("\n"):
             with contextlib.suppress(ValueError):
                 records.append(json.loads(line))
+    if len(_READ) >= _READ_KEPT:  # a long-lived server's finished jobs need no copy
+        _READ.clear()
+    _READ[path] = stamp, records
     return records
 
 

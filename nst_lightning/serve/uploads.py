@@ -10,6 +10,7 @@ from fastapi import UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from nst_lightning.errors import ImageError, NSTError
+from nst_lightning.files import atomic_write
 
 # What Pillow calls the formats kept as uploaded; any other readable image is stored as PNG.
 KEPT_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif", "GIF": ".gif"}
@@ -45,8 +46,7 @@ def check_image(path: Path, label: str) -> str:
         raise UploadError(422, str(err).replace(str(path), label), label.split(" ")[0]) from None
     if kind in KEPT_FORMATS:
         return KEPT_FORMATS[kind]
-    image.save(path.with_suffix(".png.tmp"), format="PNG")
-    os.replace(path.with_suffix(".png.tmp"), path)
+    atomic_write(path, lambda handle: image.save(handle, format="PNG"))
     return ".png"
 
 

@@ -16,10 +16,11 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from nst_lightning import __version__
 from nst_lightning.errors import ConfigError, ImageError, NSTError
+from nst_lightning.oneshot import OneLineParser
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,19 +38,15 @@ after an interruption and it resumes at the first unfinished frame. Any option o
 (nst-lightning --help: --style-weight, --weights, --backbone, --device, --set KEY=VALUE...) applies to every frame."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"nst-lightning: error: video: {message} (nst-lightning video --help lists the options)\n")
-        raise SystemExit(2)
-
-
 def parser() -> argparse.ArgumentParser:
     """The video command's own flags (the one-shot form's pass through)."""
     def formatter(prog: str) -> argparse.HelpFormatter:
         return argparse.RawDescriptionHelpFormatter(prog, max_help_position=26, width=110)
 
-    p = _Parser(prog="nst-lightning video", usage=USAGE, epilog=EPILOG, allow_abbrev=False, formatter_class=formatter,
-                description="Stylise a video with temporal consistency (Ruder et al. 2016).")  # fmt: skip
+    p = OneLineParser(prog="nst-lightning video", usage=USAGE, epilog=EPILOG, allow_abbrev=False,
+                      formatter_class=formatter,
+                      description="Stylise a video with temporal consistency (Ruder et al. 2016).")  # fmt: skip
+    p.label = "video: "
     p.add_argument("input", metavar="IN", help="the video (any PyAV can read: MP4, MOV, MKV, WebM)")
     p.add_argument("styles", metavar="STYLE", nargs="+", help="the painting(s) whose style is taken")
     p.add_argument("-o", "--output", metavar="OUT", required=True, help="the video (.mp4/.mov/.mkv) or PNG folder")
@@ -176,8 +173,11 @@ def _is_child() -> bool:
 
 
 def _drop_if_unused(work: Any, resuming: bool, frames: int) -> None:
-    """A work folder this run made, that holds no stylised frame yet, goes with the run that failed."""
-    if not resuming and work.first_unfinished(frames) == 0:
+    """A work folder this run made, that holds no stylised frame yet, goes with the run that failed (with
+    ``--devices``, a later segment may have finished frames while the first has none)."""
+    from nst_lightning.files import file_kind
+
+    if not resuming and not any(file_kind(work.stylised(i)) == "file" for i in range(frames)):
         work.remove()
 
 
@@ -307,7 +307,7 @@ def _segment(module: Any, plan: Any, work: Any, segment: tuple[int, int], rank: 
     from nst_lightning.video.frames import FrameRunner, run_frames
 
     first, end = segment
-    start = next((i for i in range(first, end) if not work.stylised(i).is_file()), end)
+    start = work.first_unfinished(end, first)
     work.drop_from(start, end)
     if resuming and start > first:
         where = f"of {plan.frames}" if world == 1 else f"(segment {first + 1}-{end} of {plan.frames})"
@@ -330,7 +330,7 @@ def _segment(module: Any, plan: Any, work: Any, segment: tuple[int, int], rank: 
         if isinstance(err, SystemExit) and not terminated and not isinstance(err.__context__, KeyboardInterrupt):
             raise
         name, code = ("SIGTERM", 143) if terminated else ("Ctrl-C", 130)
-        done = next((i for i in range(first, end) if not work.stylised(i).is_file()), end)
+        done = work.first_unfinished(end, first)
         if done == first:
             kept = "no frame was finished" if whole else "no frame of its segment was finished"
         elif done == first + 1:

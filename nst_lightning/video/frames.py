@@ -14,7 +14,7 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,19 +99,15 @@ class WorkFolder:
             )
         return True
 
-    def first_unfinished(self, count: int) -> int:
-        """The first frame without its stylised image (``count`` when every one is done)."""
-        return next((i for i in range(count) if file_kind(self.stylised(i)) != "file"), count)
+    def first_unfinished(self, count: int, start: int = 0) -> int:
+        """The first frame from ``start`` on without its stylised image (``count`` when every one is done)."""
+        return next((i for i in range(start, count) if file_kind(self.stylised(i)) != "file"), count)
 
     def drop_from(self, index: int, count: int) -> None:
         """Removes the stylised frames from ``index`` on (each depends on the one before) and partial images."""
         for i in range(index, count):
             for path in (self.stylised(i), self.record(i), partial_path(self.stylised(i))):
                 path.unlink(missing_ok=True)
-
-    def stylised_frames(self, count: int) -> Iterator[np.ndarray]:
-        for i in range(count):
-            yield read_pixels(self.stylised(i))
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
