@@ -15,7 +15,7 @@
 set -euo pipefail
 
 # The option that selects torch's own L-BFGS, as KEY=VALUE (e.g. model.lbfgs_impl=torch), once the project has
-# one: it adds a "project torch L-BFGS" row. Empty: no such row.
+# one: it adds a "project torch L-BFGS" row (about 1.5 min more on the GPU). Empty: no such row.
 TORCH_LBFGS_SET="${TORCH_LBFGS_SET:-}"
 
 cd "$(dirname "$0")/.."
