@@ -8,6 +8,8 @@ without changing the arithmetic.
 
 from __future__ import annotations
 
+import copy
+
 import common
 from common import Clock, median
 
@@ -28,24 +30,28 @@ class Floor:
         self.dtype = dtype = getattr(torch, CONV_DTYPES.get(precision, "float32"))
         self.gflop = 0.0
         shapes = []
+        # The shapes come from a copy of the network on the meta device (no arithmetic, no memory), and the
+        # weights are moved to ``device`` below: the extractor may be anywhere (after a fit, Lightning has
+        # moved the project's module back to the CPU, while ``device`` may be cuda).
+        body = copy.deepcopy(extractor.body).to("meta")
         with torch.no_grad():
-            x = torch.zeros(1, 3, height, width, device=device)
-            for layer in extractor.body:
+            x = torch.zeros(1, 3, height, width, device="meta")
+            for layer, meta_layer in zip(extractor.body, body, strict=True):
                 if isinstance(layer, nn.Conv2d):
-                    y = layer(x)
+                    y = meta_layer(x)
                     shapes.append((layer, tuple(x.shape)))
                     # forward + backward to the input: 2 * (2 * Cin * 9 * Cout * H * W)
                     self.gflop += 4 * layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1] * y.numel() / 1e9
                     x = y
                 else:
-                    x = layer(x)
+                    x = meta_layer(x)
         self.layouts = {}
         for name, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
             convs = []
             for layer, shape in shapes:
                 inp = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
-                weight = layer.weight.detach().to(dtype).contiguous(memory_format=fmt)
-                bias = layer.bias.detach().to(dtype)
+                weight = layer.weight.detach().to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+                bias = layer.bias.detach().to(device=device, dtype=dtype)
                 out = torch.nn.functional.conv2d(inp, weight, bias, layer.stride, layer.padding, layer.dilation)
                 grad = torch.randn_like(out)
                 convs.append((inp, weight, bias, grad, layer))

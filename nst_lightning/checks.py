@@ -173,21 +173,24 @@ def check_schedule(scales: Sequence[int] | None, scale_steps: Sequence[int], ima
         )
 
 
-def check_precision(precision: str, device_type: str) -> None:
-    """The image is optimised in float32 (mixed precision computes the loss in half): true half precision
-    is refused; bfloat16 on a CPU without native support is allowed with a warning."""
+def check_precision(precision: str, device_type: str, compile: bool = False, warn: bool = True) -> None:
+    """The image is optimised in float32: true half precision is refused, bfloat16 without native support warns
+    (where ``warn``), ``compile`` with bf16-mixed on a GPU is refused (measured broken: docs/benchmarks.md, GPU)."""
+    if compile and precision == "bf16-mixed" and device_type == "cuda":
+        raise ConfigError("model.compile true with trainer.precision bf16-mixed does not work on a GPU (the loss stays "
+                          "at its first value): drop --model.compile true, or use --trainer.precision 32-true with it")
     if precision in HALF_PRECISIONS:
         raise ConfigError(
             f"trainer.precision {precision} would store the image itself in half precision; "
             "use 32-true, bf16-mixed or 16-mixed"
         )
-    if precision.startswith("bf16") and device_type == "cpu" and not bf16_is_native_on_cpu():
+    if warn and precision.startswith("bf16") and device_type == "cpu" and not bf16_is_native_on_cpu():
         warnings.warn(
             f"trainer.precision is {precision} but this CPU has no native bfloat16: it runs many "
             "times slower than 32-true; use --trainer.precision 32-true on this machine",
             stacklevel=3,
         )
-    if precision.startswith("bf16") and device_type == "cuda" and not bf16_is_native_on_gpu():
+    if warn and precision.startswith("bf16") and device_type == "cuda" and not bf16_is_native_on_gpu():
         warnings.warn(
             f"trainer.precision is {precision} but this GPU computes bfloat16 without native support (it has "
             "none before compute capability 8.0): slower than 16-mixed; use --trainer.precision 16-mixed",
@@ -295,12 +298,12 @@ def trainer_error(trainer: Any, err: BaseException) -> ConfigError:
     )
 
 
-def check_trainer_settings(trainer: Any) -> None:
+def check_trainer_settings(trainer: Any, compile: bool = False) -> None:
     """Refuses, before anything loads, trainer settings that cannot work: an accelerator this machine
     does not have, no device, and more than one process for one image (``devices 2`` or
     ``num_nodes 2`` would run the same optimisation several times over, or wait for good for
-    nodes that never come). A throw-away Trainer (nothing is run or written) resolves the settings
-    as the real one will."""
+    nodes that never come), a precision check_precision refuses (``compile``: model.compile). A throw-away
+    Trainer (nothing is run or written) resolves the settings as the real one will."""
     devices = trainer.devices
     if devices in (0, "0") or (isinstance(devices, (list, tuple)) and not devices):
         raise ConfigError(f"trainer.devices {devices} selects no device: set trainer.devices 1")
@@ -325,6 +328,7 @@ def check_trainer_settings(trainer: Any) -> None:
             "trainer.num_nodes 1; to share many images among devices, use batch.devices / batch.num_nodes "
             "with python cli.py batch"
         )
+    check_precision(str(trainer.precision or "32-true"), trial.strategy.root_device.type, compile, warn=False)
 
 
 def check_config_files(argv: Sequence[str]) -> None:

@@ -143,7 +143,7 @@ class StyleTransferCLI(LightningCLI):
         checks.check_output(**config.output.as_dict())
         checks.check_guard(**config.guard.as_dict())
         choose_precision(config)
-        checks.check_trainer_settings(config.trainer)
+        checks.check_trainer_settings(config.trainer, compile=config.model.compile)
         checks.check_model(**checks.plain(config.model.as_dict()))
         root = config.trainer.default_root_dir
         if root is None or "://" not in str(root):

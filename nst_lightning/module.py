@@ -140,7 +140,7 @@ class StyleTransfer(L.LightningModule):
             raise ConfigError("StyleTransfer needs a StyleTransferDataModule (the data: section of the config)")
         hp, images, extractor = self.hparams, self.images, self.objective.extractor
         device = self.trainer.strategy.root_device
-        checks.check_precision(str(self.trainer.precision), device.type)
+        checks.check_precision(str(self.trainer.precision), device.type, hp.compile)
         drop_lightning_scaler(self.trainer.precision_plugin)
         checks.check_schedule(hp.scales, hp.scale_steps, images.image_size, self.trainer.max_steps)
         self.sizes = schedule.sizes(hp.scales, images.image_size)

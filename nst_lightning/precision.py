@@ -1,4 +1,5 @@
-"""Mixed precision around an L-BFGS closure: loss scaling under 16-mixed, the float32 finish, the automatic choice.
+"""Mixed precision around an L-BFGS closure: loss scaling under 16-mixed, the float32 finish, the automatic choice
+(and, on CUDA, TF32 and cuDNN autotuning).
 
 Lightning's own 16-mixed plugin cannot drive L-BFGS ("AMP and the LBFGS optimizer are not compatible"):
 ``GradScaler.step`` takes no closure, and L-BFGS evaluates its closure several times per step. So the
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from nst_lightning.checks import MIXED_PRECISIONS
 from nst_lightning.console import note
-from nst_lightning.runtime import automatic_precision
+from nst_lightning.runtime import automatic_precision, runs_on_cuda
 
 # Dynamic loss scaling: the first scale, the factor after an overflow, finite evaluations before it doubles.
 SCALE_START, SCALE_BACKOFF, GROWTH_INTERVAL = 2.0**16, 2.0**-4, 100
@@ -39,19 +40,56 @@ def float32_start(precision: str, max_steps: int, final_steps: int) -> int | Non
 def choose_precision(config: Any) -> None:
     """Where a configuration (a ``fit`` or ``batch`` namespace) sets no ``trainer.precision`` (nor a
     precision plugin), sets the fastest that reaches the float32 result on this machine
-    (:func:`~nst_lightning.runtime.automatic_precision`)."""
+    (:func:`~nst_lightning.runtime.automatic_precision`, where the default is chosen). On a CUDA run,
+    also the float32 arithmetic of :func:`choose_gpu_math`."""
     trainer = config.trainer
+    choose_gpu_math(trainer)
     if trainer.precision is not None or trainer.plugins:
         return
     chosen = automatic_precision(trainer.accelerator)
     if chosen is None:
         return
     trainer.precision = chosen
+    why = "this CPU computes bfloat16 in AMX tiles (about 2x faster)"
+    if runs_on_cuda(trainer.accelerator):
+        why = "this GPU computes bfloat16 natively (nst_lightning.runtime.GPU_PRECISION)"
     note(
-        f"trainer.precision is not set: using {chosen}, since this CPU computes bfloat16 in AMX tiles "
-        f"(about 2x faster); the last {config.model.float32_final_steps} iterations run in float32 "
-        "(model.float32_final_steps); --trainer.precision 32-true keeps float32 throughout"
+        f"trainer.precision is not set: using {chosen}, since {why}; the last {config.model.float32_final_steps} "
+        "iterations run in float32 (model.float32_final_steps); --trainer.precision 32-true keeps float32 throughout"
     )
+
+
+def use_tf32() -> bool:
+    """TF32 for float32 matrix products on CUDA (``torch.backends.cuda.matmul.allow_tf32``), unless the user
+    chose a float32 matmul precision already; returns whether it was set.
+
+    Why: on GPUs since Ampere, TF32 tensor cores multiply float32 matrices several times faster; cuDNN's
+    convolutions already use them by default (``torch.backends.cudnn.allow_tf32`` is True, left as it is), so
+    this adds the Gram products. The cost: the factors of each product keep 10 of float32's 23 mantissa bits
+    (the sums stay float32), so results differ from strict float32's: by about 1e-3 relative per product, as
+    the convolutions' already did (benchmarks/gpu.sh reports the final loss against 32-true).
+    ``NVIDIA_TF32_OVERRIDE=0`` in the environment turns TF32 off everywhere. Setting it also silences
+    Lightning's note that asks for it. CUDA only: the flag leaves CPU arithmetic alone.
+    """
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    return True
+
+
+def choose_gpu_math(trainer: Any) -> None:
+    """On a CUDA run (a ``trainer`` namespace), before the trainer exists: TF32 (:func:`use_tf32`) and cuDNN's
+    autotuning, ``trainer.benchmark`` true, unless the configuration sets it or asks for determinism.
+
+    Autotuning times cuDNN's algorithms for each convolution shape once, at the first iteration, and keeps the
+    fastest: a run optimises one image of a fixed size (a coarse-to-fine run a few), so it pays off at once.
+    Lightning sets ``torch.backends.cudnn.benchmark`` from ``trainer.benchmark``, and the run's saved config
+    records it."""
+    if not runs_on_cuda(trainer.accelerator):
+        return
+    use_tf32()
+    if trainer.get("benchmark") is None and not trainer.get("deterministic"):
+        trainer.benchmark = True
 
 
 def float32_context(device_type: str, float32: bool) -> AbstractContextManager:

@@ -107,16 +107,43 @@ def _runs_on_cpu(accelerator: object) -> bool:
     return not (CUDAAccelerator.is_available() or MPSAccelerator.is_available())
 
 
+def runs_on_cuda(accelerator: object) -> bool:
+    """Whether a run with this ``trainer.accelerator`` runs on a CUDA GPU: ``gpu``/``cuda``, a CUDA
+    accelerator instance, or ``auto`` where torch sees one (Lightning's own order)."""
+    from lightning.pytorch.accelerators import CUDAAccelerator
+
+    if isinstance(accelerator, CUDAAccelerator) or accelerator == "cuda":
+        return True
+    if accelerator not in ("gpu", "auto"):
+        return False
+    return CUDAAccelerator.is_available()
+
+
+GPU_PRECISION: str | None = None
+"""The ``trainer.precision`` of a CUDA run that sets none, on a GPU that computes bfloat16 natively
+(compute capability 8.0 or later): None keeps Lightning's 32-true.
+
+This is the one place to change the GPU default. bf16-mixed did not make a 512 px run faster on an H200
+(15.5 s against 15.4 s for 300 iterations, issue 22: the loop is not bound by the convolutions there),
+so it stays off until a measurement shows it faster with an image as good: ``benchmarks/gpu.sh`` measures
+both (seconds per iteration, whole-command time, final loss against 32-true) in one run. To switch, set
+this to ``"bf16-mixed"``; :func:`~nst_lightning.precision.choose_precision` then says so in its note."""
+
+
 def automatic_precision(accelerator: object) -> str | None:
     """The ``trainer.precision`` for a run that sets none: ``bf16-mixed`` where the run is on a CPU
-    with AMX, else None (Lightning's 32-true).
+    with AMX, :data:`GPU_PRECISION` on a GPU with native bfloat16, else None (Lightning's 32-true).
 
     On such a CPU bfloat16 convolutions run 3-8x faster than float32 ones, and a whole 512 px
     iteration about 2.3x faster (README, Mixed precision); the module finishes the run in float32
     (``model.float32_final_steps``), which reached the float32 run's loss. GPUs keep 32-true until
-    bf16 is measured there.
+    bf16 is measured faster there (:data:`GPU_PRECISION`).
     """
-    return "bf16-mixed" if _runs_on_cpu(accelerator) and cpu_has_amx_bf16() else None
+    if _runs_on_cpu(accelerator):
+        return "bf16-mixed" if cpu_has_amx_bf16() else None
+    if GPU_PRECISION is not None and runs_on_cuda(accelerator) and bf16_is_native_on_gpu():
+        return GPU_PRECISION
+    return None
 
 
 def bf16_is_native_on_cpu() -> bool:

@@ -79,6 +79,8 @@ def test_time_to_quality_judges_every_run_by_the_final_size_objective_in_miniatu
                       "--wait-quiet", "0", "--precision", "32-true"], "relative difference 0.0e+00"),
         ("memory_check.py", ["--memory-child", "48", "2", "2"], '"estimate_mib"'),
         ("gpu_precision.py", [], "skipped: no CUDA device"),
+        ("gpu.py", ["--weights", "random", "--sizes", "32", "--steps", "2", "--floor-repeats", "1"],
+         "| 32 (24x32) | tutorial loop | 32-true |"),
     ],
 )  # fmt: skip
 def test_each_benchmark_runs_alone_in_miniature(script, args, expected):
@@ -120,3 +122,25 @@ def test_remodel_recomputes_modelled_time_from_evaluation_counts():
     time_to_quality.remodel(runs, {32: 0.5, 48: 2.0})
     assert [step[1] for step in runs[0]["steps"]] == [1.0, 1.5, 5.5]
     assert runs[0]["steps"][-1][4] == 1.5
+
+
+def test_floor_runs_on_its_own_device_wherever_the_extractor_is():
+    # bench.py --device cuda hands the floor the project's extractor, which Lightning has moved back to the
+    # CPU after its fit: every tensor the floor computes with (13 convolutions up to relu5_1, 2 layouts) must be on
+    # the floor's device ("meta" here).
+    import warnings
+
+    from floor import Floor
+
+    from nst_lightning import checks
+    from nst_lightning.features import FeatureExtractor
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        extractor = FeatureExtractor([*checks.CONTENT_LAYERS, *checks.STYLE_LAYERS], weights="random")
+    floor = Floor(extractor, 40, 48, "meta", "bf16-mixed")
+    tensors = [t for convs in floor.layouts.values() for conv in convs for t in conv[:4]]
+    assert len(tensors) == 2 * 4 * 13 and {t.device.type for t in tensors} == {"meta"}
+    assert {t.dtype for t in tensors} == {torch.bfloat16}
+    assert next(extractor.parameters()).device.type == "cpu"  # the extractor itself is left where it was
+    floor.run(1)

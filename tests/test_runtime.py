@@ -75,3 +75,16 @@ def test_automatic_precision_leaves_a_gpu_run_at_float32(monkeypatch):
 
 def test_amx_detection_answers_a_bool():
     assert isinstance(runtime.cpu_has_amx_bf16(), bool)
+
+
+def test_the_gpu_default_precision_is_one_setting(monkeypatch):
+    from lightning.pytorch.accelerators import CUDAAccelerator
+
+    monkeypatch.setattr(CUDAAccelerator, "is_available", staticmethod(lambda: True))
+    monkeypatch.setattr(runtime, "bf16_is_native_on_gpu", lambda: True)
+    assert runtime.runs_on_cuda("auto") and runtime.runs_on_cuda("gpu") and not runtime.runs_on_cuda("cpu")
+    assert runtime.GPU_PRECISION is None and runtime.automatic_precision("gpu") is None  # until measured
+    monkeypatch.setattr(runtime, "GPU_PRECISION", "bf16-mixed")
+    assert runtime.automatic_precision("gpu") == runtime.automatic_precision("auto") == "bf16-mixed"
+    monkeypatch.setattr(runtime, "bf16_is_native_on_gpu", lambda: False)  # before Ampere: emulated
+    assert runtime.automatic_precision("gpu") is None
