@@ -7,8 +7,11 @@ pass is counted once (in-place layers share their input's), so truncation, pooli
 are whatever the extractor does. Added to them: the gradients in flight during the backward pass, the
 optimiser's state (L-BFGS keeps ``2 * history_size`` image-sized vectors), the targets and the
 weights, and on a CPU the process's own footprint (Python, torch, Lightning), since resident memory is
-what the operating system runs out of. The constants were checked against measured peak RSS at 256
-and 512 px (``benchmarks/memory_check.py`` prints the comparison).
+what the operating system runs out of. Before the optimisation the targets are computed: a forward pass
+over the content and over each style at the style's own size (a small style enlarged past a thin content
+makes this the peak), with the masks, and a coarse-to-fine run's previous scale still held
+(:mod:`nst_lightning.activations` counts both phases). The constants were checked against measured peak
+RSS at 256 and 512 px and with a wide style (``benchmarks/memory_check.py`` prints the comparison).
 """
 
 from __future__ import annotations
