@@ -131,7 +131,7 @@ def target_pass(extractor: FeatureExtractor, height: int, width: int, options: M
         transient, returned = forward_peak(extractor, h, w)
         peak, kept = max(peak, kept + math.ceil(FORWARD_HEAP_SLACK * transient)), kept + returned
         largest = max(largest, returned)
-    if options["style_loss"] != "gram":  # a mean and covariance are taken from a mean-centred copy
+    if options["style_loss"] != "gram":  # a mean-centred copy of a layer's (bounded by all the largest image's)
         peak = max(peak, kept + largest)
     if options["previous"] is not None:  # a coarse-to-fine run's previous scale: its image, optimiser, targets
         previous_width, previous_height = options["previous"]
