@@ -29,6 +29,8 @@ UPSCALE_REPORTED = 2.0
 # Bytes per pixel to prepare one input image: the resized 8-bit RGB image and Pillow's intermediate
 # (it resizes one axis at a time), the float32 tensor, and the extractor's normalised copy of it.
 PREPARE_BYTES_PER_PIXEL = 3 + 3 + 4 * 3 + 4 * 3
+# The same for a mask (one channel): 8-bit in and out of the resize, then float32.
+MASK_BYTES_PER_PIXEL = 1 + 1 + 4
 
 
 @dataclass
@@ -49,10 +51,13 @@ class ImageSource(Protocol):
     """What a module needs of its data: sizes first (nothing resized), then the images at a size."""
 
     image_size: int
+    style_scale: float
+    mask_count: int
+    """The number of style masks (each at the content's size)."""
 
     def content_size(self, size: int | None = None) -> tuple[int, int]: ...
 
-    def style_sizes(self, size: int | None = None) -> list[tuple[int, int]]: ...
+    def style_sizes(self, size: int | None = None, style_scale: float | None = None) -> list[tuple[int, int]]: ...
 
     def inputs(self, size: int | None = None) -> Inputs: ...
 
@@ -84,12 +89,12 @@ def _style_sizes(sources: Sequence[tuple[int, int]], size: int, style_scale: flo
     return [fit_size(*source, side) for source in sources]
 
 
-def input_bytes(content: tuple[int, int], styles: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """Bytes to prepare the input images, (content, styles), from their (width, height) once resized,
-    in the CPU's memory on any device (Pillow resizes there). A lower bound of what a run needs,
-    cheap to compute for any size: the guard against absurd sizes (``data.image_size 1000000000``),
+def input_bytes(content: tuple[int, int], styles: Sequence[tuple[int, int]], masks: int = 0) -> tuple[int, int]:
+    """Bytes to prepare the input images, (content and ``masks`` masks at its size, styles), from their (width,
+    height) once resized, in the CPU's memory on any device (Pillow resizes there). A lower bound of what a run
+    needs, cheap to compute for any size: the guard against absurd sizes (``data.image_size 1000000000``),
     for which :func:`nst_lightning.memory.check_fits` would spend its time looking for a size that fits."""
-    content_bytes = content[0] * content[1] * PREPARE_BYTES_PER_PIXEL
+    content_bytes = content[0] * content[1] * (PREPARE_BYTES_PER_PIXEL + masks * MASK_BYTES_PER_PIXEL)
     style_bytes = sum(w * h * PREPARE_BYTES_PER_PIXEL for w, h in styles)
     return content_bytes, style_bytes
 
@@ -100,16 +105,17 @@ def check_sizes(
     size: int,
     style_scale: float,
     available: int | None = None,
+    masks: int = 0,
 ) -> None:
     """Refuses, before any image is resized, sizes whose images alone would not fit in the memory
     available (``data.image_size 100000``, ``data.style_scale 10000``): the resize itself would
-    otherwise be what runs out (see :func:`input_bytes`). ``content`` and
-    ``styles`` are the images' (width, height) as read. The run's own estimate (``StyleTransfer.setup``)
+    otherwise be what runs out (see :func:`input_bytes`). ``content`` and ``styles`` are the images' (width,
+    height) as read; ``masks`` the number of style masks. The run's own estimate (``StyleTransfer.setup``)
     then applies to the sizes that pass."""
     free = available if available is not None else runtime.available_bytes("cpu")
 
     def needs(side: int) -> tuple[int, int]:
-        return input_bytes(_content_size(content, side), _style_sizes(styles, side, style_scale))
+        return input_bytes(_content_size(content, side), _style_sizes(styles, side, style_scale), masks)
 
     content_bytes, style_bytes = needs(size)
     if free is None or content_bytes + style_bytes <= free:
@@ -138,10 +144,13 @@ def check_sizes(
     )
 
 
-def check_files_fit(*, content: str, style: str | list[str], image_size: int, style_scale: float, **_) -> None:
+def check_files_fit(
+    *, content: str, style: str | list[str], image_size: int, style_scale: float, style_masks: list | None = None, **_
+) -> None:
     """:func:`check_sizes` for the ``data:`` settings, from the files' headers (nothing is decoded)."""
     styles = [style] if isinstance(style, str) else list(style)
-    check_sizes(header_size(content), [header_size(path) for path in styles], image_size, style_scale)
+    masks = len(style_masks or [])
+    check_sizes(header_size(content), [header_size(path) for path in styles], image_size, style_scale, masks=masks)
 
 
 class StyleTransferDataModule(L.LightningDataModule):
@@ -217,19 +226,25 @@ class StyleTransferDataModule(L.LightningDataModule):
             return self._content.size, [img.size for img in self._styles]
         return header_size(self.content), [header_size(path) for path in self.styles]
 
+    @property
+    def mask_count(self) -> int:
+        """The number of style masks."""
+        return len(self.mask_paths or [])
+
     def content_size(self, size: int | None = None) -> tuple[int, int]:
         """(width, height) of the content image (and the output) at longest side ``size`` (default:
         ``image_size``), computed without resizing anything."""
         return _content_size(self._source_sizes()[0], size or self.image_size)
 
-    def style_sizes(self, size: int | None = None) -> list[tuple[int, int]]:
-        """(width, height) of each style image for an output of longest side ``size``."""
-        return _style_sizes(self._source_sizes()[1], size or self.image_size, self.style_scale)
+    def style_sizes(self, size: int | None = None, style_scale: float | None = None) -> list[tuple[int, int]]:
+        """(width, height) of each style image for an output of longest side ``size`` (at ``style_scale``,
+        default: the data module's)."""
+        return _style_sizes(self._source_sizes()[1], size or self.image_size, style_scale or self.style_scale)
 
     def check_sizes(self, size: int | None = None, available: int | None = None) -> None:
         """:func:`check_sizes` for these images at longest side ``size`` (default: ``image_size``)."""
         content, styles = self._source_sizes()
-        check_sizes(content, styles, size or self.image_size, self.style_scale, available)
+        check_sizes(content, styles, size or self.image_size, self.style_scale, available, self.mask_count)
 
     def _report_upscaling(self) -> None:
         """One warning naming the images enlarged by more than :data:`UPSCALE_REPORTED` to reach

@@ -7,21 +7,25 @@ pass is counted once (in-place layers share their input's), so truncation, pooli
 are whatever the extractor does. Added to them: the gradients in flight during the backward pass, the
 optimiser's state (L-BFGS keeps ``2 * history_size`` image-sized vectors), the targets and the
 weights, and on a CPU the process's own footprint (Python, torch, Lightning), since resident memory is
-what the operating system runs out of. The constants were checked against measured peak RSS at 256
-and 512 px (``benchmarks/memory_check.py`` prints the comparison).
+what the operating system runs out of. Before the optimisation the targets are computed: a forward pass
+over the content and over each style at the style's own size (a small style enlarged past a thin content
+makes this the peak), with the masks, and a coarse-to-fine run's previous scale still held
+(:mod:`nst_lightning.activations` counts both phases). The constants were checked against measured peak
+RSS at 256 and 512 px and with a wide style (``benchmarks/memory_check.py`` prints the comparison).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 
 from nst_lightning import runtime
+from nst_lightning.activations import held_between_steps, saved_activations, target_pass
 from nst_lightning.backbones import backbone_spec
 from nst_lightning.checks import CONTENT_LAYERS, LBFGS_HISTORY_SIZE, MIXED_PRECISIONS, STYLE_LAYERS
 from nst_lightning.data import ImageSource
@@ -41,6 +45,17 @@ BACKWARD_ACTIVATIONS = 3
 IMAGENET_FILE_BYTES = {"vgg19": 548 * 2**20, "vgg16": 528 * 2**20}
 
 
+# On a CPU the process's resident memory peaks this much above the largest phase's tensors: freed memory
+# is kept in the heap (``runtime.keep_freed_memory``: no mmap, no trimming), where the holes left by the
+# weights' loading and by earlier, smaller tensors are too small for the next large ones. Measured with
+# ``benchmarks/memory_check.py --quick --wide-style 768`` (2 threads, a CPU build of torch): the peak RSS
+# above the process's own footprint was 1.39 to 1.53 times the tensors counted here.
+CPU_HEAP_SLACK = 1.6
+# Bytes per pixel a video frame's temporal term holds during its run: the warped previous frame
+# (3 x float32) and the reliability mask held, the difference and its square saved for the backward.
+TEMPORAL_BYTES_PER_PIXEL = 4 * (3 + 1 + 3 + 3)
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes, by what holds them. ``total`` is the estimated peak."""
@@ -52,13 +67,23 @@ class MemoryEstimate:
     backward: int
     optimizer: int
     targets: int
+    target_pass: int = 0
+    """The peak while the targets are computed (weights included): every input image at its own size, a
+    forward pass over each (the style's at the style's size), what the coarse-to-fine run's previous
+    scale still holds; for a video frame, also its flow phase."""
+    heap_slack: int = 0
+    """What the allocator's heap takes above the largest phase (on a CPU, see :data:`CPU_HEAP_SLACK`)."""
+
+    @property
+    def largest_phase(self) -> int:
+        # Loading the weights (the file's tensors and the whole backbone) happens before the targets
+        # are computed, and they before the optimisation: the peak is the largest of the three phases.
+        run = self.weights + self.activations + self.backward + self.optimizer + self.targets
+        return max(self.weights_loading, self.target_pass, run)
 
     @property
     def total(self) -> int:
-        # Loading the weights (the file's tensors and the whole backbone) happens before the
-        # optimisation starts and is freed after it: the peak is the larger of the two phases.
-        run = self.weights + self.activations + self.backward + self.optimizer + self.targets
-        return self.runtime + max(self.weights_loading, run)
+        return self.runtime + self.heap_slack + self.largest_phase
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)} | {"total": self.total}
@@ -78,30 +103,6 @@ def _backbone_parameters(backbone: str) -> int:
         return sum(p.numel() for p in backbone_spec(backbone).build().parameters())
 
 
-def saved_activations(extractor: FeatureExtractor, height: int, width: int, activation_bytes: int) -> tuple[int, int]:
-    """(bytes autograd saves for the backward pass, elements of the largest of those tensors) in a forward
-    pass of ``extractor`` (on the meta device) over a ``height`` x ``width`` image whose gradient is
-    wanted, with the activations it returns (which the losses keep). Each tensor counts once;
-    floating-point ones at ``activation_bytes`` per element (2 under mixed precision), integer ones (max
-    pooling's indices) at their own size; the weights not at all."""
-    weights = {id(t) for t in [*extractor.parameters(), *extractor.buffers()]}
-    saved: dict[int, torch.Tensor] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        if id(tensor) not in weights:
-            saved.setdefault(id(tensor), tensor)
-        return tensor
-
-    image = torch.empty(1, 3, height, width, device=extractor.mean.device, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        features = extractor(image)
-    for tensor in features.values():  # the losses keep the activations they compare for their own backward
-        pack(tensor)
-    total = sum(t.numel() * (activation_bytes if t.is_floating_point() else t.element_size()) for t in saved.values())
-    largest = max([3 * height * width, *(t.numel() for t in saved.values())])
-    return total, largest
-
-
 def estimate_peak(
     height: int,
     width: int,
@@ -115,6 +116,12 @@ def estimate_peak(
     precision: str = "32-true",
     weights: str = "imagenet",
     device: str = "cpu",
+    styles: Sequence[tuple[int, int]] | None = None,
+    masks: int = 0,
+    previous: tuple[int, int] | None = None,
+    style_loss: str = "gram",
+    preserve_color: str = "none",
+    temporal: bool = False,
 ) -> MemoryEstimate:
     """The peak memory of a run on a ``height`` x ``width`` image, by component.
 
@@ -127,43 +134,103 @@ def estimate_peak(
         history_size: L-BFGS memory (``lbfgs_history_size``).
         precision: ``32-true``, ``bf16-mixed`` or ``16-mixed`` (activations in 2 bytes).
         device: ``cpu`` (the process's own footprint is added) or ``cuda``.
+        styles: (width, height) of each style image at its scale (default: one of the image's size).
+        masks: the number of style masks (each at the image's size).
+        previous: (width, height) of the image at a coarse-to-fine run's previous scale, if any.
+        style_loss, preserve_color: as in :class:`~nst_lightning.StyleTransfer`.
+        temporal: a video frame (its flows and temporal term).
     """
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got {width}x{height}")
     wanted = tuple(dict.fromkeys([*content_layers, *style_layers]))
     extractor = _shapes_only(wanted, backbone, pooling)
     extractor.check_image_size((width, height))
+    for style in styles or []:
+        extractor.check_image_size(style, "style")
     act = 2 if precision in MIXED_PRECISIONS else 4
     saved, largest = saved_activations(extractor, height, width, act)
     with torch.no_grad():
         features = extractor(torch.empty(1, 3, height, width, device="meta"))
     if act != 4:  # the losses take float32 copies of half-precision activations
         saved += sum(features[name].numel() * 4 for name in wanted)
-    # Targets: activations of a content layer, the Gram matrix of a style layer, and the two images.
-    targets = sum(features[name].numel() for name in content_layers)
-    targets += sum(features[name].shape[1] ** 2 for name in style_layers)
-    pixels = 3 * height * width
-    history = history_size if optimizer == "lbfgs" else 0
-    # The image, its gradient and the optimiser's vectors: L-BFGS keeps 2 * history past steps plus
-    # the flat gradient, the previous one, the direction and a work vector; Adam two moments.
-    vectors = 2 + (2 * history + 4 if optimizer == "lbfgs" else 3)
+    # With masks, each style layer's activations times each mask are saved (float32).
+    saved += masks * sum(features[name].numel() * 4 for name in style_layers)
+    options = {
+        "optimizer": optimizer, "history_size": history_size if optimizer == "lbfgs" else 0, "style_loss": style_loss,
+        "content_layers": content_layers, "style_layers": style_layers, "masks": masks, "styles": styles,
+        "previous": previous, "preserve_color": preserve_color, "temporal": temporal,
+    }  # fmt: skip
+    optimizer_bytes, target_bytes = held_between_steps(extractor, height, width, options)
     params = sum(p.numel() for p in extractor.parameters())
     file = IMAGENET_FILE_BYTES.get(backbone, 0) if weights == "imagenet" else 0 if weights == "random" else None
     loading = (_backbone_parameters(backbone) + params) * 4 + (file_bytes(weights) if file is None else file)
-    return MemoryEstimate(
+    temporal_bytes = TEMPORAL_BYTES_PER_PIXEL * height * width if temporal else 0
+    estimate = MemoryEstimate(
         runtime=CPU_RUNTIME_BYTES if device == "cpu" else 0,
         weights=params * 4,
         weights_loading=loading,
-        activations=saved,
+        activations=saved + temporal_bytes,
         backward=BACKWARD_ACTIVATIONS * largest * 4,
-        optimizer=vectors * pixels * 4,
-        targets=(targets + 2 * pixels) * 4,  # plus the content and style images
+        optimizer=optimizer_bytes,
+        targets=target_bytes,
+        target_pass=params * 4 + target_pass(extractor, height, width, options),
     )
+    if device != "cpu":
+        return estimate
+    return replace(estimate, heap_slack=math.ceil((CPU_HEAP_SLACK - 1) * estimate.largest_phase))
 
 
 def estimate_peak_bytes(height: int, width: int, **kwargs) -> int:
     """The estimated peak memory of a run in bytes (see :func:`estimate_peak` for the arguments)."""
     return estimate_peak(height, width, **kwargs).total
+
+
+def _largest_fitting(estimate_at: Callable[[int], MemoryEstimate], steps: int, free: int) -> int | None:
+    """The largest ``k`` below ``steps`` whose run (``estimate_at(k)``, growing with ``k``) fits in ``free``
+    bytes, by bisection; None if none does. A run too small for the deepest layer fits nowhere below."""
+
+    @functools.cache
+    def fits(k: int) -> bool | None:  # None: too small for the deepest layer
+        try:
+            estimate = estimate_at(k)
+        except ConfigError:
+            return None
+        return estimate.total - estimate.runtime <= free
+
+    low, high = 0, steps  # fits(k) is not False for every k <= low (k = 0: nothing), False from high on
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) is not False else (low, middle)
+    return low if low > 0 and fits(low) else None
+
+
+def _refuse_unless_fits(
+    estimate: MemoryEstimate,
+    what: str,
+    available: int | None,
+    device: str,
+    history_size: int,
+    fixes: Sequence[tuple[str, Callable[[int], MemoryEstimate], int, Callable[[int], float]]],
+) -> MemoryEstimate:
+    """``estimate`` if it fits in ``available`` bytes (default: what :func:`~nst_lightning.runtime.available_bytes`
+    reports for ``device``), else :class:`ConfigError` naming, for each of ``fixes`` (a key, the estimate at
+    step ``k``, the number of steps, the key's value at step ``k``), the largest value that fits. On a CPU
+    the process's own footprint is already resident: it is subtracted before the comparison."""
+    free = available if available is not None else runtime.available_bytes(device)
+    need = estimate.total - estimate.runtime
+    if free is None or need <= free:
+        return estimate
+    tries = []
+    for key, estimate_at, steps, value in fixes:
+        k = _largest_fitting(estimate_at, steps, free)
+        if k is not None:
+            tries.append(f"{key} {value(k):g}")
+    hint = f"try {' or '.join(tries)}" if tries else "no image size fits: free memory first"
+    gib = 2**30
+    raise ConfigError(
+        f"{what} needs about {need / gib:.1f} GiB but {free / gib:.1f} GiB is available on {device}: {hint}, "
+        f"or lower model.lbfgs_history_size ({history_size})"
+    )
 
 
 def check_fits(
@@ -174,40 +241,23 @@ def check_fits(
     **kwargs,
 ) -> MemoryEstimate:
     """Raises :class:`ConfigError` (with the largest image size that would fit) if a run on a
-    ``height`` x ``width`` image is estimated not to fit in ``available`` bytes (default: what
-    :func:`~nst_lightning.runtime.available_bytes` reports for ``device``). Returns the estimate otherwise.
-
-    On a CPU the estimate includes this process's own footprint, which is already resident, so it is
-    subtracted before the comparison with the memory still available.
-    """
-    device = kwargs.get("device", "cpu")
-    estimate = estimate_peak(height, width, **kwargs)
-    free = available if available is not None else runtime.available_bytes(device)
-    if free is None:
-        return estimate
-    need = estimate.total - estimate.runtime
-    if need <= free:
-        return estimate
+    ``height`` x ``width`` image (``kwargs``: :func:`estimate_peak`'s, without ``styles`` and ``previous``)
+    is estimated not to fit in ``available`` bytes (default: what :func:`~nst_lightning.runtime.available_bytes`
+    reports for ``device``). Returns the estimate otherwise."""
     longest = max(height, width)
-    suggestion = None
-    for side in range(longest - 16 - longest % 16, 15, -16):
-        scale = side / longest
-        h, w = max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
-        try:
-            smaller = estimate_peak(h, w, **kwargs)
-        except ConfigError:  # too small for the deepest layer
-            break
-        if smaller.total - smaller.runtime <= free:
-            suggestion = side
-            break
-    hint = f"try data.image_size {suggestion}" if suggestion else "no image size fits: free memory first"
-    gib = 2**30
-    raise ConfigError(
-        f"a {width}x{height} px run needs about {need / gib:.1f} GiB but {free / gib:.1f} GiB is available "
-        f"on {device}: {hint}, or lower model.lbfgs_history_size ({kwargs.get('history_size', LBFGS_HISTORY_SIZE)})"
-    )
+
+    def estimate_at(k: int) -> MemoryEstimate:  # longest side 16 k
+        scale = 16 * k / longest
+        return estimate_peak(max(1, math.floor(height * scale)), max(1, math.floor(width * scale)), **kwargs)
+
+    return _refuse_unless_fits(
+        estimate_peak(height, width, **kwargs), f"a {width}x{height} px run", available, kwargs.get("device", "cpu"),
+        kwargs.get("history_size", LBFGS_HISTORY_SIZE), [("data.image_size", estimate_at, -(-longest // 16), _16)],
+    )  # fmt: skip
 
 
+def _16(k: int) -> int:
+    return 16 * k
 
 
 def check_run(
@@ -217,20 +267,40 @@ def check_run(
     settings: Mapping[str, Any],
     precision: str,
     device: str,
+    *,
+    temporal: bool = False,
+    available: int | None = None,
 ) -> MemoryEstimate:
     """Before any image is resized (a resize to an absurd size would itself be what runs out of memory):
     each image at the first of ``sizes`` gives the deepest layer a pixel, and a run with ``settings`` (a
-    ``StyleTransfer``'s hyper-parameters) at the last size fits in the memory free on ``device``."""
+    ``StyleTransfer``'s hyper-parameters) at the last size fits in the memory free on ``device``: the
+    content, every style at its own size, the masks, the previous scale of a coarse-to-fine run, and for a
+    video frame (``temporal``) its flows and temporal term. A refusal names the largest ``data.image_size``
+    that fits, and where a style image is larger than the content, the largest ``data.style_scale``."""
     extractor.check_image_size(images.content_size(sizes[0]))
     for style in images.style_sizes(sizes[0]):
         extractor.check_image_size(style, "style")
-    width, height = images.content_size(sizes[-1])
-    names = ("content_layers", "style_layers", "backbone", "pooling", "optimizer", "weights")
-    return check_fits(
-        height,
-        width,
-        **{name: settings[name] for name in names},
-        history_size=settings["lbfgs_history_size"],
-        precision=precision,
-        device=device,
-    )
+    names = ("content_layers", "style_layers", "backbone", "pooling", "optimizer", "weights", "style_loss")
+    options = {name: settings[name] for name in names}
+    options |= {"history_size": settings["lbfgs_history_size"], "preserve_color": settings["preserve_color"]}
+    options |= {"precision": precision, "device": device, "masks": images.mask_count, "temporal": temporal}
+    size = sizes[-1]
+
+    def run_at(side: int, style_scale: float | None = None) -> MemoryEstimate:
+        """The run at longest side ``side`` (the coarse-to-fine scales shrunk with it)."""
+        width, height = images.content_size(side)
+        previous = images.content_size(max(1, round(sizes[-2] * side / size))) if len(sizes) > 1 else None
+        styles = images.style_sizes(side, style_scale)
+        return estimate_peak(height, width, styles=styles, previous=previous, **options)
+
+    width, height = images.content_size(size)
+    styles = images.style_sizes(size)
+    biggest = max(styles, key=lambda wh: wh[0] * wh[1]) if styles else (0, 0)
+    what = f"a {width}x{height} px run"
+    fixes = [("data.image_size", lambda k: run_at(16 * k), -(-size // 16), _16)]
+    if biggest[0] * biggest[1] > width * height:
+        what += f" with a {biggest[0]}x{biggest[1]} px style image"
+        # style_scale in hundredths, below the one set
+        hundredths = math.ceil(images.style_scale * 100)
+        fixes.append(("data.style_scale", lambda k: run_at(size, k / 100), hundredths, lambda k: k / 100))
+    return _refuse_unless_fits(run_at(size), what, available, device, options["history_size"], fixes)

@@ -78,6 +78,7 @@ def test_time_to_quality_judges_every_run_by_the_final_size_objective_in_miniatu
         ("speed.py", ["--sizes", "48", "--repeats", "1", "--steps", "1", "--compile", "off", "--whole-run", "off",
                       "--wait-quiet", "0", "--precision", "32-true"], "relative difference 0.0e+00"),
         ("memory_check.py", ["--memory-child", "48", "2", "2"], '"estimate_mib"'),
+        ("memory_check.py", ["--wide-style-child", "64", "2"], '"content_only_estimate_mib"'),
         ("gpu_precision.py", [], "skipped: no CUDA device"),
         ("gpu.py", ["--weights", "random", "--sizes", "32", "--steps", "2", "--floor-repeats", "1"],
          "| 32 (24x32) | tutorial loop | 32-true |"),

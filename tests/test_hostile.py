@@ -60,6 +60,10 @@ def _must_not_load(*args, **kwargs):
     raise AssertionError("the backbone weights were loaded although the run was refused")
 
 
+def _must_not_resize(*args, **kwargs):
+    raise AssertionError("an image was resized although the run was refused")
+
+
 def one_line(capsys, args: list[str], message: str, code: int = 1) -> str:
     """Runs the command, which must end with ``code`` and one error line containing ``message``."""
     with pytest.raises(SystemExit) as exit_info:
@@ -368,6 +372,23 @@ def test_absurd_sizes_are_refused_before_anything_is_allocated(tmp_path, images,
     monkeypatch.setattr("nst_lightning.runtime.available_bytes", lambda device="cpu": 8 * 2**30)
     monkeypatch.setattr("nst_lightning.features.load_backbone", _must_not_load)
     one_line(capsys, fit(write_config(tmp_path, images), *args), message)
+
+
+def test_a_small_style_enlarged_past_a_thin_content_is_refused_before_it_is_resized(tmp_path, capsys, monkeypatch):
+    # A 1024x16 photo and a 32x24 painting at --size 1024: the painting becomes 1024x768, whose forward pass
+    # (for the targets) is the run's peak. The content's estimate alone fits; the run is refused all the same.
+    from nst_lightning.memory import check_fits
+
+    thin, style = make_image(tmp_path / "thin.png", 1024, 16), make_image(tmp_path / "style.png", 32, 24)
+    free = 512 * 2**20
+    assert check_fits(16, 1024, weights="random", available=free)
+    monkeypatch.setattr("nst_lightning.runtime.available_bytes", lambda device="cpu": free)
+    monkeypatch.setattr("nst_lightning.data.resized", _must_not_resize)
+    out = tmp_path / "out.png"
+    args = [str(thin), str(style), "-o", str(out), "--size", "1024", "--weights", "random", "--device", "cpu"]
+    line = one_line(capsys, args, "a 1024x16 px run with a 1024x768 px style image needs about")
+    assert 0 < float(line.split("try data.style_scale ")[1].split(",")[0]) < 1
+    assert not out.exists()
 
 
 def test_the_datamodule_checks_before_it_resizes(images, monkeypatch):

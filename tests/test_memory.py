@@ -83,3 +83,79 @@ def test_the_activations_are_those_of_the_real_extractor():
     full, _ = saved_activations(shapes, 40, 56, 4)
     half, _ = saved_activations(shapes, 40, 56, 2)
     assert full / 2 < half < full
+
+
+def test_every_tensor_of_the_run_is_counted():
+    # Each of these holds memory the content's image size alone does not tell.
+    plain = estimate_peak(192, 256, weights="random")
+    for kwargs, parts in (
+        ({"styles": [(1024, 768)]}, ["target_pass"]),  # a style at its own scale: its forward pass for the targets
+        ({"styles": [(256, 192), (256, 192)]}, ["target_pass"]),  # a second style
+        ({"masks": 2, "styles": [(256, 192), (256, 192)]}, ["target_pass", "targets", "activations"]),
+        ({"previous": (128, 96)}, ["target_pass"]),  # coarse to fine: the previous scale's state meanwhile
+        ({"temporal": True}, ["target_pass", "activations"]),  # a video frame: the warped frame, its mask, flows
+        ({"preserve_color": "histogram"}, ["target_pass"]),  # the recoloured styles
+    ):
+        estimate = estimate_peak(192, 256, weights="random", **kwargs)
+        assert all(getattr(estimate, part) > getattr(plain, part) for part in parts), kwargs
+        assert estimate.total >= plain.total, kwargs
+    # A style with 16 times the content's pixels: computing the targets, not the optimisation, is the peak.
+    wide = estimate_peak(192, 256, weights="random", styles=[(1024, 768)])
+    assert wide.target_pass > wide.largest_phase - 1 and wide.target_pass > 4 * plain.target_pass
+    assert wide.optimizer == plain.optimizer and wide.activations == plain.activations
+    with pytest.raises(ConfigError, match="the style image is 64x8 px"):
+        estimate_peak(192, 256, weights="random", styles=[(64, 8)])
+
+
+def test_the_forward_pass_without_gradients_holds_a_layers_input_output_and_what_it_returns():
+    import torch
+
+    from nst_lightning.activations import forward_peak
+    from nst_lightning.features import FeatureExtractor
+
+    with torch.device("meta"):
+        extractor = FeatureExtractor(["relu1_1", "relu2_1"], weights=None)
+    peak, returned = forward_peak(extractor, 64, 64)
+    relu1_1, relu2_1 = 64 * 64 * 64 * 4, 128 * 32 * 32 * 4
+    assert returned == relu1_1 + relu2_1
+    # At conv1_2: relu1_1 (kept) and conv1_2's output; then max pooling's output while conv1_2's lives.
+    assert peak == 2 * relu1_1 + relu1_1 // 4
+
+
+def test_a_refusal_for_a_large_style_names_a_style_scale_that_fits(tmp_path):
+    # A 1024x16 content with a 32x24 style enlarged to 1024x768: no smaller data.image_size keeps the content
+    # 16 px high for relu5_1, so the refusal names the largest data.style_scale that fits, and that one does.
+    import re
+    import warnings
+
+    from nst_lightning import StyleTransfer, StyleTransferDataModule
+    from nst_lightning.memory import check_run
+    from tests.conftest import make_image
+
+    thin, style = make_image(tmp_path / "thin.png", 1024, 16), make_image(tmp_path / "style.png", 32, 24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = StyleTransfer(weights="random")
+    extractor, settings, free = module.objective.extractor, module.hparams, 512 * MIB
+
+    def check(style_scale: float):
+        data = StyleTransferDataModule(str(thin), str(style), image_size=1024, style_scale=style_scale)
+        return check_run(data, [1024], extractor, settings, "32-true", "cpu", available=free)
+
+    assert check_fits(16, 1024, weights="random", available=free)  # the content alone would pass
+    with pytest.raises(ConfigError, match=r"^a 1024x16 px run with a 1024x768 px style image needs") as err:
+        check(1.0)
+    found = re.search(r"try data\.style_scale ([\d.]+), or lower", str(err.value))
+    assert found and "data.image_size" not in str(err.value)
+    scale = float(found.group(1))
+    assert 0 < scale < 1
+    check(scale)
+    with pytest.raises(ConfigError):
+        check(scale + 0.01)
+
+
+def test_masks_count_in_the_images_prepared():
+    from nst_lightning.data import input_bytes
+
+    assert input_bytes((100, 50), [(40, 40)], masks=2)[0] > input_bytes((100, 50), [(40, 40)])[0]
+    assert input_bytes((100, 50), [(40, 40)], masks=2)[1] == input_bytes((100, 50), [(40, 40)])[1]

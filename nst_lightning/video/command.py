@@ -236,7 +236,8 @@ def _run(args, rest, info, size, work, output: Path, kind: str, resuming: bool, 
     first = StyleTransferDataModule(**{**data, "content": str(work.input(0))})
     precision = str(trainer["precision"] or "32-true")
     device = "cuda" if trainer["accelerator"] in ("gpu", "cuda") else "cpu"
-    check_run(first, [side], module.objective.extractor, module.hparams, precision, device)
+    extractor, temporal = module.objective.extractor, not args.independent
+    check_run(first, [side], extractor, module.hparams, precision, device, temporal=temporal)
     if len(layout) == 1:
         results, resumed = _segment(module, plan, work, layout[0], 0, 1, resuming)
     else:
