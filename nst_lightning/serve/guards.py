@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 ANY_HOST = "*"
 # An absolute POSIX path in a message (not part of a URL, a ratio or a word): shown by its last part only.
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/[^\s'\"`,;()<>\[\]{}|]+")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~>-])/[^\s'\"`,;()<>\[\]{}|]+")
 
 
 class Scrubber:

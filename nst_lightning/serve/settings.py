@@ -31,7 +31,7 @@ SEED_RANGE = (0, 2**32 - 1)
 """What numpy takes as a seed (Lightning's seed_everything seeds numpy too)."""
 INT64 = 2**63 - 1
 DEFAULT_IMAGE_SIZE = 512
-_KEY_IN_MESSAGE = re.compile(r"\b((?:data|model|trainer|guard|output)\.[A-Za-z_][\w.\[\]]*)")
+_KEY_IN_MESSAGE = re.compile(r"\b((?:data|model|trainer|guard|output)\.[A-Za-z_][\w.\[\]]*|seed_everything)")
 _VALIDATE = threading.RLock()  # one LightningCLI parse at a time (it sets the global seed)
 
 
@@ -62,11 +62,19 @@ def may_set(key: str) -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def known_keys() -> frozenset[str]:
-    """The keys of ``fit``'s parser that a job may set, exactly as spelled there (no prefixes, no ``key+``)."""
+def known_keys() -> dict[str, str]:
+    """The keys of ``fit``'s parser that a job may set, exactly as spelled there (no prefixes, no ``key+``), each
+    with its type as text."""
+    found: dict[str, str] = {}
+
+    def collect(cli: Any) -> None:
+        for action in cli.parser._actions:  # the parser's own options, flat (dotted names)
+            if may_set(action.dest) and hasattr(action, "_typehint"):
+                found[action.dest] = str(action._typehint)
+
     with _VALIDATE:
-        config = _parse(["--data.content=x.png", "--data.style=x.png"], check=False)
-    return frozenset(key for key in config.keys() if may_set(key))
+        _parse(["--data.content=x.png", "--data.style=x.png"], check=False, hook=collect)
+    return found
 
 
 def _check_value(key: str, value: Any) -> None:
@@ -119,6 +127,8 @@ def settings_arguments(settings: Mapping[str, Any], weights: Mapping[str, str]) 
         if key not in known_keys():
             raise SettingsError(f"{key}: unrecognized setting (nst-lightning fit --help lists every key)", key)
         _check_value(key, value)
+        if isinstance(value, list) and not any(kind in known_keys()[key] for kind in ("list", "Sequence")):
+            raise SettingsError(f"{key} takes one value, not a list", key)
         if key == "model.weights":
             if not isinstance(value, str) or value not in weights:
                 raise SettingsError(f"model.weights {value!r} is not offered here: choose {', '.join(weights)}", key)
@@ -171,7 +181,7 @@ def _key_of(message: str) -> str | None:
 
 def _parse(arguments: list[str], check: bool = True, hook: Callable[[Any], None] | None = None) -> Any:
     """``fit``'s ``arguments`` parsed by the command line's parser (option names as spelled, no prefixes), then
-    ``hook`` on the parsed configuration, then (``check``) the command line's checks; returns the configuration.
+    ``hook`` on the CLI (its ``config`` parsed), then (``check``) the command line's checks; returns the configuration.
     Raises :class:`SettingsError` with the command line's own message and the key it names."""
     from nst_lightning.cli import StyleTransferCLI
     from nst_lightning.runtime import quiet_lightning
@@ -182,7 +192,7 @@ def _parse(arguments: list[str], check: bool = True, hook: Callable[[Any], None]
     class _ParseOnly(StyleTransferCLI):
         def before_instantiate_classes(self) -> None:
             if hook is not None:
-                hook(self.config)
+                hook(self)
             if check:
                 super().before_instantiate_classes()
             raise _Parsed(self.config)
@@ -235,7 +245,7 @@ def validate(arguments: list[str], server_arguments: list[str], weights: Mapping
 
     with _VALIDATE:  # one LightningCLI parse at a time (it sets the global seed)
         server = _parse(server_arguments, check=False)
-        config = _parse(arguments, hook=lambda parsed: _confine(server, parsed, weights))
+        config = _parse(arguments, hook=lambda cli: _confine(server, cli.config, weights))
     return {
         "model": checks.plain(config.model.as_dict()),
         "data": checks.plain(config.data.as_dict()),
