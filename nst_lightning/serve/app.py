@@ -64,6 +64,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.decodes = asyncio.Semaphore(await run_in_threadpool(decode_slots))
+        await run_in_threadpool(settings.known_keys)  # the parser's keys, read once (not in a request)
         await run_in_threadpool(store.recover)
         state.workers.extend(jobs.device_workers(store))
         for worker in state.workers:
