@@ -168,14 +168,15 @@ def _opened(path: Path) -> Iterator[Image.Image]:
         raise ImageError(f"cannot read image {path}: {detail} (is the file complete and a valid image?)") from None
 
 
-def open_rgb(path: str | os.PathLike) -> Image.Image:
+def open_rgb(path: str | os.PathLike, draft: int | None = None) -> Image.Image:
     """Read an image file as an upright 8-bit sRGB Pillow image.
 
     EXIF orientation is applied; an embedded ICC profile is converted to sRGB; greyscale, palette,
     alpha, CMYK and 16-bit images are converted; for an animated file the first frame is used (with a
     warning). Only regular files are opened (a FIFO or a device is refused before it can block).
     Images over :func:`max_image_pixels` are refused before they are decoded (decompression bombs).
-    Any file Pillow cannot decode gives an :class:`ImageError`.
+    Any file Pillow cannot decode gives an :class:`ImageError`. With ``draft``, a format that can decode at a
+    reduced scale (JPEG) does, keeping at least ``draft`` pixels on each side (less memory for a large file).
     """
     path = Path(path)
     with _opened(path) as img:
@@ -183,6 +184,8 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
         if frames > 1:
             warnings.warn(f"{path} is animated ({frames} frames): using the first frame", stacklevel=2)
             img.seek(0)
+        if draft is not None:
+            img.draft(img.mode, (draft, draft))
         img.load()
         icc = img.info.get("icc_profile")
         img = ImageOps.exif_transpose(img)

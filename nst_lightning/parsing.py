@@ -13,6 +13,9 @@ from lightning.pytorch.cli import LightningArgumentParser
 from nst_lightning.checks import InputPath
 from nst_lightning.errors import EXIT_USAGE
 
+SEED_MAX = 2**32 - 1
+"""The largest seed numpy takes (``seed_everything`` seeds numpy too)."""
+
 
 def absolute_paths(value: Any) -> Any:
     """``value`` with every :data:`~nst_lightning.checks.InputPath` jsonargparse parsed (relative to the config
@@ -32,6 +35,16 @@ def absolute_paths(value: Any) -> Any:
 class StyleTransferArgumentParser(LightningArgumentParser):
     """Reports a bad command line or config file (an unknown key, a wrong type) as one line; the usage
     text that argparse would print first is one ``--help`` away."""
+
+    def parse_args(self, *args: Any, **kwargs: Any) -> Namespace:
+        """jsonargparse's parse, then ``seed_everything`` within numpy's range (Lightning raises a bare ValueError)."""
+        config = super().parse_args(*args, **kwargs)
+        command = config.get("subcommand") if isinstance(config, Namespace) else None
+        seed = config.get(f"{command}.seed_everything" if command else "seed_everything")
+        if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed <= SEED_MAX:
+            self.error(f"seed_everything must be a whole number from 0 to {SEED_MAX} (or true for a random one), "
+                       f"got {seed}")  # fmt: skip
+        return config
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):

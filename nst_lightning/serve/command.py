@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ipaddress
+import math
 import socket
 import sys
 from pathlib import Path
@@ -21,14 +22,40 @@ def parser() -> argparse.ArgumentParser:
         description="A web page and JSON API for style transfer jobs (see the README's Web app section).",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (8000)")
+    p.add_argument("--port", type=port_number, default=8000, help="port to listen on, 0 to 65535 (8000)")
     p.add_argument(
         "--data", default=DEFAULT_DATA, help=f"folder of the jobs, their files and the job store ({DEFAULT_DATA})"
     )
     p.add_argument("--token", help="require this token on every API call (set it when other machines can connect)")
-    p.add_argument("--max-upload-mb", type=float, default=25.0, help="largest image file taken, in MB (25)")
+    p.add_argument("--max-upload-mb", type=megabytes, default=25.0, help="largest image file taken, in MB (25)")
     p.add_argument("--weights-dir", help="folder of weight files offered to jobs (<data>/weights)")
+    p.add_argument(
+        "--allowed-host", action="append", default=[], metavar="NAME",
+        help="a name the server answers to besides IP addresses and localhost (repeatable; '*': any)",
+    )  # fmt: skip
     return p
+
+
+def port_number(text: str) -> int:
+    """``--port``: a whole number from 0 to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: give a number from 0 to 65535")
+    return value
+
+
+def megabytes(text: str) -> float:
+    """``--max-upload-mb``: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give a number of MB above 0, such as 25")
+    return value
 
 
 def _is_loopback(host: str) -> bool:
@@ -56,7 +83,8 @@ def serve_main(argv: list[str]) -> None:
     data = Path(args.data)
     try:
         data.mkdir(parents=True, exist_ok=True)
-        app = create_app(data, token=args.token, max_upload_mb=args.max_upload_mb, weights_dir=args.weights_dir)
+        app = create_app(data, token=args.token, max_upload_mb=args.max_upload_mb, weights_dir=args.weights_dir,
+                         allowed_hosts=[args.host, *args.allowed_host])  # fmt: skip
     except OSError as err:
         sys.stderr.write(f"nst-lightning: error: cannot use --data {data}: {err.strerror or err}\n")
         raise SystemExit(1) from None

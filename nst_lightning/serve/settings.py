@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
+import os
 import re
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +24,15 @@ TOP_KEYS = ("seed_everything",)
 SERVER_KEYS = ("data.content", "data.style", "data.style_masks")
 """Keys under :data:`SECTIONS` that the server sets from the uploads."""
 NAMED_WEIGHTS = ("imagenet", "random")
-_KEY_IN_MESSAGE = re.compile(r"\b((?:data|model|trainer|guard|output)\.[A-Za-z_][\w.\[\]]*)")
-_VALIDATE = threading.Lock()  # one LightningCLI parse at a time (it sets the global seed)
+INITS = ("content", "style", "noise")
+"""``model.init`` without a file (:data:`nst_lightning.checks.INITS`)."""
+SEED_KEYS = ("seed_everything", "model.seed")
+SEED_RANGE = (0, 2**32 - 1)
+"""What numpy takes as a seed (Lightning's seed_everything seeds numpy too)."""
+INT64 = 2**63 - 1
+DEFAULT_IMAGE_SIZE = 512
+_KEY_IN_MESSAGE = re.compile(r"\b((?:data|model|trainer|guard|output)\.[A-Za-z_][\w.\[\]]*|seed_everything)")
+_VALIDATE = threading.RLock()  # one LightningCLI parse at a time (it sets the global seed)
 
 
 class SettingsError(NSTError):
@@ -45,44 +55,101 @@ def flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _plain_value(key: str, value: Any) -> str:
-    """The command-line text of one value: scalars and lists of scalars only (no class paths, no objects)."""
+def may_set(key: str) -> bool:
+    """Whether a job may set ``key`` (a parsed key, such as ``model.style_weight``)."""
+    section = key.split(".", 1)[0]
+    return (section in SECTIONS and "." in key and key not in SERVER_KEYS) or key in TRAINER_KEYS or key in TOP_KEYS
+
+
+@functools.lru_cache(maxsize=1)
+def known_keys() -> dict[str, str]:
+    """The keys of ``fit``'s parser that a job may set, exactly as spelled there (no prefixes, no ``key+``), each
+    with its type as text."""
+    found: dict[str, str] = {}
+
+    def collect(cli: Any) -> None:
+        for action in cli.parser._actions:  # the parser's own options, flat (dotted names)
+            if may_set(action.dest) and hasattr(action, "_typehint"):
+                found[action.dest] = str(action._typehint)
+
+    with _VALIDATE:
+        _parse(["--data.content=x.png", "--data.style=x.png"], check=False, hook=collect)
+    return found
+
+
+def _check_value(key: str, value: Any) -> None:
+    """A value of the client's JSON: a scalar or a list of scalars; integers within 64 bits; finite numbers."""
     items = value if isinstance(value, list) else [value]
     if any(isinstance(item, (Mapping, list)) for item in items):
         raise SettingsError(f"{key} takes a number, a string or a list of them, not an object", key)
-    if isinstance(value, str):
-        return value
-    return json.dumps(value)
+    for item in items:
+        if isinstance(item, int) and not isinstance(item, bool) and not -INT64 <= item <= INT64:
+            raise SettingsError(f"{key}: {item} is out of range (a whole number within 64 bits)", key)
+        if isinstance(item, float) and not math.isfinite(item):
+            raise SettingsError(f"{key}: {item} is not a finite number", key)
+
+
+def _check_seed(key: str, value: Any) -> None:
+    if isinstance(value, bool) and key == "seed_everything":
+        return  # true: a random seed, false: none
+    if isinstance(value, bool) or not isinstance(value, int) or not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        raise SettingsError(f"{key} must be a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {value!r}",
+                            key)  # fmt: skip
+
+
+def _plain_value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def settings_arguments(settings: Mapping[str, Any], weights: Mapping[str, str]) -> list[str]:
     """``fit``'s dotted flags for a job's ``settings`` (config keys, nested or dotted). ``weights`` maps the
     names the server offers for ``model.weights`` to what the run gets (a name, or a file of the server's).
 
-    Raises :class:`SettingsError` naming the key for one the server sets itself or does not offer; whether a
-    value fits its key is left to :func:`validate`, which runs the command line's own parser and checks."""
+    Raises :class:`SettingsError` naming the key for one the server sets itself, does not offer, or that is not
+    spelled as the parser spells it; a value of the wrong kind (an object, an integer beyond 64 bits, a seed out
+    of range). Whether a value fits its key is left to :func:`validate`, which runs the command line's own parser
+    and checks, and compares what it parsed with the server's own settings."""
     if not isinstance(settings, Mapping):
         raise SettingsError('settings must be a JSON object of config keys, such as {"data": {"image_size": 256}}')
     arguments = []
     for key, value in flatten(settings).items():
-        section = key.split(".", 1)[0]
-        allowed = (section in SECTIONS and "." in key) or key in TRAINER_KEYS or key in TOP_KEYS
-        if key in SERVER_KEYS or section == "output":
+        bare = key.rstrip("+")
+        if bare in SERVER_KEYS or key.split(".", 1)[0] == "output":
             raise SettingsError(f"{key} is set by the server from the uploads: leave it out of the settings", key)
-        if not allowed:
+        if not may_set(bare):
             raise SettingsError(
                 f"{key} is not a setting a job can change: use data.*, model.*, guard.*, "
                 f"{', '.join(TRAINER_KEYS)} or seed_everything",
                 key,
             )
+        if key != bare:
+            raise SettingsError(f"{key}: the append form is not taken here: send the whole list as {bare}", key)
+        if key not in known_keys():
+            raise SettingsError(f"{key}: unrecognized setting (nst-lightning fit --help lists every key)", key)
+        _check_value(key, value)
+        if isinstance(value, list) and not any(kind in known_keys()[key] for kind in ("list", "Sequence")):
+            raise SettingsError(f"{key} takes one value, not a list", key)
         if key == "model.weights":
-            if value not in weights:
+            if not isinstance(value, str) or value not in weights:
                 raise SettingsError(f"model.weights {value!r} is not offered here: choose {', '.join(weights)}", key)
             value = weights[value]
-        if key == "model.init" and value not in ("content", "style", "noise"):
+        if key == "model.init" and value not in INITS:
             raise SettingsError("model.init must be content, style or noise (a file cannot be given here)", key)
-        arguments.append(f"--{key}={_plain_value(key, value)}")
+        if key in SEED_KEYS:
+            _check_seed(key, value)
+        arguments.append(f"--{key}={_plain_value(value)}")
     return arguments
+
+
+def longest_side(settings: Mapping[str, Any]) -> int | None:
+    """The most pixels on an image's longest side that a job of these settings uses (``data.image_size`` times
+    ``data.style_scale`` where it is over 1); None where the settings do not say it plainly."""
+    flat = flatten(settings) if isinstance(settings, Mapping) else {}
+    size, scale = flat.get("data.image_size", DEFAULT_IMAGE_SIZE), flat.get("data.style_scale", 1.0)
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (size, scale))
+    if not numbers or not (1 <= size <= 1e5 and 0 < scale <= 1e3):
+        return None
+    return math.ceil(size * max(1.0, scale))
 
 
 def fit_arguments(
@@ -112,11 +179,10 @@ def _key_of(message: str) -> str | None:
     return found.group(1).rstrip(".:") if found else None
 
 
-def validate(arguments: list[str]) -> dict[str, Any]:
-    """Parses ``fit``'s ``arguments`` and runs the command line's checks on them, as ``nst-lightning fit`` would
-    before it loads anything; returns the parsed settings (model, data, trainer.max_steps) as plain values.
+def _parse(arguments: list[str], check: bool = True, hook: Callable[[Any], None] | None = None) -> Any:
+    """``fit``'s ``arguments`` parsed by the command line's parser (option names as spelled, no prefixes), then
+    ``hook`` on the CLI (its ``config`` parsed), then (``check``) the command line's checks; returns the configuration.
     Raises :class:`SettingsError` with the command line's own message and the key it names."""
-    from nst_lightning import checks
     from nst_lightning.cli import StyleTransferCLI
     from nst_lightning.runtime import quiet_lightning
 
@@ -125,25 +191,63 @@ def validate(arguments: list[str]) -> dict[str, Any]:
 
     class _ParseOnly(StyleTransferCLI):
         def before_instantiate_classes(self) -> None:
-            super().before_instantiate_classes()
+            if hook is not None:
+                hook(self)
+            if check:
+                super().before_instantiate_classes()
             raise _Parsed(self.config)
 
     args = [arg for arg in arguments if arg != "fit"]
     try:
-        with _VALIDATE, quiet_lightning(), warnings.catch_warnings():
+        with quiet_lightning(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _ParseOnly(args=args, run=False, parser_kwargs={"exit_on_error": False})
+            _ParseOnly(args=args, run=False, parser_kwargs={"exit_on_error": False, "allow_abbrev": False})
     except _Parsed as parsed:
-        config = parsed.args[0]
-        return {
-            "model": checks.plain(config.model.as_dict()),
-            "data": checks.plain(config.data.as_dict()),
-            "max_steps": config.trainer.max_steps,
-        }
+        return parsed.args[0]
     except argparse.ArgumentError as err:
         message = " ".join(str(err).split())
         raise SettingsError(message, _key_of(message)) from None
-    except NSTError as err:
-        message = str(err)
-        raise SettingsError(message, _key_of(message)) from None
+    except (NSTError, ValueError, TypeError, OverflowError) as err:  # ValueError: a seed numpy refuses
+        message = " ".join(str(err).split()) or type(err).__name__
+        raise SettingsError(message, getattr(err, "key", None) or _key_of(message)) from None
     raise SettingsError("the settings could not be checked")  # _ParseOnly always raises
+
+
+def _confine(server: Any, config: Any, weights: Mapping[str, str]) -> None:
+    """Refuses a parsed configuration that differs from the server's own (``server``) in a key a job may not set,
+    or whose ``model.init`` / ``model.weights`` names a file the server does not offer, whatever spelling or form
+    (prefix, ``key+``) reached the parser; and numbers the store or numpy cannot hold."""
+    from nst_lightning import checks
+
+    for key in sorted(set(server.keys()) | set(config.keys())):
+        if not may_set(key) and checks.plain(server.get(key)) != checks.plain(config.get(key)):
+            raise SettingsError(f"{key} is set by the server: leave it out of the settings", key)
+    if checks.plain(config.model.init) not in INITS:
+        raise SettingsError("model.init must be content, style or noise (a file cannot be given here)", "model.init")
+    offered = {*weights.values(), *(os.path.realpath(v) for v in weights.values() if os.path.isabs(v))}
+    if str(checks.plain(config.model.weights)) not in offered:
+        raise SettingsError(f"model.weights is not offered here: choose {', '.join(weights)}", "model.weights")
+    steps = config.trainer.max_steps
+    if isinstance(steps, int) and steps > INT64:
+        raise SettingsError(f"trainer.max_steps {steps} is over the most this server keeps ({INT64})",
+                            "trainer.max_steps")  # fmt: skip
+    _check_seed("model.seed", config.model.seed)
+
+
+def validate(arguments: list[str], server_arguments: list[str], weights: Mapping[str, str]) -> dict[str, Any]:
+    """Parses ``fit``'s ``arguments`` (the server's, ``server_arguments``, with the job's settings) and runs the
+    command line's checks on them, as ``nst-lightning fit`` would before it loads anything; returns the parsed
+    settings (model, data, trainer.max_steps) as plain values. What the parser made of the job's settings is
+    compared with ``server_arguments`` parsed alone: a difference in a key a job may not set, a file as
+    ``model.init`` or ``model.weights`` (other than the ``weights`` offered) is refused before any check runs, so
+    that no setting, however spelled, reaches a server path. Raises :class:`SettingsError` naming the key."""
+    from nst_lightning import checks
+
+    with _VALIDATE:  # one LightningCLI parse at a time (it sets the global seed)
+        server = _parse(server_arguments, check=False)
+        config = _parse(arguments, hook=lambda cli: _confine(server, cli.config, weights))
+    return {
+        "model": checks.plain(config.model.as_dict()),
+        "data": checks.plain(config.data.as_dict()),
+        "max_steps": config.trainer.max_steps,
+    }

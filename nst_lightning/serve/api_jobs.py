@@ -1,0 +1,112 @@
+"""The API's routes over the jobs there are: list, one job, its event stream, cancel, delete."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from nst_lightning.serve import jobs, progress
+from nst_lightning.serve.deps import ApiError, Server, check_token, job_or_404, public, server
+
+EVENT_POLL_SECONDS = 0.25
+
+router = APIRouter(prefix="/api", dependencies=[Depends(check_token)])
+
+
+def _event(name: str, data: Any) -> str:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n"
+
+
+@router.get("/jobs")
+def list_jobs(state: Server = Depends(server)) -> list[dict[str, Any]]:
+    """Every job, newest first."""
+    everything = state.store.all()
+    queued = [job.id for job in reversed(everything) if job.state == "queued"]  # oldest first
+    positions = {job_id: index + 1 for index, job_id in enumerate(queued)}
+    shown = []
+    for job in everything:
+        position = 0 if job.state == "running" else positions.get(job.id)
+        eta = None
+        if job.state == "running":
+            eta = progress.eta_seconds(progress.read_progress(state.store.folder(job.id)))
+        shown.append(state.public(job, position, eta))
+    return shown
+
+
+@router.get("/jobs/{job_id}")
+def get_job(job_id: str, state: Server = Depends(server)) -> dict[str, Any]:
+    """One job: state (queued, running, done, failed, cancelled), step, max_steps, loss, position, error."""
+    return public(state, job_or_404(state, job_id))
+
+
+@router.get("/jobs/{job_id}/events")
+async def job_events(job_id: str, request: Request, state: Server = Depends(server)) -> StreamingResponse:
+    """Server-Sent Events: ``state`` (the job, when it changes), ``progress`` (new steps and losses, the ETA),
+    ``preview`` (a new preview image); the stream ends once the job has finished."""
+    await run_in_threadpool(job_or_404, state, job_id)
+    store = state.store
+    folder = store.folder(job_id)
+
+    async def stream() -> AsyncIterator[str]:
+        current, sent_steps, sent_previews = None, 0, 0
+        while not await request.is_disconnected():
+            job = await run_in_threadpool(store.get, job_id)
+            if job is None:
+                yield _event("state", {"id": job_id, "state": "deleted"})
+                return
+            records = await run_in_threadpool(progress.read_progress, folder)
+            steps = [r for r in records if "step" in r]
+            previews = [r for r in records if "preview" in r]
+            if len(steps) > sent_steps:
+                last = steps[-1]
+                losses = [[r["step"], r.get("loss")] for r in steps[sent_steps:]]
+                yield _event("progress", {
+                    "step": last["step"], "max_steps": last["max_steps"], "loss": last.get("loss"),
+                    "eta_s": progress.eta_seconds(records), "losses": losses,
+                })  # fmt: skip
+                sent_steps = len(steps)
+            if len(previews) > sent_previews:
+                sent_previews = len(previews)
+                yield _event("preview", {"step": previews[-1]["preview"]})
+            if job.state != current:
+                current = job.state
+                yield _event("state", await run_in_threadpool(public, state, job))
+            if job.state in jobs.FINISHED:
+                return
+            await asyncio.sleep(EVENT_POLL_SECONDS)
+
+    headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+
+@router.post("/jobs/{job_id}/cancel")
+def cancel(job_id: str, state: Server = Depends(server)) -> dict[str, Any]:
+    """Cancels a queued job, or stops a running one (it keeps its last image as the preview)."""
+    job_or_404(state, job_id)
+    state.store.cancel(job_id)
+    return public(state, job_or_404(state, job_id))
+
+
+@router.delete("/jobs/{job_id}")
+def delete(job_id: str, state: Server = Depends(server)) -> dict[str, str]:
+    """Removes a job and its files (a running job is stopped first)."""
+    store = state.store
+    job = job_or_404(state, job_id)
+    if job.state in ("queued", "running"):
+        store.cancel(job_id)
+        deadline = time.monotonic() + jobs.STOP_WAIT_SECONDS
+        while (now := store.get(job_id)) is not None and now.state not in jobs.FINISHED:
+            if time.monotonic() > deadline:
+                raise ApiError(409, "the job's run did not stop in time: try again in a minute")
+            time.sleep(jobs.POLL_SECONDS)
+    store.remove(job_id)
+    shutil.rmtree(store.folder(job_id), ignore_errors=True)
+    return {"deleted": job_id}
