@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torchvision.models import ResNet18_Weights, VGG16_Weights, VGG19_Weights, resnet, vgg
 
 from nst_lightning.errors import ConfigError, WeightsError
@@ -56,19 +56,6 @@ def _child_names(sequential: nn.Sequential) -> list[str]:
     return [name for name, _ in sequential.named_children()]
 
 
-# Adding a backbone: one entry here.
-BACKBONES: dict[str, Backbone] = {
-    "vgg19": Backbone(
-        _vgg("E"), lambda seq: layer_names(seq), VGG19_Weights.IMAGENET1K_V1, "features.", ("classifier.",)
-    ),
-    "vgg16": Backbone(
-        _vgg("D"), lambda seq: layer_names(seq), VGG16_Weights.IMAGENET1K_V1, "features.", ("classifier.",)
-    ),
-    # Layers: conv1, bn1, relu, maxpool, layer1 ... layer4 (torchvision's names).
-    "resnet18": Backbone(_resnet18, _child_names, ResNet18_Weights.IMAGENET1K_V1, "", ("fc.",)),
-}
-
-
 def layer_names(layers: Iterable[nn.Module]) -> list[str]:
     """Caffe-style names for a VGG-like stack: ``conv{block}_{i}``, ``relu{block}_{i}``, ``pool{block}``."""
     names, block, index = [], 1, 1
@@ -84,6 +71,15 @@ def layer_names(layers: Iterable[nn.Module]) -> list[str]:
         else:
             raise TypeError(f"cannot name layer {layer!r}: only Conv2d, ReLU and pooling are known")
     return names
+
+
+# Adding a backbone: one entry here.
+BACKBONES: dict[str, Backbone] = {
+    "vgg19": Backbone(_vgg("E"), layer_names, VGG19_Weights.IMAGENET1K_V1, "features.", ("classifier.",)),
+    "vgg16": Backbone(_vgg("D"), layer_names, VGG16_Weights.IMAGENET1K_V1, "features.", ("classifier.",)),
+    # Layers: conv1, bn1, relu, maxpool, layer1 ... layer4 (torchvision's names).
+    "resnet18": Backbone(_resnet18, _child_names, ResNet18_Weights.IMAGENET1K_V1, "", ("fc.",)),
+}
 
 
 def backbone_spec(backbone: str) -> Backbone:
@@ -156,43 +152,15 @@ def _imagenet_state_dict(backbone: str) -> dict:
         ) from None
 
 
-def _file_state_dict(path: str) -> dict:
-    file = Path(path)
-    kind = file_kind(file)  # from stat alone: a FIFO would block torch.load, /dev/zero never end
-    if kind != "file":
-        what = "weights file not found: " if kind == "missing" else ""
-        found = "" if kind == "missing" else f" is {kind}, not a weights file"
-        raise WeightsError(
-            f"{what}{file}{found} (model.weights takes 'imagenet', 'random' or the path of a torchvision state dict)"
-        )
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "Weights only load failed" in first:  # torch goes on to suggest weights_only=False: no
-            first = "it is not a torch file, or it holds objects other than tensors"
-        raise WeightsError(
-            f"cannot load weights file {file}: {first} (it must be a torch state dict saved with torch.save)"
-        ) from None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise WeightsError(f"{file} does not hold a state dict (a mapping of parameter names to tensors)")
-    # NaN or Inf in the weights would only show as a non-finite loss at the first step.
-    damaged = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
-    if damaged:
-        more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
-        raise WeightsError(
-            f"weights file {file} holds NaN or infinite values (in {damaged[0]}{more}): the file is damaged; "
-            "get the weights again"
-        )
-    return state
-
-
 def load_backbone(backbone: str, weights: str = "imagenet") -> nn.Sequential:
     """Build ``backbone`` and load its weights: ``imagenet``, ``random`` or a file path.
 
-    A file holds a torchvision state dict of the whole model (``features.0.weight``, ...) or of its
-    ``features`` alone (``0.weight``, ...); it is read with ``weights_only=True``.
+    A file is read with ``weights_only=True`` and must be a state dict of ``backbone``, in any layout that
+    :func:`nst_lightning.weight_files.recognise` knows (torchvision's whole model or ``features`` alone,
+    Caffe-style ``conv1_1`` names, any common prefix).
     """
+    from nst_lightning.weight_files import mismatch, read_state_dict, recognise  # it builds on this module
+
     spec = backbone_spec(backbone)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # random weights are the same in every run
@@ -204,10 +172,14 @@ def load_backbone(backbone: str, weights: str = "imagenet") -> nn.Sequential:
             stacklevel=2,
         )
         return features
-    state = _imagenet_state_dict(backbone) if weights == "imagenet" else _file_state_dict(weights)
-    state = {k: v for k, v in state.items() if not k.startswith(spec.head)}
-    if spec.prefix and any(key.startswith(spec.prefix) for key in state):
-        state = {k[len(spec.prefix) :]: v for k, v in state.items() if k.startswith(spec.prefix)}
+    if weights == "imagenet":
+        state = {k: v for k, v in _imagenet_state_dict(backbone).items() if not k.startswith(spec.head)}
+        if spec.prefix and any(key.startswith(spec.prefix) for key in state):
+            state = {k[len(spec.prefix) :]: v for k, v in state.items() if k.startswith(spec.prefix)}
+    else:
+        found, state = recognise(read_state_dict(weights), str(weights))
+        if found != backbone:
+            raise mismatch(backbone, found, str(weights))
     try:
         features.load_state_dict(state, strict=True)
     except RuntimeError as err:

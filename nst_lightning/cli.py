@@ -39,6 +39,7 @@ from nst_lightning.pairs import BatchSettings, Pair
 from nst_lightning.parsing import StyleTransferArgumentParser, absolute_paths
 from nst_lightning.precision import choose_precision
 from nst_lightning.runlog import RunLogger, RunRecord, run_summary
+from nst_lightning.weight_files import resolve_backbone
 
 # Trainer defaults that differ from Lightning's: the seed's 300 iterations, one GPU at most
 # (one image is one optimisation), and a scalar per step in TensorBoard.
@@ -59,9 +60,7 @@ class StyleTransferCLI(LightningCLI):
     # Whether output.path is this command's image (a batch names its own outputs).
     writes_output_path = True
 
-    def __init__(
-        self, *args, trainer_overrides: dict[str, Any] | None = None, verbose: bool = False, **kwargs
-    ) -> None:
+    def __init__(self, *args, trainer_overrides: dict[str, Any] | None = None, verbose: bool = False, **kwargs) -> None:
         self.started = time.perf_counter()
         self.trainer_overrides = dict(trainer_overrides or {})
         self.verbose = verbose
@@ -72,8 +71,8 @@ class StyleTransferCLI(LightningCLI):
         parser_kwargs.setdefault("description", "nst-lightning: neural style transfer (Gatys et al.) with Lightning.")
         parser_kwargs.setdefault(
             "epilog",
-            "commands: 'fit' stylises one image (nst-lightning fit --help lists every setting); "
-            "'batch' stylises many content/style pairs (nst-lightning batch --help); nst-lightning --help: all.",
+            "commands: 'fit' stylises one image (fit --help lists every setting; --weights FILE and --backbone NAME "
+            "stand for --model.weights, --model.backbone); 'batch' many pairs (nst-lightning batch --help).",
         )
         kwargs["parser_kwargs"] = parser_kwargs
         super().__init__(StyleTransfer, StyleTransferDataModule, *args, **kwargs)
@@ -104,13 +103,14 @@ class StyleTransferCLI(LightningCLI):
         return self._command(self.config)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        """LightningCLI's parsing, then ``--ckpt_path`` checked before anything loads: a readable
-        nst-lightning checkpoint, made with the model and data settings of this run (a difference is
-        refused with the list of differing keys). A run normalised with measured layer means goes on
-        with the checkpoint's means, not with fresh measurements."""
+        """LightningCLI's parsing; ``model.backbone: auto`` made the weights file's backbone; then ``--ckpt_path``
+        checked before anything loads: a readable nst-lightning checkpoint, made with this run's model and data
+        settings (a difference is refused with the list of differing keys). A run normalised with measured layer
+        means goes on with the checkpoint's means, not with fresh measurements."""
         super().parse_arguments(parser, args)
         absolute_paths(self.config)  # what the classes, config.yaml and hparams get
         config = self._subcommand_config()
+        config.model.backbone = resolve_backbone(config.model.backbone, checks.plain(config.model.weights))
         ckpt_path = config.get("ckpt_path")
         if not ckpt_path or str(ckpt_path) in checks.SPECIAL_CKPT_PATHS or "://" in str(ckpt_path):
             return
