@@ -18,6 +18,12 @@ from torchvision.models import ResNet18_Weights, VGG16_Weights, VGG19_Weights, r
 
 from nst_lightning.errors import ConfigError, WeightsError
 from nst_lightning.files import file_kind, file_stamp
+from nst_lightning.weight_files import LABELS, Layout, read_state_dict, recognise
+
+AUTO = "auto"
+"""``model.backbone``'s default: the backbone of the weights file, or :data:`DEFAULT_BACKBONE` without one."""
+DEFAULT_BACKBONE = "vgg19"
+"""The backbone for ``imagenet`` and ``random`` weights when ``model.backbone`` is ``auto`` (the seed's)."""
 
 # The input normalisation of torchvision's ImageNet weights (RGB in [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -156,11 +162,9 @@ def load_backbone(backbone: str, weights: str = "imagenet") -> nn.Sequential:
     """Build ``backbone`` and load its weights: ``imagenet``, ``random`` or a file path.
 
     A file is read with ``weights_only=True`` and must be a state dict of ``backbone``, in any layout that
-    :func:`nst_lightning.weight_files.recognise` knows (torchvision's whole model or ``features`` alone,
+    :func:`~nst_lightning.weight_files.recognise` knows (torchvision's whole model or ``features`` alone,
     Caffe-style ``conv1_1`` names, any common prefix).
     """
-    from nst_lightning.weight_files import mismatch, read_state_dict, recognise  # it builds on this module
-
     spec = backbone_spec(backbone)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # random weights are the same in every run
@@ -177,7 +181,7 @@ def load_backbone(backbone: str, weights: str = "imagenet") -> nn.Sequential:
         if spec.prefix and any(key.startswith(spec.prefix) for key in state):
             state = {k[len(spec.prefix) :]: v for k, v in state.items() if k.startswith(spec.prefix)}
     else:
-        found, state = recognise(read_state_dict(weights), str(weights))
+        found, state = recognise(read_state_dict(weights), str(weights), layouts())
         if found != backbone:
             raise mismatch(backbone, found, str(weights))
     try:
@@ -188,3 +192,54 @@ def load_backbone(backbone: str, weights: str = "imagenet") -> nn.Sequential:
             f"the weights in {weights} do not fit {backbone}: {detail[:300]} (is it a {backbone} state dict?)"
         ) from None
     return features
+
+
+@functools.cache
+def layouts() -> dict[str, Layout]:
+    """Each backbone's :class:`~nst_lightning.weight_files.Layout`, from a weightless copy (the meta device)."""
+    found = {}
+    for name, spec in BACKBONES.items():
+        with torch.device("meta"):
+            features = spec.build()
+        shapes = {k: tuple(v.shape) for k, v in features.state_dict().items() if not k.endswith("num_batches_tracked")}
+        names = spec.names(features) if spec.names is layer_names else None
+        indices = {layer: i for i, layer in enumerate(names) if layer.startswith("conv")} if names else None
+        found[name] = Layout(shapes, indices)
+    return found
+
+
+_RECOGNISED: dict[tuple[str, int, int], str] = {}
+
+
+def file_backbone(path: str | Path) -> str:
+    """The backbone of the weights file ``path`` (from its keys and shapes: the file is mapped, not read);
+    remembered by (path, size, modification time) for the rest of the process."""
+    stamp = file_stamp(path)
+    key = (str(path), *stamp) if stamp is not None and file_kind(path) == "file" else None
+    if key is None or key not in _RECOGNISED:
+        backbone, _ = recognise(read_state_dict(path, shapes_only=True), str(path), layouts())
+        if key is None:
+            return backbone
+        _RECOGNISED[key] = backbone
+    return _RECOGNISED[key]
+
+
+def mismatch(backbone: str, found: str, source: str) -> WeightsError:
+    """The error for a ``model.backbone`` that the weights file contradicts: one line naming both."""
+    return WeightsError(
+        f"model.backbone is {backbone} but the weights file {source} holds a {LABELS[found]}: set model.backbone "
+        f"to {found} or {AUTO} (the backbone of the file), or give {backbone} weights"
+    )
+
+
+def resolve_backbone(backbone: str, weights: str | None) -> str:
+    """The backbone a run builds: ``backbone`` itself, checked against a weights file; for ``auto``, the
+    file's backbone, or :data:`DEFAULT_BACKBONE` with ``imagenet`` or ``random`` weights (or none)."""
+    if backbone != AUTO and backbone not in BACKBONES:
+        raise ConfigError(f"unknown backbone {backbone!r}: choose {AUTO} (from the weights), {', '.join(BACKBONES)}")
+    if weights is None or str(weights) in ("imagenet", "random"):
+        return DEFAULT_BACKBONE if backbone == AUTO else backbone
+    found = file_backbone(str(weights))
+    if backbone not in (AUTO, found):
+        raise mismatch(backbone, found, str(weights))
+    return found

@@ -26,6 +26,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.trainer.states import TrainerStatus
 
 from nst_lightning import batch, checks
+from nst_lightning.backbones import resolve_backbone
 from nst_lightning.callbacks import ImageWriter, partial_path
 from nst_lightning.checkpoint import AtomicCheckpointIO, check_same_config, read_checkpoint
 from nst_lightning.console import ProgressBar
@@ -39,7 +40,6 @@ from nst_lightning.pairs import BatchSettings, Pair
 from nst_lightning.parsing import StyleTransferArgumentParser, absolute_paths
 from nst_lightning.precision import choose_precision
 from nst_lightning.runlog import RunLogger, RunRecord, run_summary
-from nst_lightning.weight_files import resolve_backbone
 
 # Trainer defaults that differ from Lightning's: the seed's 300 iterations, one GPU at most
 # (one image is one optimisation), and a scalar per step in TensorBoard.

@@ -17,11 +17,18 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from nst_lightning.backbones import IMAGENET_MEAN, IMAGENET_STD, backbone_spec, check_layers, load_backbone
+from nst_lightning.backbones import (
+    AUTO,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    backbone_spec,
+    check_layers,
+    load_backbone,
+    resolve_backbone,
+)  # fmt: skip
 from nst_lightning.errors import ConfigError, ImageError, WeightsError
 from nst_lightning.files import file_stamp
 from nst_lightning.image_io import load_images
-from nst_lightning.weight_files import AUTO, resolve_backbone
 
 Pooling = Literal["max", "avg"]
 """``max`` (as the backbone was trained) or ``avg`` (as Gatys et al. recommend)."""

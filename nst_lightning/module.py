@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nst_lightning import checks, schedule
+from nst_lightning.backbones import AUTO, resolve_backbone
 from nst_lightning.checkpoint import check_resume, saved_scale, upgrade_state_dict
 from nst_lightning.checks import CONTENT_LAYERS, LBFGS_HISTORY_SIZE, STYLE_LAYERS, Optimizer, PreserveColor, StyleLoss
 from nst_lightning.closure import Evaluator
@@ -28,7 +29,6 @@ from nst_lightning.image_io import load_image
 from nst_lightning.memory import check_run
 from nst_lightning.objective import Objective
 from nst_lightning.precision import SCALE_START, LossScaler, drop_lightning_scaler, float32_start
-from nst_lightning.weight_files import AUTO, resolve_backbone
 
 # Function evaluations the strong-Wolfe line search may spend in one L-BFGS iteration (torch's max_ls).
 LINE_SEARCH_EVALS = 25

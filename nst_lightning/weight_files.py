@@ -3,29 +3,25 @@
 A file may hold torchvision's whole model (``features.0.weight``, ``classifier.*``), its ``features`` alone
 (``0.weight``), or Caffe-style names (``conv1_1.weight``, Keras' ``block1_conv1.weight``), under any common
 prefix (``module.``, ``features.``); a classifier (``classifier.*``, ``fc*``) is ignored. The file is
-recognised as the backbone whose layers it fits exactly, so ``model.backbone: auto`` (the default) takes
-the backbone from the file; anything else is refused in one line saying what the file looks like.
+recognised as the backbone whose layers it fits exactly (:func:`recognise`, given each backbone's
+:class:`Layout` by :mod:`nst_lightning.backbones`, which resolves ``model.backbone: auto`` with it); anything
+else is refused in one line saying what the file looks like.
 """
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from nst_lightning.backbones import BACKBONES, backbone_spec, layer_names
-from nst_lightning.errors import ConfigError, WeightsError
-from nst_lightning.files import file_kind, file_stamp
+from nst_lightning.errors import WeightsError
+from nst_lightning.files import file_kind
 
-AUTO = "auto"
-"""``model.backbone``'s default: the backbone of the weights file, or :data:`DEFAULT_BACKBONE` without one."""
-DEFAULT_BACKBONE = "vgg19"
-"""The backbone for ``imagenet`` and ``random`` weights when ``model.backbone`` is ``auto`` (the seed's)."""
 LABELS = {"vgg19": "VGG-19", "vgg16": "VGG-16", "resnet18": "ResNet-18"}
 _VGG_DEPTHS = {8: 11, 10: 13, 13: 16, 16: 19}  # convolutions -> VGG-n
 _RESNETS = {((2, 2, 2, 2), False): 18, ((3, 4, 6, 3), False): 34, ((3, 4, 6, 3), True): 50,
@@ -79,13 +75,13 @@ def read_state_dict(path: str | Path, shapes_only: bool = False) -> dict[str, Te
     return state
 
 
-@functools.cache
-def expected_shapes(backbone: str) -> dict[str, tuple[int, ...]]:
-    """The key and shape of every tensor of ``backbone``'s feature layers (from a weightless copy)."""
-    spec = backbone_spec(backbone)
-    with torch.device("meta"):
-        state = spec.build().state_dict()
-    return {key: tuple(value.shape) for key, value in state.items() if not key.endswith(_COUNTER)}
+@dataclass(frozen=True)
+class Layout:
+    """What one backbone's feature layers hold: each key's shape (batch norm's step counters aside) and, for a
+    VGG, the layer index of each Caffe-style convolution name (``conv1_1``: 0)."""
+
+    shapes: dict[str, tuple[int, ...]]
+    conv_indices: dict[str, int] | None = None
 
 
 def _common_prefix(keys: list[str]) -> str:
@@ -107,46 +103,39 @@ def _body(state: Mapping[str, Tensor]) -> dict[str, str]:
     return {key[len(inner) :]: original for key, original in body.items()}
 
 
-def _caffe_to_indices(body: dict[str, str], backbone: str) -> dict[str, str] | None:
-    """``conv1_1.weight`` (or Keras' ``block1_conv1.weight``) keys renamed to ``backbone``'s layer indices;
-    None when ``body`` does not use those names or ``backbone`` is no VGG."""
-    if not body or not all(_CAFFE.fullmatch(key) for key in body) or BACKBONES[backbone].names is not layer_names:
+def _caffe_to_indices(body: dict[str, str], layout: Layout) -> dict[str, str] | None:
+    """``conv1_1.weight`` (or Keras' ``block1_conv1.weight``) keys renamed to the layer indices of ``layout``;
+    None when ``body`` does not use those names or ``layout`` is no VGG's."""
+    if not body or layout.conv_indices is None or not all(_CAFFE.fullmatch(key) for key in body):
         return None
-    with torch.device("meta"):
-        index = {name: str(i) for i, name in enumerate(layer_names(backbone_spec(backbone).build()))}
     renamed = {}
     for key, original in body.items():
         block, number, k_block, k_number, kind = _CAFFE.fullmatch(key).groups()
         name = f"conv{block or k_block}_{number or k_number}"
-        if name not in index:
+        if name not in layout.conv_indices:
             return None
-        renamed[f"{index[name]}.{kind}"] = original
+        renamed[f"{layout.conv_indices[name]}.{kind}"] = original
     return renamed
 
 
-def _fits(body: dict[str, str], state: Mapping[str, Tensor], backbone: str) -> bool:
-    expected = expected_shapes(backbone)
-    found = {key: tuple(state[original].shape) for key, original in body.items() if not key.endswith(_COUNTER)}
-    return found == expected
+def recognise(state: Mapping[str, Tensor], source: str, layouts: Mapping[str, Layout]) -> tuple[str, dict[str, Tensor]]:
+    """(the backbone of ``layouts`` that ``state`` is, its feature layers' state dict in that backbone's own keys).
 
-
-def recognise(state: Mapping[str, Tensor], source: str) -> tuple[str, dict[str, Tensor]]:
-    """(the backbone that ``state`` is, its feature layers' state dict in that backbone's own keys).
-
-    Raises :class:`WeightsError` saying what ``state`` looks like when it is none of :data:`BACKBONES`."""
+    Raises :class:`WeightsError` saying what ``state`` looks like when it fits none of them."""
     body = _body(state)
-    for backbone in BACKBONES:
-        for keys in (body, _caffe_to_indices(body, backbone)):
-            if keys is not None and _fits(keys, state, backbone):
+    for backbone, layout in layouts.items():
+        for keys in (body, _caffe_to_indices(body, layout)):
+            found = {key: tuple(state[original].shape) for key, original in (keys or {}).items()}
+            if keys and {key: shape for key, shape in found.items() if not key.endswith(_COUNTER)} == layout.shapes:
                 return backbone, {key: state[original] for key, original in keys.items()}
-    *others, last = (LABELS[name] for name in BACKBONES)
+    *others, last = (LABELS.get(name, name) for name in layouts)
     raise WeightsError(
-        f"the weights file {source} holds {_describe(body, state)}: this tool takes a state dict of a "
+        f"the weights file {source} holds {_describe(body, state, layouts)}: this tool takes a state dict of a "
         f"{', '.join(others)} or {last} (torchvision's keys, or Caffe's conv1_1 names)"
     )
 
 
-def _describe(body: dict[str, str], state: Mapping[str, Tensor]) -> str:
+def _describe(body: dict[str, str], state: Mapping[str, Tensor], layouts: Mapping[str, Layout]) -> str:
     """What a state dict that is none of the backbones looks like, in a few words."""
     shapes = {key: tuple(state[original].shape) for key, original in body.items()}
     convs = [key for key, shape in shapes.items() if len(shape) == 4]
@@ -155,8 +144,9 @@ def _describe(body: dict[str, str], state: Mapping[str, Tensor]) -> str:
     if any(key.startswith("layer1.") for key in shapes):
         blocks = tuple(len({key.split(".")[1] for key in shapes if key.startswith(f"layer{i}.")}) for i in range(1, 5))
         depth = _RESNETS.get((blocks, any(".conv3." in key for key in shapes)))
-        if depth == 18:
-            return f"a ResNet-18 whose layers' shapes are not torchvision's ({_first_difference(shapes, 'resnet18')})"
+        if depth == 18 and "resnet18" in layouts:
+            difference = _first_difference(shapes, "resnet18", layouts["resnet18"])
+            return f"a ResNet-18 whose layers' shapes are not torchvision's ({difference})"
         return f"a ResNet-{depth}" if depth else f"a ResNet-like network with {blocks} blocks"
     vgg_like = all(_CAFFE.fullmatch(key) or re.fullmatch(r"\d+\.\w+", key) for key in shapes)
     if not vgg_like:
@@ -173,16 +163,17 @@ def _describe(body: dict[str, str], state: Mapping[str, Tensor]) -> str:
     if any("running_" in key for key in shapes):
         return f"a {name} with batch normalisation (vgg{depth}_bn), which this tool does not build"
     backbone = {16: "vgg16", 19: "vgg19"}.get(depth or 0)
-    if backbone is None:
+    if backbone not in layouts:
         return f"a {name}"
-    return f"a {name} whose layers' shapes are not torchvision's ({_first_difference(shapes, backbone)})"
+    difference = _first_difference(shapes, backbone, layouts[backbone])
+    return f"a {name} whose layers' shapes are not torchvision's ({difference})"
 
 
-def _first_difference(shapes: dict[str, tuple[int, ...]], backbone: str) -> str:
-    expected = expected_shapes(backbone)
+def _first_difference(shapes: dict[str, tuple[int, ...]], backbone: str, layout: Layout) -> str:
+    expected = layout.shapes
     names = {key: key for key in shapes}  # the file's own name of each of the backbone's keys
     if all(_CAFFE.fullmatch(key) for key in shapes):
-        names = _caffe_to_indices(names, backbone) or {}
+        names = _caffe_to_indices(names, layout) or {}
         shapes = {key: shapes[original] for key, original in names.items()}
     for key, shape in expected.items():
         if shapes.get(key) != shape:
@@ -190,40 +181,3 @@ def _first_difference(shapes: dict[str, tuple[int, ...]], backbone: str) -> str:
             return f"{names.get(key, key)} is {found} where {LABELS[backbone]} has {'x'.join(map(str, shape))}"
     extra = sorted(set(shapes) - set(expected) - {key for key in shapes if key.endswith(_COUNTER)})
     return f"{names[extra[0]]} is not a layer of {LABELS[backbone]}" if extra else "layers in another order"
-
-
-_RECOGNISED: dict[tuple[str, int, int], str] = {}
-
-
-def file_backbone(path: str | Path) -> str:
-    """The backbone of the weights file ``path`` (from its keys and shapes: the file is mapped, not read);
-    remembered by (path, size, modification time) for the rest of the process."""
-    stamp = file_stamp(path)
-    key = (str(path), *stamp) if stamp is not None and file_kind(path) == "file" else None
-    if key is None or key not in _RECOGNISED:
-        backbone, _ = recognise(read_state_dict(path, shapes_only=True), str(path))
-        if key is None:
-            return backbone
-        _RECOGNISED[key] = backbone
-    return _RECOGNISED[key]
-
-
-def mismatch(backbone: str, found: str, source: str) -> WeightsError:
-    """The error for a ``model.backbone`` that the weights file contradicts: one line naming both."""
-    return WeightsError(
-        f"model.backbone is {backbone} but the weights file {source} holds a {LABELS[found]}: set model.backbone "
-        f"to {found} or {AUTO} (the backbone of the file), or give {backbone} weights"
-    )
-
-
-def resolve_backbone(backbone: str, weights: str | None) -> str:
-    """The backbone a run builds: ``backbone`` itself, checked against a weights file; for ``auto``, the
-    file's backbone, or :data:`DEFAULT_BACKBONE` with ``imagenet`` or ``random`` weights (or none)."""
-    if backbone != AUTO and backbone not in BACKBONES:
-        raise ConfigError(f"unknown backbone {backbone!r}: choose {AUTO} (from the weights), {', '.join(BACKBONES)}")
-    if weights is None or str(weights) in ("imagenet", "random"):
-        return DEFAULT_BACKBONE if backbone == AUTO else backbone
-    found = file_backbone(str(weights))
-    if backbone not in (AUTO, found):
-        raise mismatch(backbone, found, str(weights))
-    return found
