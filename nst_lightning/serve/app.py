@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from nst_lightning.serve import jobs, progress, settings
 from nst_lightning.serve.progress import PREVIEW_FILE
 from nst_lightning.serve.uploads import UploadError, display_name, save_upload
+from nst_lightning.serve.weights import check_choice, offered_weights, warnings_of
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_STYLES = 8
@@ -39,17 +40,6 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.key = key
-
-
-def offered_weights(weights_dir: Path | None) -> dict[str, str]:
-    """The ``model.weights`` a job may pick: ``imagenet``, ``random``, and each ``.pth`` / ``.pt`` file of
-    ``weights_dir`` by its name (mapped to its path)."""
-    offered = {name: name for name in settings.NAMED_WEIGHTS}
-    if weights_dir is not None and weights_dir.is_dir():
-        for path in sorted(weights_dir.iterdir()):
-            if path.suffix in (".pth", ".pt") and path.is_file():
-                offered[path.name] = str(path.resolve())
-    return offered
 
 
 def defaults() -> dict[str, Any]:
@@ -91,7 +81,9 @@ def create_app(
         preview_every: steps between live preview images.
     """
     store = jobs.JobStore(Path(data))
-    weights = offered_weights(Path(weights_dir) if weights_dir else store.data / "weights")
+    weights_dir = Path(weights_dir) if weights_dir else store.data / "weights"
+    offer = offered_weights(weights_dir)
+    weights = offer.paths
     limit = int(max_upload_mb * 1e6)
     workers: list[jobs.Worker] = []
 
@@ -110,6 +102,7 @@ def create_app(
 
     app = FastAPI(title="nst-lightning", summary="Neural style transfer jobs: upload, watch, keep.", lifespan=lifespan)
     app.state.store = store
+    app.state.weights_warnings = warnings_of(offer, weights_dir)  # serve prints them at its start
     app.state.workers = workers
 
     @app.exception_handler(ApiError)
@@ -164,6 +157,7 @@ def create_app(
         return {
             "backbones": list(BACKBONES),
             "weights": list(weights),
+            "weights_backbones": offer.backbones,  # the backbones each loads with: the page picks the first
             "preserve_color": list(PreserveColor.__args__),
             "defaults": defaults(),
             "max_upload_mb": max_upload_mb,
@@ -186,6 +180,7 @@ def create_app(
                 422, f"settings is not valid JSON ({err}): send an object of config keys", "settings"
             ) from None
         try:
+            check_choice(chosen, offer)
             arguments = settings.settings_arguments(chosen, weights)
         except settings.SettingsError as err:
             raise ApiError(422, str(err), err.key) from None
