@@ -180,8 +180,8 @@ def create_app(
                 422, f"settings is not valid JSON ({err}): send an object of config keys", "settings"
             ) from None
         try:
-            check_choice(chosen, offer)
             arguments = settings.settings_arguments(chosen, weights)
+            check_choice(chosen, offer, given_only=True)  # before validate, which would name the server's file
         except settings.SettingsError as err:
             raise ApiError(422, str(err), err.key) from None
         job_id = jobs.new_job_id()
@@ -196,6 +196,7 @@ def create_app(
             fit = settings.fit_arguments(folder, content_path, styles, arguments, preview_every)
             try:
                 parsed = await run_in_threadpool(settings.validate, fit)
+                check_choice(chosen, offer)  # the weights a job left out (imagenet) must be offered too
             except settings.SettingsError as err:
                 raise ApiError(422, str(err).replace(str(folder) + os.sep, ""), err.key) from None
             names = {

@@ -63,15 +63,18 @@ def warnings_of(offer: Offer, weights_dir: Path) -> list[str]:
     return lines
 
 
-def check_choice(settings: Mapping[str, Any], offer: Offer) -> None:
+def check_choice(settings: Mapping[str, Any], offer: Offer, given_only: bool = False) -> None:
     """A job's ``model.weights`` (``imagenet`` when not given, as on the command line) must be offered, and its
-    ``model.backbone`` (``auto`` when not given: the file's, or vgg19) one that those weights load with.
-    Raises :class:`SettingsError` naming the key; the message names settings, not command-line flags."""
+    ``model.backbone`` (``auto`` when not given: the file's, or vgg19) one that those weights load with;
+    ``given_only`` checks only weights the job gives. Raises :class:`SettingsError` naming the key; the message
+    names settings, not command-line flags."""
     from nst_lightning.backbones import AUTO, DEFAULT_BACKBONE
 
     if not isinstance(settings, Mapping):
         return  # settings_arguments says what settings must be
     chosen = flatten(settings)
+    if given_only and "model.weights" not in chosen:
+        return
     weights = chosen.get("model.weights", "imagenet")
     if not isinstance(weights, str) or weights not in offer.paths:
         shown = ", ".join(offer.paths) or "none (add weight files to the server's weights folder)"
