@@ -17,7 +17,7 @@ with warnings.catch_warnings():  # Starlette 1.x: httpx in its test client is de
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient  # noqa: E402
 
-from nst_lightning.backbones import load_backbone  # noqa: E402
+from nst_lightning.backbones import check_cached_hash, load_backbone  # noqa: E402
 from nst_lightning.serve.app import create_app  # noqa: E402
 from tests.conftest import make_image  # noqa: E402
 
@@ -54,17 +54,24 @@ def test_offline_only_loadable_weights_are_offered_with_their_backbone(server):
     assert options["weights"] == ["sixteen.pth", "random"], "no imagenet without its download; random last"
     assert options["weights_backbones"]["sixteen.pth"] == ["vgg16"]
     assert options["weights_backbones"]["random"][0] == "vgg19"
-    (warning,) = app.state.weights_warnings
+    (warning,) = app.state.weights_warnings  # the file left out, by its name
     assert "linear.pth holds no convolution weights" in warning and str(server["weights"]) not in warning
 
 
-def test_imagenet_is_offered_for_the_backbones_whose_download_is_cached(server):
-    cached = server["hub"] / "checkpoints" / "vgg19-dcbb9e9d.pth"
-    cached.parent.mkdir(parents=True)
-    cached.write_bytes(b"")  # only its presence is looked at here
-    with TestClient(create_app(server["data"], weights_dir=server["weights"])) as client:
+def test_imagenet_is_offered_for_the_backbones_whose_download_is_cached_and_whole(server, monkeypatch):
+    cached = server["hub"] / "checkpoints"
+    cached.mkdir(parents=True)
+    (cached / "vgg19-dcbb9e9d.pth").write_bytes(b"")
+    (cached / "vgg16-397923af.pth").write_bytes(b"a damaged download")
+    monkeypatch.setattr(
+        "nst_lightning.backbones.check_cached_hash",
+        lambda path: None if path.name.startswith("vgg19") else check_cached_hash(path),
+    )  # the empty file stands in for the download; the other is checked as it would be
+    app = create_app(server["data"], weights_dir=server["weights"])
+    with TestClient(app) as client:
         options = client.get("/api/options").json()
     assert options["weights"][0] == "imagenet" and options["weights_backbones"]["imagenet"] == ["vgg19"]
+    assert any("vgg16-397923af.pth are not torchvision's" in line for line in app.state.weights_warnings)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """The weights a job may pick: only what this server can load, each with the backbones it loads with.
 
-``imagenet`` is offered for the backbones whose download is already in the torch hub cache (the server may
-be offline), each file of the weights folder for the backbone read from it (a file that is no backbone of
+``imagenet`` is offered for the backbones whose download is already in the torch hub cache, checked (the
+server may be offline), each file of the weights folder for the backbone read from it (a file that is no backbone of
 this tool is left out, with the reason), and ``random`` (tests) for every backbone, last.
 """
 
@@ -31,10 +31,17 @@ class Offer:
 
 def offered_weights(weights_dir: Path | None) -> Offer:
     """What a job may pick for ``model.weights`` on this server (see the module's docstring)."""
-    from nst_lightning.backbones import BACKBONES, file_backbone, hub_cache_file
+    from nst_lightning.backbones import BACKBONES, check_cached_hash, file_backbone, hub_cache_file
 
     offer = Offer()
-    cached = [name for name in BACKBONES if hub_cache_file(name).is_file()]
+    cached = []
+    for name in BACKBONES:
+        if hub_cache_file(name).is_file():
+            try:
+                check_cached_hash(hub_cache_file(name))  # a damaged download would fail every job
+                cached.append(name)
+            except NSTError as err:
+                offer.refused[f"imagenet ({name})"] = str(err)
     if cached and "imagenet" in NAMED_WEIGHTS:
         offer.paths["imagenet"], offer.backbones["imagenet"] = "imagenet", cached
     if weights_dir is not None and weights_dir.is_dir():
