@@ -3,6 +3,7 @@ another network, or a backbone the file contradicts, is one line; ``--weights FI
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import warnings
@@ -24,7 +25,7 @@ from nst_lightning.backbones import (
 )
 from nst_lightning.errors import ConfigError, WeightsError
 from nst_lightning.features import FeatureExtractor
-from nst_lightning.parsing import expand_shorthands
+from nst_lightning.parsing import StyleTransferArgumentParser, expand_shorthands
 from nst_lightning.weight_files import recognise
 from tests.conftest import REPO
 
@@ -131,6 +132,13 @@ def test_fit_and_batch_take_weights_and_backbone_as_shorthands():
     assert expand_shorthands(["fit", "--weights", "w.pth", "--backbone=vgg16", "--model.weights_x", "1"]) == [
         "fit", "--model.weights", "w.pth", "--model.backbone=vgg16", "--model.weights_x", "1",
     ]  # fmt: skip
+
+
+def test_fit_options_are_never_abbreviated():
+    parser = StyleTransferArgumentParser(exit_on_error=False)
+    parser.add_argument("--weights_only", type=bool | None, default=None)  # Lightning's, in fit's parser
+    with pytest.raises(argparse.ArgumentError, match="nrecognized arguments: --weights"):
+        parser.parse_args(["--weights", "w.pth"])  # argparse would take it for --weights_only
 
 
 @pytest.mark.skipif(not TRAINED.is_file(), reason=f"the trained VGG-16 is not at {TRAINED}")
