@@ -13,11 +13,17 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torchvision.models import ResNet18_Weights, VGG16_Weights, VGG19_Weights, resnet, vgg
 
 from nst_lightning.errors import ConfigError, WeightsError
 from nst_lightning.files import file_kind, file_stamp
+from nst_lightning.weight_files import LABELS, Layout, read_state_dict, recognise
+
+AUTO = "auto"
+"""``model.backbone``'s default: the backbone of the weights file, or :data:`DEFAULT_BACKBONE` without one."""
+DEFAULT_BACKBONE = "vgg19"
+"""The backbone for ``imagenet`` and ``random`` weights when ``model.backbone`` is ``auto`` (the seed's)."""
 
 # The input normalisation of torchvision's ImageNet weights (RGB in [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -56,19 +62,6 @@ def _child_names(sequential: nn.Sequential) -> list[str]:
     return [name for name, _ in sequential.named_children()]
 
 
-# Adding a backbone: one entry here.
-BACKBONES: dict[str, Backbone] = {
-    "vgg19": Backbone(
-        _vgg("E"), lambda seq: layer_names(seq), VGG19_Weights.IMAGENET1K_V1, "features.", ("classifier.",)
-    ),
-    "vgg16": Backbone(
-        _vgg("D"), lambda seq: layer_names(seq), VGG16_Weights.IMAGENET1K_V1, "features.", ("classifier.",)
-    ),
-    # Layers: conv1, bn1, relu, maxpool, layer1 ... layer4 (torchvision's names).
-    "resnet18": Backbone(_resnet18, _child_names, ResNet18_Weights.IMAGENET1K_V1, "", ("fc.",)),
-}
-
-
 def layer_names(layers: Iterable[nn.Module]) -> list[str]:
     """Caffe-style names for a VGG-like stack: ``conv{block}_{i}``, ``relu{block}_{i}``, ``pool{block}``."""
     names, block, index = [], 1, 1
@@ -84,6 +77,15 @@ def layer_names(layers: Iterable[nn.Module]) -> list[str]:
         else:
             raise TypeError(f"cannot name layer {layer!r}: only Conv2d, ReLU and pooling are known")
     return names
+
+
+# Adding a backbone: one entry here.
+BACKBONES: dict[str, Backbone] = {
+    "vgg19": Backbone(_vgg("E"), layer_names, VGG19_Weights.IMAGENET1K_V1, "features.", ("classifier.",)),
+    "vgg16": Backbone(_vgg("D"), layer_names, VGG16_Weights.IMAGENET1K_V1, "features.", ("classifier.",)),
+    # Layers: conv1, bn1, relu, maxpool, layer1 ... layer4 (torchvision's names).
+    "resnet18": Backbone(_resnet18, _child_names, ResNet18_Weights.IMAGENET1K_V1, "", ("fc.",)),
+}
 
 
 def backbone_spec(backbone: str) -> Backbone:
@@ -156,42 +158,12 @@ def _imagenet_state_dict(backbone: str) -> dict:
         ) from None
 
 
-def _file_state_dict(path: str) -> dict:
-    file = Path(path)
-    kind = file_kind(file)  # from stat alone: a FIFO would block torch.load, /dev/zero never end
-    if kind != "file":
-        what = "weights file not found: " if kind == "missing" else ""
-        found = "" if kind == "missing" else f" is {kind}, not a weights file"
-        raise WeightsError(
-            f"{what}{file}{found} (model.weights takes 'imagenet', 'random' or the path of a torchvision state dict)"
-        )
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "Weights only load failed" in first:  # torch goes on to suggest weights_only=False: no
-            first = "it is not a torch file, or it holds objects other than tensors"
-        raise WeightsError(
-            f"cannot load weights file {file}: {first} (it must be a torch state dict saved with torch.save)"
-        ) from None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise WeightsError(f"{file} does not hold a state dict (a mapping of parameter names to tensors)")
-    # NaN or Inf in the weights would only show as a non-finite loss at the first step.
-    damaged = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
-    if damaged:
-        more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
-        raise WeightsError(
-            f"weights file {file} holds NaN or infinite values (in {damaged[0]}{more}): the file is damaged; "
-            "get the weights again"
-        )
-    return state
-
-
 def load_backbone(backbone: str, weights: str = "imagenet") -> nn.Sequential:
     """Build ``backbone`` and load its weights: ``imagenet``, ``random`` or a file path.
 
-    A file holds a torchvision state dict of the whole model (``features.0.weight``, ...) or of its
-    ``features`` alone (``0.weight``, ...); it is read with ``weights_only=True``.
+    A file is read with ``weights_only=True`` and must be a state dict of ``backbone``, in any layout that
+    :func:`~nst_lightning.weight_files.recognise` knows (torchvision's whole model or ``features`` alone,
+    Caffe-style ``conv1_1`` names, any common prefix).
     """
     spec = backbone_spec(backbone)
     with torch.random.fork_rng(devices=[]):
@@ -204,10 +176,14 @@ def load_backbone(backbone: str, weights: str = "imagenet") -> nn.Sequential:
             stacklevel=2,
         )
         return features
-    state = _imagenet_state_dict(backbone) if weights == "imagenet" else _file_state_dict(weights)
-    state = {k: v for k, v in state.items() if not k.startswith(spec.head)}
-    if spec.prefix and any(key.startswith(spec.prefix) for key in state):
-        state = {k[len(spec.prefix) :]: v for k, v in state.items() if k.startswith(spec.prefix)}
+    if weights == "imagenet":
+        state = {k: v for k, v in _imagenet_state_dict(backbone).items() if not k.startswith(spec.head)}
+        if spec.prefix and any(key.startswith(spec.prefix) for key in state):
+            state = {k[len(spec.prefix) :]: v for k, v in state.items() if k.startswith(spec.prefix)}
+    else:
+        found, state = recognise(read_state_dict(weights), str(weights), layouts())
+        if found != backbone:
+            raise mismatch(backbone, found, str(weights))
     try:
         features.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -216,3 +192,54 @@ def load_backbone(backbone: str, weights: str = "imagenet") -> nn.Sequential:
             f"the weights in {weights} do not fit {backbone}: {detail[:300]} (is it a {backbone} state dict?)"
         ) from None
     return features
+
+
+@functools.cache
+def layouts() -> dict[str, Layout]:
+    """Each backbone's :class:`~nst_lightning.weight_files.Layout`, from a weightless copy (the meta device)."""
+    found = {}
+    for name, spec in BACKBONES.items():
+        with torch.device("meta"):
+            features = spec.build()
+        shapes = {k: tuple(v.shape) for k, v in features.state_dict().items() if not k.endswith("num_batches_tracked")}
+        names = spec.names(features) if spec.names is layer_names else None
+        indices = {layer: i for i, layer in enumerate(names) if layer.startswith("conv")} if names else None
+        found[name] = Layout(shapes, indices)
+    return found
+
+
+_RECOGNISED: dict[tuple[str, int, int], str] = {}
+
+
+def file_backbone(path: str | Path) -> str:
+    """The backbone of the weights file ``path`` (from its keys and shapes: the file is mapped, not read);
+    remembered by (path, size, modification time) for the rest of the process."""
+    stamp = file_stamp(path)
+    key = (str(path), *stamp) if stamp is not None and file_kind(path) == "file" else None
+    if key is None or key not in _RECOGNISED:
+        backbone, _ = recognise(read_state_dict(path, shapes_only=True), str(path), layouts())
+        if key is None:
+            return backbone
+        _RECOGNISED[key] = backbone
+    return _RECOGNISED[key]
+
+
+def mismatch(backbone: str, found: str, source: str) -> WeightsError:
+    """The error for a ``model.backbone`` that the weights file contradicts: one line naming both."""
+    return WeightsError(
+        f"model.backbone is {backbone} but the weights file {source} holds a {LABELS[found]}: set model.backbone "
+        f"to {found} or {AUTO} (the backbone of the file), or give {backbone} weights"
+    )
+
+
+def resolve_backbone(backbone: str, weights: str | None) -> str:
+    """The backbone a run builds: ``backbone`` itself, checked against a weights file; for ``auto``, the
+    file's backbone, or :data:`DEFAULT_BACKBONE` with ``imagenet`` or ``random`` weights (or none)."""
+    if backbone != AUTO and backbone not in BACKBONES:
+        raise ConfigError(f"unknown backbone {backbone!r}: choose {AUTO} (from the weights), {', '.join(BACKBONES)}")
+    if weights is None or str(weights) in ("imagenet", "random"):
+        return DEFAULT_BACKBONE if backbone == AUTO else backbone
+    found = file_backbone(str(weights))
+    if backbone not in (AUTO, found):
+        raise mismatch(backbone, found, str(weights))
+    return found

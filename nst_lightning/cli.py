@@ -26,6 +26,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.trainer.states import TrainerStatus
 
 from nst_lightning import batch, checks
+from nst_lightning.backbones import resolve_backbone
 from nst_lightning.callbacks import ImageWriter, partial_path
 from nst_lightning.checkpoint import AtomicCheckpointIO, check_same_config, read_checkpoint
 from nst_lightning.console import ProgressBar
@@ -59,9 +60,7 @@ class StyleTransferCLI(LightningCLI):
     # Whether output.path is this command's image (a batch names its own outputs).
     writes_output_path = True
 
-    def __init__(
-        self, *args, trainer_overrides: dict[str, Any] | None = None, verbose: bool = False, **kwargs
-    ) -> None:
+    def __init__(self, *args, trainer_overrides: dict[str, Any] | None = None, verbose: bool = False, **kwargs) -> None:
         self.started = time.perf_counter()
         self.trainer_overrides = dict(trainer_overrides or {})
         self.verbose = verbose
@@ -72,8 +71,8 @@ class StyleTransferCLI(LightningCLI):
         parser_kwargs.setdefault("description", "nst-lightning: neural style transfer (Gatys et al.) with Lightning.")
         parser_kwargs.setdefault(
             "epilog",
-            "commands: 'fit' stylises one image (nst-lightning fit --help lists every setting); "
-            "'batch' stylises many content/style pairs (nst-lightning batch --help); nst-lightning --help: all.",
+            "commands: 'fit' stylises one image (fit --help lists every setting; --weights FILE and --backbone NAME "
+            "stand for --model.weights, --model.backbone); 'batch' many pairs (nst-lightning batch --help).",
         )
         kwargs["parser_kwargs"] = parser_kwargs
         super().__init__(StyleTransfer, StyleTransferDataModule, *args, **kwargs)
@@ -104,13 +103,14 @@ class StyleTransferCLI(LightningCLI):
         return self._command(self.config)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        """LightningCLI's parsing, then ``--ckpt_path`` checked before anything loads: a readable
-        nst-lightning checkpoint, made with the model and data settings of this run (a difference is
-        refused with the list of differing keys). A run normalised with measured layer means goes on
-        with the checkpoint's means, not with fresh measurements."""
+        """LightningCLI's parsing; ``model.backbone: auto`` made the weights file's backbone; then ``--ckpt_path``
+        checked before anything loads: a readable nst-lightning checkpoint, made with this run's model and data
+        settings (a difference is refused with the list of differing keys). A run normalised with measured layer
+        means goes on with the checkpoint's means, not with fresh measurements."""
         super().parse_arguments(parser, args)
         absolute_paths(self.config)  # what the classes, config.yaml and hparams get
         config = self._subcommand_config()
+        config.model.backbone = resolve_backbone(config.model.backbone, checks.plain(config.model.weights))
         ckpt_path = config.get("ckpt_path")
         if not ckpt_path or str(ckpt_path) in checks.SPECIAL_CKPT_PATHS or "://" in str(ckpt_path):
             return

@@ -17,7 +17,15 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from nst_lightning.backbones import IMAGENET_MEAN, IMAGENET_STD, backbone_spec, check_layers, load_backbone
+from nst_lightning.backbones import (
+    AUTO,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    backbone_spec,
+    check_layers,
+    load_backbone,
+    resolve_backbone,
+)  # fmt: skip
 from nst_lightning.errors import ConfigError, ImageError, WeightsError
 from nst_lightning.files import file_stamp
 from nst_lightning.image_io import load_images
@@ -112,7 +120,8 @@ class FeatureExtractor(nn.Module):
 
     Args:
         layers: names of the layers whose activations are returned (``conv4_2``, ``relu3_1``...).
-        backbone: one of :data:`~nst_lightning.backbones.BACKBONES`.
+        backbone: one of :data:`~nst_lightning.backbones.BACKBONES`, or ``auto``: the backbone of the weights
+            file, vgg19 with ``imagenet`` or ``random`` weights (a name the file contradicts is refused).
         weights: ``imagenet``, ``random`` or the path of a torchvision state dict; None builds the network
             without weights (under ``torch.device("meta")``: its shapes alone, as the memory estimate uses it).
         pooling: ``max`` (as the network was trained) or ``avg`` (as Gatys et al. recommend).
@@ -130,7 +139,7 @@ class FeatureExtractor(nn.Module):
     def __init__(
         self,
         layers: Sequence[str],
-        backbone: str = "vgg19",
+        backbone: str = AUTO,
         weights: str | None = "imagenet",
         pooling: Pooling = "max",
         channels_last: bool = True,
@@ -141,6 +150,7 @@ class FeatureExtractor(nn.Module):
         if pooling not in POOLINGS:
             raise ConfigError(f"unknown pooling {pooling!r}: choose {' or '.join(map(repr, POOLINGS))}")
         wanted = list(dict.fromkeys(layers))
+        backbone = resolve_backbone(backbone, weights)
         check_layers(backbone, wanted)  # before the weights load: a typo costs nothing
         spec = backbone_spec(backbone)
         features = spec.build() if weights is None else load_backbone(backbone, weights)

@@ -57,6 +57,7 @@ def cli_main(args: list[str] | None = None) -> None:
             print(configs.config_list(), flush=True)
         return
     from nst_lightning import checks, console
+    from nst_lightning.parsing import expand_shorthands
     from nst_lightning.runtime import keep_freed_memory, set_default_threads
 
     set_default_threads()
@@ -79,7 +80,7 @@ def cli_main(args: list[str] | None = None) -> None:
         except NSTError as err:  # values that parse but cannot work, as fit's own checks say them
             _stop("error", str(err), EXIT_ERROR)
         try:
-            argv = ["--output.overwrite=true" if arg == "--overwrite" else arg for arg in argv]
+            argv = ["--output.overwrite=true" if arg == "--overwrite" else arg for arg in expand_shorthands(argv)]
             argv = configs.resolve_config_names(argv)
             checks.check_config_files(argv)
         except NSTError as err:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nst_lightning import checks, schedule
+from nst_lightning.backbones import AUTO, resolve_backbone
 from nst_lightning.checkpoint import check_resume, saved_scale, upgrade_state_dict
 from nst_lightning.checks import CONTENT_LAYERS, LBFGS_HISTORY_SIZE, STYLE_LAYERS, Optimizer, PreserveColor, StyleLoss
 from nst_lightning.closure import Evaluator
@@ -48,9 +49,9 @@ class StyleTransfer(L.LightningModule):
         preserve_color: keep the content's colours: 'none', 'luminance' (transfer on luminance
             only, Gatys et al. 2017) or 'histogram' (recolour the style images to the content's
             colour distribution before optimising).
-        backbone: feature network: vgg19, vgg16 or resnet18.
+        backbone: auto (the weights file's; vgg19 for imagenet, random), vgg19, vgg16 or resnet18.
         weights: backbone weights: 'imagenet' (torchvision, via the torch hub cache), 'random'
-            (tests and dry runs only) or the path of a torchvision state dict.
+            (tests and dry runs only) or the path of a state dict (its backbone is read from it).
         normalize: normalise the network as Gatys et al. did: each layer divided by its mean
             activation on the shipped sample images, so the loss weights mean the same for any
             weights file (torchvision's and Caffe-converted ones, whose activations are ~100x larger).
@@ -85,7 +86,7 @@ class StyleTransfer(L.LightningModule):
         tv_weight: float = 0.0,
         style_loss: StyleLoss = "gram",
         preserve_color: PreserveColor = "none",
-        backbone: str = "vgg19",
+        backbone: str = AUTO,
         weights: checks.NamedWeights | checks.InputPath = "imagenet",
         normalize: bool = True,
         layer_means: dict[str, float] | None = None,
@@ -108,6 +109,7 @@ class StyleTransfer(L.LightningModule):
         if style_layer_weights is None:
             style_layer_weights = [1.0] * len(style_layers)
         style_layer_weights = [float(w) for w in style_layer_weights]
+        backbone = resolve_backbone(backbone, weights)  # the name recorded: what was built
         self.save_hyperparameters()
         checks.check_model(**self.hparams)  # every setting, before the weights load
         extractor = FeatureExtractor(

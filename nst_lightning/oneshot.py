@@ -51,7 +51,7 @@ FLAGS = (
     ("--style-weight", float, "W", "style against content: 1e5 keeps more of the photo, 1e7 less (1e6)"),
     ("--content-weight", float, "W", "weight of the content loss (1)"),
     ("--seed", int, "N", "seed of the run, and of a noise start (0)"),
-    ("--weights", str, "FILE", "the network's weights: imagenet, random (tests) or a file (imagenet)"),
+    ("--weights", str, "FILE", "the network's weights: imagenet, random (tests) or a file (its backbone is read)"),
 )
 CONFIG_HELP = "a config file, or a shipped config by name (nst-lightning configs); several overlay"
 
@@ -85,7 +85,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument(flag, type=kind, metavar=metavar, help=text)
     p.add_argument("--preserve-color", choices=PRESERVE_COLOR, help="keep the photo's colours (none)")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), help="where to run (auto: a GPU where there is one)")
-    p.add_argument("--backbone", choices=BACKBONE_NAMES, help="the feature network (vgg19)")
+    p.add_argument("--backbone", choices=("auto", *BACKBONE_NAMES), help="the network (auto: the file's, or vgg19)")
     p.add_argument("--config", action="append", default=[], metavar="FILE|NAME", help=CONFIG_HELP)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other key: model.tv_weight=1")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (else it is refused)")

@@ -96,12 +96,12 @@ def test_bad_weight_files_get_clear_errors(tmp_path, vgg19_features_state):
     wrong_arch = tmp_path / "vgg16.pth"
     with pytest.warns(UserWarning):
         torch.save(load_backbone("vgg16", "random").state_dict(), wrong_arch)
-    with pytest.raises(WeightsError, match="do not fit vgg19"):
+    with pytest.raises(WeightsError, match=r"^model.backbone is vgg19 but .*vgg16.pth holds a VGG-16: set"):
         load_backbone("vgg19", str(wrong_arch))
     wrong_shape = dict(vgg19_features_state)
     wrong_shape["0.weight"] = torch.zeros(8, 3, 3, 3)
     torch.save(wrong_shape, tmp_path / "shape.pth")
-    with pytest.raises(WeightsError, match="size mismatch"):
+    with pytest.raises(WeightsError, match="holds a VGG-19 whose .*0.weight is 8x3x3x3 where VGG-19 has 64x3x3x3"):
         load_backbone("vgg19", str(tmp_path / "shape.pth"))
 
 

@@ -95,7 +95,7 @@ def test_default_config_holds_the_seed_defaults(capsys):
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["trainer"]["max_steps"] == 300
     assert config["trainer"]["accelerator"] == "auto"
-    assert config["model"]["backbone"] == "vgg19" and config["model"]["weights"] == "imagenet"
+    assert config["model"]["backbone"] == "auto" and config["model"]["weights"] == "imagenet"  # auto: vgg19 here
     assert config["model"]["content_weight"] == 1.0 and config["model"]["style_weight"] == 1e6
     assert config["model"]["optimizer"] == "lbfgs"
     assert config["data"]["image_size"] == 512

@@ -145,7 +145,7 @@ def test_the_token_is_needed_on_every_api_call(tmp_path, uploads):
         assert post_job(client, uploads).status_code == 401
         assert client.get("/api/jobs", headers={"Authorization": "Bearer s3cret"}).json() == []
         assert client.get("/api/jobs?token=s3cret").status_code == 200
-        assert client.get("/api/options", headers={"X-Token": "s3cret"}).json()["weights"][:2] == ["imagenet", "random"]
+        assert "random" in client.get("/api/options", headers={"X-Token": "s3cret"}).json()["weights"]
 
 
 def test_cancel_stops_a_run_and_keeps_its_image_and_takes_a_queued_job_off(tmp_path, uploads):

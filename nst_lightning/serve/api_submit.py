@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from nst_lightning.serve import jobs, settings
 from nst_lightning.serve.deps import MAX_STYLES, ApiError, Server, check_token, server
 from nst_lightning.serve.uploads import display_name, save_upload
+from nst_lightning.serve.weights import check_choice
 
 router = APIRouter(prefix="/api", dependencies=[Depends(check_token)])
 
@@ -49,6 +50,7 @@ def options(state: Server = Depends(server)) -> dict[str, Any]:
     return {
         "backbones": list(BACKBONES),
         "weights": list(state.weights),
+        "weights_backbones": state.offer.backbones,  # the backbones each loads with: the page picks the first
         "preserve_color": list(PreserveColor.__args__),
         "defaults": defaults(),
         "max_upload_mb": state.max_upload_mb,
@@ -73,6 +75,7 @@ async def create_job(
         raise ApiError(422, f"settings is not valid JSON ({err}): send an object of config keys", "settings") from None
     try:
         arguments = settings.settings_arguments(chosen, state.weights)
+        check_choice(chosen, state.offer, given_only=True)  # before validate, which would name the server's file
     except settings.SettingsError as err:
         raise ApiError(422, str(err), err.key) from None
     store = state.store
@@ -90,6 +93,7 @@ async def create_job(
         own = settings.fit_arguments(folder, content_path, styles, [], state.preview_every)
         try:
             parsed = await run_in_threadpool(settings.validate, fit, own, state.weights)
+            check_choice(chosen, state.offer)  # the weights a job left out (imagenet) must be offered too
         except settings.SettingsError as err:
             raise ApiError(422, state.scrubber.scrub(str(err), folder), err.key) from None
         names = {

@@ -20,22 +20,12 @@ from nst_lightning.serve import api_files, api_jobs, api_submit, jobs, settings
 from nst_lightning.serve.deps import MAX_STYLES, PREVIEW_EVERY, ApiError, Server
 from nst_lightning.serve.guards import BodyLimit, BodyTooLarge, HostOriginGuard, Scrubber
 from nst_lightning.serve.uploads import decode_slots
+from nst_lightning.serve.weights import offered_weights, warnings_of
 
 STATIC = Path(__file__).resolve().parent / "static"
 UPLOAD_LIMIT_MB = 25.0
 FORM_BYTES = 1_000_000
 """What a job's form may hold besides its images (the settings, the multipart framing)."""
-
-
-def offered_weights(weights_dir: Path | None) -> dict[str, str]:
-    """The ``model.weights`` a job may pick: ``imagenet``, ``random``, and each ``.pth`` / ``.pt`` file of
-    ``weights_dir`` by its name (mapped to its path)."""
-    offered = {name: name for name in settings.NAMED_WEIGHTS}
-    if weights_dir is not None and weights_dir.is_dir():
-        for path in sorted(weights_dir.iterdir()):
-            if path.suffix in (".pth", ".pt") and path.is_file():
-                offered[path.name] = str(path.resolve())
-    return offered
 
 
 def create_app(
@@ -58,8 +48,9 @@ def create_app(
             None (for an app embedded in a server of one's own) checks no ``Host``. ``serve`` always sets it.
     """
     store = jobs.JobStore(Path(data))
-    weights = offered_weights(Path(weights_dir) if weights_dir else store.data / "weights")
-    state = Server(store, weights, token, max_upload_mb, preview_every, Scrubber(store.data, weights))
+    weights_dir = Path(weights_dir) if weights_dir else store.data / "weights"
+    offer = offered_weights(weights_dir)
+    state = Server(store, offer.paths, token, max_upload_mb, preview_every, Scrubber(store.data, offer.paths), offer)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -78,6 +69,7 @@ def create_app(
 
     app = FastAPI(title="nst-lightning", summary="Neural style transfer jobs: upload, watch, keep.", lifespan=lifespan)
     app.state.server = state
+    app.state.weights_warnings = warnings_of(offer, weights_dir)  # serve prints them at its start
     app.state.store = store
     app.state.workers = state.workers
 

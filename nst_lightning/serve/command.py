@@ -88,6 +88,8 @@ def serve_main(argv: list[str]) -> None:
     except OSError as err:
         sys.stderr.write(f"nst-lightning: error: cannot use --data {data}: {err.strerror or err}\n")
         raise SystemExit(1) from None
+    for line in app.state.weights_warnings:
+        sys.stderr.write(f"nst-lightning: warning: {line}\n")
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -12,6 +12,7 @@ from fastapi import Request
 from nst_lightning.errors import NSTError
 from nst_lightning.serve import jobs, progress
 from nst_lightning.serve.guards import Scrubber
+from nst_lightning.serve.weights import Offer
 
 MAX_STYLES = 8
 PREVIEW_EVERY = 5
@@ -38,6 +39,8 @@ class Server:
     max_upload_mb: float = 25.0
     preview_every: int = PREVIEW_EVERY
     scrubber: Scrubber = field(default_factory=Scrubber)
+    offer: Offer = field(default_factory=Offer)
+    """The weights offered, with the backbones each loads with."""
     workers: list[jobs.Worker] = field(default_factory=list)
 
     @property

@@ -68,12 +68,21 @@ function fill(select, values, chosen) {
   select.replaceChildren(...values.map((value) => new Option(value, value, false, value === chosen)));
 }
 
+let weightsBackbones = {};  // each offered weights name: the backbones it loads with (the server's list)
+
+// The backbone choices are those the chosen weights load with (a file: the backbone read from it).
+function syncBackbone(preferred) {
+  const allowed = weightsBackbones[$("weights").value] || [];
+  fill($("backbone"), allowed, allowed.includes(preferred) ? preferred : allowed[0]);
+}
+
 function applySettings(settings) {
   const fields = { "data.image_size": "size", "trainer.max_steps": "steps", "model.style_weight": "style-weight",
-    "model.preserve_color": "preserve-color", "model.backbone": "backbone", "model.weights": "weights" };
+    "model.preserve_color": "preserve-color", "model.weights": "weights" };
   for (const [key, id] of Object.entries(fields)) {
     if (settings[key] !== undefined && settings[key] !== null) $(id).value = settings[key];
   }
+  syncBackbone(settings["model.backbone"]);
 }
 
 function chosenSettings() {
@@ -274,9 +283,10 @@ async function init() {
     const options = await api("/options");
     const d = options.defaults;
     fill($("preserve-color"), options.preserve_color, d["model.preserve_color"]);
-    fill($("backbone"), options.backbones, d["model.backbone"]);
+    weightsBackbones = options.weights_backbones;
     fill($("weights"), options.weights, options.weights.includes(d["model.weights"]) ? d["model.weights"] : options.weights[0]);
-    applySettings(d);
+    $("weights").addEventListener("change", () => syncBackbone($("backbone").value));
+    applySettings(Object.assign({}, d, { "model.weights": $("weights").value }));
   } catch (err) {
     say(err.message + (token ? "" : " (open the address the server printed, with its ?token=)"));
   }
