@@ -102,6 +102,9 @@ class StyleTransferCLI(LightningCLI):
     def _subcommand_config(self) -> Namespace:
         return self._command(self.config)
 
+    def check_parsed(self) -> None:
+        """Runs on the parsed configuration before any file it names is opened (the web app's confinement)."""
+
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """LightningCLI's parsing; ``model.backbone: auto`` made the weights file's backbone; then ``--ckpt_path``
         checked before anything loads: a readable nst-lightning checkpoint, made with this run's model and data
@@ -109,6 +112,7 @@ class StyleTransferCLI(LightningCLI):
         means goes on with the checkpoint's means, not with fresh measurements."""
         super().parse_arguments(parser, args)
         absolute_paths(self.config)  # what the classes, config.yaml and hparams get
+        self.check_parsed()
         config = self._subcommand_config()
         config.model.backbone = resolve_backbone(config.model.backbone, checks.plain(config.model.weights))
         ckpt_path = config.get("ckpt_path")

@@ -109,7 +109,7 @@ def test_bad_uploads_are_refused_by_content(tmp_path, uploads, field, body, stat
     [
         ({"model": {"style_wieght": 1}}, "model.style_wieght", "unrecognized"),
         ({"model": {"style_weight": "much"}}, "model.style_weight", "Expected a"),
-        ({"model": {"style_weight": -1}}, "model.style_weight", "finite number >= 0"),
+        ({"model": {"style_weight": -1, "weights": "random"}}, "model.style_weight", "finite number >= 0"),
         ({"trainer": {"max_steps": 0}}, "trainer.max_steps", "at least 1"),
         ({"trainer": {"default_root_dir": "/"}}, "trainer.default_root_dir", "not a setting a job can change"),
         ({"output": {"path": "/tmp/x.png"}}, "output.path", "set by the server"),

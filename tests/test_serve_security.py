@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi", reason="the web app's tests need its extra: pip install -e '.[web]'")
 pytest.importorskip("multipart", reason="the web app's tests need python-multipart: pip install -e '.[web]'")
@@ -23,6 +24,7 @@ with warnings.catch_warnings():  # Starlette 1.x: httpx in its test client is de
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient  # noqa: E402
 
+from nst_lightning.backbones import load_backbone  # noqa: E402
 from nst_lightning.serve import app as app_module  # noqa: E402
 from nst_lightning.serve import settings as settings_module  # noqa: E402
 from nst_lightning.serve.app import create_app  # noqa: E402
@@ -166,7 +168,12 @@ def test_values_that_crashed_the_handler_are_a_422_naming_the_key(tmp_path, uplo
 def test_a_failed_jobs_error_names_no_server_path(tmp_path, uploads):
     weights = tmp_path / "secret-weights-folder"
     weights.mkdir()
-    (weights / "broken.pth").write_bytes(b"not a state dict at all")
+    # A VGG-16 the server offers (its layers' shapes are right) whose values are damaged: the run fails at load.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = load_backbone("vgg16", "random").state_dict()
+    state["0.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, weights / "broken.pth")
     with TestClient(create_app(tmp_path / "data", weights_dir=weights)) as client:
         response = post_job(client, uploads, merged({"model": {"weights": "broken.pth"}}))
         assert response.status_code == 201, response.text

@@ -80,7 +80,7 @@ def test_imagenet_is_offered_for_the_backbones_whose_download_is_cached_and_whol
         ({"weights": "sixteen.pth", "backbone": "vgg19"}, "model.backbone", "'vgg19' does not go with the weights "
          "sixteen.pth: choose vgg16"),
         ({"weights": "random", "backbone": "alexnet"}, "model.backbone", "choose vgg19 or vgg16 or resnet18"),
-        ({}, "model.weights", "model.weights 'imagenet' is not offered here: choose sixteen.pth, random"),
+        ({}, "model.weights", "is not offered here: choose sixteen.pth, random"),
         ({"weights": "linear.pth"}, "model.weights", "not offered here"),
     ],
 )  # fmt: skip

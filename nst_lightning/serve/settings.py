@@ -190,9 +190,11 @@ def _parse(arguments: list[str], check: bool = True, hook: Callable[[Any], None]
         pass
 
     class _ParseOnly(StyleTransferCLI):
-        def before_instantiate_classes(self) -> None:
+        def check_parsed(self) -> None:  # before the weights file or a checkpoint is read
             if hook is not None:
                 hook(self)
+
+        def before_instantiate_classes(self) -> None:
             if check:
                 super().before_instantiate_classes()
             raise _Parsed(self.config)
@@ -224,14 +226,15 @@ def _confine(server: Any, config: Any, weights: Mapping[str, str]) -> None:
             raise SettingsError(f"{key} is set by the server: leave it out of the settings", key)
     if checks.plain(config.model.init) not in INITS:
         raise SettingsError("model.init must be content, style or noise (a file cannot be given here)", "model.init")
-    offered = {*weights.values(), *(os.path.realpath(v) for v in weights.values() if os.path.isabs(v))}
-    if str(checks.plain(config.model.weights)) not in offered:
-        raise SettingsError(f"model.weights is not offered here: choose {', '.join(weights)}", "model.weights")
     steps = config.trainer.max_steps
     if isinstance(steps, int) and steps > INT64:
         raise SettingsError(f"trainer.max_steps {steps} is over the most this server keeps ({INT64})",
                             "trainer.max_steps")  # fmt: skip
     _check_seed("model.seed", config.model.seed)
+    # Last: where a job leaves model.weights out, its default (imagenet) may be what is not offered.
+    offered = {*weights.values(), *(os.path.realpath(v) for v in weights.values() if os.path.isabs(v))}
+    if str(checks.plain(config.model.weights)) not in offered:
+        raise SettingsError(f"model.weights is not offered here: choose {', '.join(weights)}", "model.weights")
 
 
 def validate(arguments: list[str], server_arguments: list[str], weights: Mapping[str, str]) -> dict[str, Any]:
