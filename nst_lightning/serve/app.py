@@ -21,7 +21,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from nst_lightning.serve import jobs, progress, settings
+from nst_lightning.serve import failures, jobs, progress, settings
 from nst_lightning.serve.progress import PREVIEW_FILE
 from nst_lightning.serve.uploads import UploadError, display_name, save_upload
 
@@ -106,7 +106,7 @@ def create_app(
             worker.stop()
         for worker in workers:
             await run_in_threadpool(worker.join, jobs.STOP_WAIT_SECONDS + 10)
-        await run_in_threadpool(store.recover)  # the runs stopped here resume at the next start
+        await run_in_threadpool(store.close)  # the runs stopped here resume at the next start; the folder is let go
 
     app = FastAPI(title="nst-lightning", summary="Neural style transfer jobs: upload, watch, keep.", lifespan=lifespan)
     app.state.store = store
@@ -117,6 +117,7 @@ def create_app(
         return JSONResponse({"detail": str(err), "key": err.key}, status_code=err.status)
 
     app.add_exception_handler(UploadError, api_error)
+    failures.install(app)  # 503 while the job store cannot be written, 507 for a full disk
 
     @app.exception_handler(RequestValidationError)
     async def request_error(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -276,7 +277,7 @@ def create_app(
                 await asyncio.sleep(EVENT_POLL_SECONDS)
 
         headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
-        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+        return StreamingResponse(progress.with_keepalive(stream()), media_type="text/event-stream", headers=headers)
 
     def image(job_id: str, names: tuple[str, ...], what: str, download: str | None = None) -> FileResponse:
         job = job_or_404(job_id)
