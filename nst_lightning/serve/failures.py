@@ -6,7 +6,9 @@ from __future__ import annotations
 import errno
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException  # what FastAPI raises for a body it cannot parse
 
 from nst_lightning.serve.store import StoreUnavailable
 
@@ -16,7 +18,8 @@ RETRY_AFTER_SECONDS = 5
 
 
 def install(app: FastAPI) -> None:
-    """Adds the handlers of :class:`~nst_lightning.serve.store.StoreUnavailable` and ``OSError`` to ``app``."""
+    """Adds the handlers of :class:`~nst_lightning.serve.store.StoreUnavailable` and ``OSError`` to ``app``, and
+    one for FastAPI's 400 "error parsing the body" where the cause is an upload's spool file meeting a full disk."""
 
     @app.exception_handler(StoreUnavailable)
     async def store_unavailable(request: Request, err: StoreUnavailable) -> JSONResponse:
@@ -36,3 +39,9 @@ def install(app: FastAPI) -> None:
             return JSONResponse({"detail": detail, "key": None}, status_code=503, headers=headers)
         detail = f"the server could not read or write its files ({reason})"
         return JSONResponse({"detail": detail, "key": None}, status_code=500)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> Response:
+        if isinstance(err.__cause__, OSError):  # the form's files are spooled to the temporary folder: it was full
+            return await storage_failed(request, err.__cause__)
+        return await http_exception_handler(request, err)

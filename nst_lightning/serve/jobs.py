@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from nst_lightning.serve.progress import latest_checkpoint, read_progress
-from nst_lightning.serve.store import STORE_FILE, DataLock, check_columns, open_store, transaction
+from nst_lightning.serve.store import STORE_FILE, DataLock, open_store, transaction
 
 FINISHED = ("done", "failed", "cancelled")
 RESULT_FILE = "result.png"
@@ -104,8 +104,7 @@ class JobStore:
         self.path = self.data / STORE_FILE
         self.lock = DataLock(self.data)  # before anything is read: a second server is refused, not let in
         try:
-            open_store(self.path, _SCHEMA)
-            check_columns(self.path, (*_COLUMNS, "arguments", "resume", "cancel", "pid", "device"))
+            open_store(self.path, _SCHEMA, (*_COLUMNS, "arguments", "resume", "cancel", "pid", "device"))
         except BaseException:
             self.lock.release()
             raise

@@ -69,10 +69,11 @@ def transaction(path: Path, write: bool = True) -> Iterator[sqlite3.Connection]:
         db.close()
 
 
-def open_store(path: Path, schema: str) -> None:
+def open_store(path: Path, schema: str, columns: tuple[str, ...]) -> None:
     """Checks the store file at ``path`` before a server uses it (a new one is made with ``schema``): one that is
-    not a SQLite database, is damaged, holds another program's tables, or cannot be opened or written raises
-    :class:`StoreRefused` with one line naming the file and what to do."""
+    not a SQLite database, is damaged, holds another program's tables (or a ``jobs`` table without ``columns``),
+    or cannot be opened or written raises :class:`StoreRefused` with one line naming the file and what to do; such
+    a file is left as it was."""
     fix_other = "move it away (a new, empty store is made) or give another --data folder"
     try:
         with contextlib.closing(sqlite3.connect(path, timeout=STORE_TIMEOUT_SECONDS, isolation_level=None)) as db:
@@ -86,6 +87,13 @@ def open_store(path: Path, schema: str) -> None:
                 what = f"application id {app_id:#x}" if app_id not in (0, APPLICATION_ID) else "tables "
                 what += ", ".join(sorted(tables - TABLES)) if tables - TABLES else ""
                 raise StoreRefused(f"{path} is not a job store of nst-lightning ({what}): {fix_other}")
+            found = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+            missing = [column for column in columns if column not in found]
+            if found and missing:
+                raise StoreRefused(
+                    f"{path} is not a job store of this nst-lightning (its jobs table has no {', '.join(missing)}): "
+                    f"{fix_other}"
+                )
             db.execute("PRAGMA journal_mode=WAL")  # readers never wait for the workers' writes
             db.execute("BEGIN IMMEDIATE")
             db.execute(schema)
@@ -101,18 +109,6 @@ def open_store(path: Path, schema: str) -> None:
             f"cannot open the job store {path} ({reason}): make the --data folder and the file writable, stop the "
             "program that holds it, or give another --data folder"
         ) from None
-
-
-def check_columns(path: Path, columns: tuple[str, ...]) -> None:
-    """A ``jobs`` table without the columns this version reads is another program's (or a newer version's)."""
-    with contextlib.closing(sqlite3.connect(path, timeout=STORE_TIMEOUT_SECONDS)) as db:
-        found = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
-    missing = [column for column in columns if column not in found]
-    if missing:
-        raise StoreRefused(
-            f"{path} is not a job store of this nst-lightning (its jobs table has no {', '.join(missing)}): "
-            "move it away (a new, empty store is made) or give another --data folder"
-        )
 
 
 class DataLock:
