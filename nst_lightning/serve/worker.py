@@ -50,8 +50,8 @@ class Worker(threading.Thread):
         while not self.stopping.is_set():
             try:
                 claimed = self.store.claim(self.device)
-            except StoreUnavailable as err:  # a lock held elsewhere, a read-only disk...: wait, then try again
-                self._trouble(err)
+            except Exception as err:  # noqa: BLE001 - a lock held elsewhere, a read-only disk...: wait, try again
+                self._trouble(err if isinstance(err, StoreUnavailable) else StoreUnavailable(f"the job store ({err})"))
                 self.stopping.wait(delay)
                 delay = min(2 * delay, RETRY_MAX_SECONDS)
                 continue
