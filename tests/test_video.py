@@ -385,3 +385,22 @@ def test_devices_above_one_needs_the_real_command_line(tmp_path, clip, style, ca
     lines = [line for line in capsys.readouterr().err.splitlines() if "weights is 'random'" not in line]
     assert stopped.value.code == 1 and len(lines) == 1 and "re-run the command line" in lines[0], lines
     assert not (tmp_path / "out.mp4.parts").exists()
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_frames_done(tmp_path, clip, style):
+    import resource
+
+    def small_files():  # files over 16 kB fail (EFBIG, as a full disk gives ENOSPC): the frames fit, a flow does not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16_000, 16_000))
+
+    out = tmp_path / "out.mp4"
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    result = subprocess.run([sys.executable, str(REPO / "cli.py"), "video", str(clip), str(style), "-o", str(out),
+                             *FAST], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                            preexec_fn=small_files)  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if "weights is 'random'" not in line]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith(f"nst-lightning: error: cannot write {out}.parts/flow/000002.npz: File too large")
+    assert f"frame 1 is kept in {out}.parts" in lines[0] and "resume at frame 2" in lines[0]
+    assert not out.exists() and [p.name for p in (tmp_path / "out.mp4.parts" / "flow").iterdir()] == []
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")], "no half-written file"

@@ -84,7 +84,7 @@ async def job_events(job_id: str, request: Request, state: Server = Depends(serv
             await asyncio.sleep(EVENT_POLL_SECONDS)
 
     headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
-    return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+    return StreamingResponse(progress.with_keepalive(stream()), media_type="text/event-stream", headers=headers)
 
 
 @router.post("/jobs/{job_id}/cancel")

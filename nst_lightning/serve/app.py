@@ -16,7 +16,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from nst_lightning.serve import api_files, api_jobs, api_submit, jobs, settings
+from nst_lightning.serve import api_files, api_jobs, api_submit, failures, jobs, settings
 from nst_lightning.serve.deps import MAX_STYLES, PREVIEW_EVERY, ApiError, Server
 from nst_lightning.serve.guards import BodyLimit, BodyTooLarge, HostOriginGuard, Scrubber
 from nst_lightning.serve.uploads import decode_slots
@@ -65,7 +65,7 @@ def create_app(
             worker.stop()
         for worker in state.workers:
             await run_in_threadpool(worker.join, jobs.STOP_WAIT_SECONDS + 10)
-        await run_in_threadpool(store.recover)  # the runs stopped here resume at the next start
+        await run_in_threadpool(store.close)  # the runs stopped here resume at the next start; the folder is let go
 
     app = FastAPI(title="nst-lightning", summary="Neural style transfer jobs: upload, watch, keep.", lifespan=lifespan)
     app.state.server = state
@@ -76,6 +76,8 @@ def create_app(
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
         return JSONResponse({"detail": state.scrubber.scrub(str(err)), "key": err.key}, status_code=err.status)
+
+    failures.install(app)  # 503 while the job store cannot be written, 507 for a full disk
 
     @app.exception_handler(BodyTooLarge)
     async def too_large(request: Request, err: BodyTooLarge) -> JSONResponse:

@@ -10,6 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
+from nst_lightning.errors import NSTError
 from nst_lightning.oneshot import OneLineParser
 
 DEFAULT_DATA = "nst-serve"
@@ -88,6 +89,9 @@ def serve_main(argv: list[str]) -> None:
     except OSError as err:
         sys.stderr.write(f"nst-lightning: error: cannot use --data {data}: {err.strerror or err}\n")
         raise SystemExit(1) from None
+    except NSTError as err:  # a store that is damaged or not ours, a folder another server holds
+        sys.stderr.write(f"nst-lightning: error: {err}\n")
+        raise SystemExit(1) from None
     for line in app.state.weights_warnings:
         sys.stderr.write(f"nst-lightning: warning: {line}\n")
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
@@ -104,6 +108,7 @@ def serve_main(argv: list[str]) -> None:
         raise SystemExit(1) from None
     query = f"?token={args.token}" if args.token else ""
     shown = f"[{args.host}]" if ":" in args.host else args.host
+    app.state.store.lock.announce(f"http://{shown}:{args.port}/")  # named to a second server on this folder
     print(f"nst-lightning: serving on http://{shown}:{args.port}/{query} (jobs in {data.resolve()}; Ctrl-C stops)",
           flush=True)  # fmt: skip
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))

@@ -1,4 +1,5 @@
-"""The server's jobs: a SQLite store in the data folder, and one worker per device that runs them one at a time.
+"""The server's jobs: a SQLite store in the data folder (:mod:`.store`); one worker per device runs them one at a
+time (:mod:`.worker`).
 
 Each job is a folder ``<data>/jobs/<id>/`` with its uploads, ``result.png`` (``result.partial.png`` when it
 stopped early), ``preview.png``, ``progress.jsonl``, ``run.log`` and the run's ``lightning_logs`` (TensorBoard,
@@ -14,17 +15,14 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
-import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nst_lightning.serve.progress import LOG_FILE, last_error, latest_checkpoint, read_progress
+from nst_lightning.serve.progress import latest_checkpoint, read_progress
+from nst_lightning.serve.store import STORE_FILE, DataLock, open_store, transaction
 
 FINISHED = ("done", "failed", "cancelled")
 RESULT_FILE = "result.png"
@@ -103,27 +101,25 @@ class JobStore:
         self.data = Path(data)
         self.jobs_dir = self.data / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.data / "jobs.sqlite3"
-        with contextlib.closing(sqlite3.connect(self.path, timeout=30)) as db:
-            db.execute("PRAGMA journal_mode=WAL")  # readers never wait for the workers' writes
-        with self._db() as db:
-            db.execute(_SCHEMA)
-
-    @contextlib.contextmanager
-    def _db(self, write: bool = True) -> Iterator[sqlite3.Connection]:
-        """A connection whose ``with`` block is one transaction (committed, or rolled back on an error); a
-        writing one takes the write lock at once, so that a read-then-write (a claim) cannot interleave."""
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        self.path = self.data / STORE_FILE
+        self.lock = DataLock(self.data)  # before anything is read: a second server is refused, not let in
         try:
-            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+            open_store(self.path, _SCHEMA, (*_COLUMNS, "arguments", "resume", "cancel", "pid", "device"))
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def close(self) -> None:
+        """At a stop, once the workers have stopped: :meth:`recover`, then the data folder is let go (for another
+        server; a process that dies lets it go too)."""
+        try:
+            self.recover()
         finally:
-            db.close()
+            self.lock.release()
+
+    def _db(self, write: bool = True) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """One transaction (:func:`~nst_lightning.serve.store.transaction`); raises :class:`StoreUnavailable`."""
+        return transaction(self.path, write)
 
     def folder(self, job_id: str) -> Path:
         """The job's folder (``job_id`` must be an id: :func:`is_job_id`)."""
@@ -231,106 +227,39 @@ class JobStore:
             self.update(job_id, state="queued", pid=None, resume=str(checkpoint) if checkpoint else None, note=note)
 
 
-def stop_process(pid: int, job_id: str, wait: float = STOP_WAIT_SECONDS) -> None:
-    """SIGTERM to a job's orphaned run (only if the process is that job's), then wait for it to save and exit."""
+def _is_run(pid: int, job_id: str) -> bool:
+    """Whether process ``pid`` is still ``job_id``'s run (a number used again, or a zombie, is not)."""
     try:
-        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        return job_id.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
+        return False
+
+
+def _gone(pid: int, job_id: str, wait: float) -> bool:
+    deadline = time.monotonic() + wait
+    while _is_run(pid, job_id):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(POLL_SECONDS)
+    return True
+
+
+def stop_process(pid: int, job_id: str, wait: float = STOP_WAIT_SECONDS) -> None:
+    """Waits for a job's run left by a server that stopped (only if the process is that job's run): once its server
+    is gone the run stops by itself with its image and checkpoint (:mod:`nst_lightning.serve.runner`), and a
+    SIGTERM meanwhile would be a second one, which quits at once without them; only a run still there after
+    ``wait`` seconds gets SIGTERM (then as long again to save)."""
+    if _gone(pid, job_id, wait):
         return
-    if job_id.encode() not in command:
-        return  # the number now belongs to another process
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + wait
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(POLL_SECONDS)
+    _gone(pid, job_id, wait)
 
 
-class Worker(threading.Thread):
-    """Runs the store's queued jobs one at a time on one device, each in a process of its own.
+def __getattr__(name: str) -> Any:
+    """``jobs.Worker`` and ``jobs.device_workers``: the worker has a module of its own (:mod:`.worker`)."""
+    if name in ("Worker", "device_workers"):
+        from nst_lightning.serve import worker
 
-    Args:
-        store: the job store.
-        device: the name shown for this worker (``cpu``, ``cuda:0``...).
-        env: extra environment of the runs (``CUDA_VISIBLE_DEVICES`` of this worker's GPU).
-    """
-
-    def __init__(self, store: JobStore, device: str, env: dict[str, str] | None = None) -> None:
-        super().__init__(name=f"nst-worker-{device}", daemon=True)
-        self.store = store
-        self.device = device
-        self.env = dict(env or {})
-        self.stopping = threading.Event()
-        self.process: subprocess.Popen | None = None
-
-    def stop(self) -> None:
-        """Stops taking jobs; a running job gets SIGTERM (it saves its image and checkpoint) and is requeued."""
-        self.stopping.set()
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            claimed = self.store.claim(self.device)
-            if claimed is None:
-                self.stopping.wait(POLL_SECONDS)
-                continue
-            job_id, arguments, resume = claimed
-            try:
-                self._run(job_id, arguments, resume)
-            except Exception as err:  # noqa: BLE001 - a job's failure must not stop the worker
-                self.store.update(job_id, state="failed", error=f"the server could not run the job: {err}", pid=None,
-                                  finished=time.time())  # fmt: skip
-
-    def _run(self, job_id: str, arguments: list[str], resume: str | None) -> None:
-        folder = self.store.folder(job_id)
-        if resume is not None:
-            arguments = [*arguments, f"--ckpt_path={resume}"]
-        command = [sys.executable, "-m", "nst_lightning.serve.runner", job_id, *arguments]
-        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), **self.env}
-        with open(folder / LOG_FILE, "ab") as log:
-            self.process = subprocess.Popen(
-                command, cwd=folder, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True,  # a Ctrl-C at the server's terminal is the server's: it stops the run itself
-            )  # fmt: skip
-        self.store.update(job_id, pid=self.process.pid)
-        signalled = None  # why the run was sent SIGTERM: "cancel" or "stop"
-        seen = (-1, None)
-        while self.process.poll() is None:
-            time.sleep(POLL_SECONDS)
-            seen = self._record_progress(job_id, folder, seen)
-            if signalled is None and self.stopping.is_set():
-                signalled = "stop"
-                self.process.send_signal(signal.SIGTERM)
-            elif signalled is None and self.store.cancel_requested(job_id):
-                signalled = "cancel"
-                self.process.send_signal(signal.SIGTERM)
-        code = self.process.returncode
-        self.process = None
-        self._record_progress(job_id, folder, seen)
-        now = time.time()
-        if signalled == "stop":  # the server stops: the next start resumes the job (JobStore.recover)
-            return
-        if code == 0 and (folder / RESULT_FILE).is_file():
-            self.store.update(job_id, state="done", pid=None, finished=now, error=None)
-        elif signalled == "cancel" or self.store.cancel_requested(job_id):
-            self.store.update(job_id, state="cancelled", pid=None, finished=now)
-        else:
-            self.store.update(job_id, state="failed", pid=None, finished=now, error=last_error(folder))
-
-    def _record_progress(self, job_id: str, folder: Path, seen: tuple[int, Any]) -> tuple[int, Any]:
-        steps = [r for r in read_progress(folder) if "step" in r]
-        if not steps:
-            return seen
-        last = steps[-1]
-        if (last["step"], last.get("loss")) != seen:
-            self.store.update(job_id, step=last["step"], max_steps=last["max_steps"], loss=last.get("loss"))
-        return last["step"], last.get("loss")
-
-
-def device_workers(store: JobStore) -> list[Worker]:
-    """One worker per GPU that Lightning finds (each run sees only its own), else one for the CPU."""
-    from lightning.pytorch.accelerators import CUDAAccelerator
-
-    if CUDAAccelerator.is_available():
-        count = CUDAAccelerator.auto_device_count()
-        return [Worker(store, f"cuda:{index}", {"CUDA_VISIBLE_DEVICES": str(index)}) for index in range(count)]
-    return [Worker(store, "cpu")]
+        return getattr(worker, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,10 @@ from nst_lightning.image_io import save_image
 PROGRESS_FILE = "progress.jsonl"
 PREVIEW_FILE = "preview.png"
 LOG_FILE = "run.log"
+# An event stream with nothing to say sends a comment this often, so that no client or proxy between takes it for
+# a dead connection (read timeouts of 30-60 s are common).
+KEEPALIVE_SECONDS = 15.0
+KEEPALIVE = ": keep-alive\n\n"
 
 
 class JobProgress(L.Callback):
@@ -137,3 +143,27 @@ def last_error(folder: Path) -> str:
         if found:
             return found[-1].replace(str(folder) + os.sep, "")
     return "the run stopped without a reason: see run.log in the job's folder"
+
+
+async def with_keepalive(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The Server-Sent Events of ``events``, with a comment line (:data:`KEEPALIVE`, which clients ignore) after
+    each :data:`KEEPALIVE_SECONDS` in which ``events`` gave nothing."""
+    iterator = events.__aiter__()
+    pending: asyncio.Future | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(iterator.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE_SECONDS)
+            if not done:
+                yield KEEPALIVE
+                continue
+            finished, pending = pending, None
+            try:
+                event = finished.result()
+            except StopAsyncIteration:
+                return
+            yield event
+    finally:
+        if pending is not None:  # the client left while the stream waited: stop waiting with it
+            pending.cancel()

@@ -1,35 +1,42 @@
 """``python -m nst_lightning.serve.runner JOB_ID fit ...``: one server job, run as ``nst-lightning fit`` (the same
-entry point, checks and exit statuses), stopped with SIGTERM like the command line when the server goes away."""
+entry point, checks and exit statuses), stopped with one SIGTERM like the command line when the server goes away."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import sys
+import threading
+import time
 
-_PR_SET_PDEATHSIG = 1
+SERVER_PID_VARIABLE = "NST_SERVER_PID"  # the server's process id, given to its runs
+WATCH_SECONDS = 0.25  # how often a run looks whether its server is still there
 
 
-def stop_with_parent() -> None:
-    """On Linux, SIGTERM this process when the server that started it dies (then the run saves its image and
-    checkpoint, which the next start resumes from); elsewhere nothing."""
-    if not sys.platform.startswith("linux"):
-        return
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the server died before the line above took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+def stop_with_server(server: int | None = None, every: float = WATCH_SECONDS) -> threading.Thread:
+    """SIGTERM this process, once, when the server that started it (process ``server``, default: this one's
+    parent as the server named it) is gone: the run then saves its image and checkpoint, which the next start
+    resumes from. A thread that polls the parent's process id, rather than the kernel's parent-death signal:
+    that signal comes again each time the run passes from one of the dying server's threads to the next, and a
+    second SIGTERM quits at once, without the checkpoint."""
+    if server is None:
+        named = os.environ.get(SERVER_PID_VARIABLE, "")
+        server = int(named) if named.isdigit() else os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == server:
+            time.sleep(every)
+        os.kill(os.getpid(), signal.SIGTERM)  # once: this thread ends here
+
+    thread = threading.Thread(target=watch, name="nst-server-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def main(argv: list[str]) -> None:
     """Runs ``argv[1:]`` (``fit ...``) with :func:`~nst_lightning.main.cli_main`; ``argv[0]`` is the job's id, there
     so that the server can tell its runs from other processes."""
-    stop_with_parent()
+    stop_with_server()
     from nst_lightning.main import cli_main
 
     cli_main(argv[1:])

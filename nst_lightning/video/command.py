@@ -154,7 +154,10 @@ def video_main(argv: list[str], verbose: bool = False) -> None:
     if args.devices > 1 and not args.independent:
         # Which frames start cold changes the frames; with one segment the record is as it always was.
         settings["cold_frames"] = [first for first, _ in layout]
-    resuming = work.claim(settings)
+    try:
+        resuming = work.claim(settings)
+    except OSError as err:
+        raise ImageError(_write_failed(err, work, 0)) from None
     try:
         _run(args, rest, info, size, work, output, kind, resuming, started, verbose, layout)
     except ConfigError as err:  # fit's checks name data.image_size, which is --size here
@@ -165,6 +168,21 @@ def video_main(argv: list[str], verbose: bool = False) -> None:
         if not _is_child():
             _drop_if_unused(work, resuming, info.frames)
         raise
+    except OSError as err:  # a full disk (ENOSPC), a file-size limit (EFBIG): every write is atomic, none is half done
+        if not _is_child():
+            _drop_if_unused(work, resuming, info.frames)
+        raise ImageError(_write_failed(err, work, work.first_unfinished(info.frames))) from None
+
+
+def _write_failed(err: OSError, work: Any, done: int) -> str:
+    """The line for a write that failed: the file, why, what is kept and how to go on."""
+    where = f" {err.filename}" if err.filename else ""
+    if done == 0:
+        kept = "no frame was finished"
+    else:
+        kept = f"frame 1 is kept in {work.root}" if done == 1 else f"frames 1-{done} are kept in {work.root}"
+    return (f"cannot write{where}: {err.strerror or err} ({kept}): free some disk space, then run the same command "
+            f"again to resume at frame {done + 1}")  # fmt: skip
 
 
 def _is_child() -> bool:

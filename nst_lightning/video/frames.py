@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import lightning as L
 import numpy as np
@@ -47,6 +47,16 @@ def to_tensor(pixels: np.ndarray) -> torch.Tensor:
 def save_pixels(pixels: np.ndarray, path: Path) -> None:
     """An (H, W, 3) uint8 array written losslessly and atomically (PNG, :func:`~nst_lightning.image_io.save_image`)."""
     save_image(to_tensor(pixels), path)
+
+
+def write_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """:func:`~nst_lightning.files.atomic_write`, whose ``OSError`` (a full disk...) names ``path``."""
+    try:
+        atomic_write(path, write)
+    except OSError as err:
+        if err.filename is None:
+            err.filename = str(path)
+        raise
 
 
 def read_pixels(path: Path) -> np.ndarray:
@@ -86,7 +96,7 @@ class WorkFolder:
         saved = self.root / SETTINGS_FILE
         kind = file_kind(self.root)
         if kind == "missing":
-            atomic_write(saved, lambda handle: handle.write(json.dumps(settings, indent=1).encode()))
+            write_file(saved, lambda handle: handle.write(json.dumps(settings, indent=1).encode()))
             return False
         try:
             before = json.loads(saved.read_text()) if kind == "folder" else None
@@ -122,7 +132,7 @@ def frame_flows(work: WorkFolder, index: int) -> tuple[np.ndarray, np.ndarray]:
             return saved["forward"], saved["backward"]
     previous, current = read_pixels(work.input(index - 1)), read_pixels(work.input(index))
     forward, backward = optical_flow(previous, current), optical_flow(current, previous)
-    atomic_write(path, lambda handle: np.savez(handle, forward=forward, backward=backward))
+    write_file(path, lambda handle: np.savez(handle, forward=forward, backward=backward))
     return forward, backward
 
 
@@ -202,7 +212,7 @@ class FrameRunner:
             losses = {k: float(v) for k, v in self.module(self.module.image).items() if not k.startswith("style_")}
         result = FrameResult(index, trainer.global_step, time.perf_counter() - started, losses)
         record = {"steps": result.steps, "seconds": result.seconds, "losses": losses}
-        atomic_write(self.work.record(index), lambda handle: handle.write(json.dumps(record).encode()))
+        write_file(self.work.record(index), lambda handle: handle.write(json.dumps(record).encode()))
         self.module.objective.set_temporal(None)
         return result
 
