@@ -69,6 +69,7 @@ def create_app(
 
     app = FastAPI(title="nst-lightning", summary="Neural style transfer jobs: upload, watch, keep.", lifespan=lifespan)
     app.state.server = state
+    app.state.decodes = asyncio.Semaphore(1)  # until the lifespan sizes it from the memory free
     app.state.weights_warnings = warnings_of(offer, weights_dir)  # serve prints them at its start
     app.state.store = store
     app.state.workers = state.workers
