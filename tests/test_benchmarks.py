@@ -79,6 +79,7 @@ def test_time_to_quality_judges_every_run_by_the_final_size_objective_in_miniatu
                       "--wait-quiet", "0", "--precision", "32-true"], "relative difference 0.0e+00"),
         ("memory_check.py", ["--memory-child", "48", "2", "2"], '"estimate_mib"'),
         ("gpu_precision.py", [], "skipped: no CUDA device"),
+        ("logging_overhead.py", ["--size", "32", "--steps", "2", "--repeats", "1"], "logging overhead:"),
     ],
 )  # fmt: skip
 def test_each_benchmark_runs_alone_in_miniature(script, args, expected):
