@@ -41,7 +41,7 @@ def host_copy(image: torch.Tensor) -> tuple[torch.Tensor, Any]:
     host = torch.empty(image.shape, dtype=image.dtype, pin_memory=True)
     host.copy_(image, non_blocking=True)
     event = torch.cuda.Event()
-    event.record()
+    event.record(torch.cuda.current_stream(image.device))  # the stream the copy is on
     return host, event
 
 

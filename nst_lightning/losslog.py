@@ -121,7 +121,7 @@ class LossLog(L.Callback):
                 host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
                 host.copy_(rows, non_blocking=True)
                 event = torch.cuda.Event()
-                event.record()
+                event.record(torch.cuda.current_stream(rows.device))  # the stream the copy is on
             else:
                 host = rows.to("cpu", copy=True)
         self._copies.append(_Copy(host, event, self._columns, self._rows))

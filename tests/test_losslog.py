@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from nst_lightning.callbacks import Background
+from nst_lightning.guard import RunGuard
 from nst_lightning.losslog import FLUSH_EVERY, LossLog
 from tests.conftest import LossRecorder, datamodule, make_module, make_trainer
 
@@ -119,3 +120,12 @@ def test_the_image_worker_raises_its_error_on_the_loops_thread(tmp_path):
     source += 1  # the worker has a copy: what the loop does next is not in it
     background.finish()
     assert torch.equal(written[-1], torch.zeros(2))
+
+
+def test_the_guard_watches_a_new_loss_from_the_first_row_of_each_scale(tmp_path, images):
+    # The rows of a coarse-to-fine run arrive late: the guard's loss watch starts afresh at the row of the step
+    # that moved to the next scale, not when the guard sees the new image.
+    guard, reference = RunGuard(stall_steps=0), LossRecorder()
+    module = make_module(scales=[24, 32], scale_steps=[4, 5], lbfgs_line_search="strong_wolfe")
+    make_trainer(tmp_path, 9, callbacks=[reference, guard]).fit(module, datamodule=datamodule(images))
+    assert list(guard._watch.recent) == pytest.approx(reference.losses[4:], rel=1e-6)
