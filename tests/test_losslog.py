@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +11,8 @@ from lightning import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from nst_lightning.callbacks import Background
+from nst_lightning.callbacks import Background, ImageWriter
+from nst_lightning.errors import ImageError
 from nst_lightning.guard import RunGuard
 from nst_lightning.losslog import FLUSH_EVERY, LossLog
 from tests.conftest import LossRecorder, datamodule, make_module, make_trainer
@@ -129,3 +131,15 @@ def test_the_guard_watches_a_new_loss_from_the_first_row_of_each_scale(tmp_path,
     module = make_module(scales=[24, 32], scale_steps=[4, 5], lbfgs_line_search="strong_wolfe")
     make_trainer(tmp_path, 9, callbacks=[reference, guard]).fit(module, datamodule=datamodule(images))
     assert list(guard._watch.recent) == pytest.approx(reference.losses[4:], rel=1e-6)
+
+
+def test_a_snapshot_that_cannot_be_written_on_the_worker_thread_fails_the_run_and_keeps_its_image(tmp_path, images):
+    logger = TensorBoardLogger(tmp_path, name="runs", version=0)
+    Path(logger.log_dir).mkdir(parents=True)
+    (Path(logger.log_dir) / "snapshots").write_text("a file where the snapshots' folder goes")
+    writer = ImageWriter(str(tmp_path / "out.png"), snapshot_every_n_steps=2, log_image_every_n_steps=3)
+    trainer = make_trainer(tmp_path, 30, logger=logger, callbacks=[writer])
+    with pytest.raises(ImageError, match="step_000002.png"):
+        trainer.fit(make_module(), datamodule=datamodule(images))
+    assert (tmp_path / "out.partial.png").is_file() and not (tmp_path / "out.png").exists()
+    assert 2 <= trainer.global_step < 30, "raised on the loop's thread, once the worker's write failed"
