@@ -197,7 +197,9 @@ class Project:
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                 times.append(clock.stop(record))
-                evals.append(float(trainer.callback_metrics["closure_evaluations"]))
+
+            def on_losses(self, trainer, pl_module, rows):  # the module's loss log, a few steps late
+                evals.extend(row.values["closure_evaluations"] for row in rows)
 
         trainer = Trainer(
             accelerator=accelerator(self.device),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,71 @@ def partial_path(path: str | Path) -> Path:
     The final path only ever holds a finished image."""
     path = Path(path)
     return path.with_name(f"{path.stem}.partial{path.suffix}")
+
+
+# Images a step may have waiting for the worker thread before the loop waits for it: a bound on the host memory.
+PENDING_IMAGES = 4
+
+
+def host_copy(image: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """A copy of ``image`` on the host, started without waiting for the device: (the copy, a CUDA event that has
+    passed once the copy is complete, or None where it already is)."""
+    image = image.detach()
+    if image.device.type != "cuda":
+        return image.to("cpu", copy=True), None
+    host = torch.empty(image.shape, dtype=image.dtype, pin_memory=True)
+    host.copy_(image, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(image.device))  # the stream the copy is on
+    return host, event
+
+
+class Background:
+    """One worker thread for the images of a run (PNG encoding, files, TensorBoard images), off the loop's thread.
+    The loop hands over a host copy (:func:`host_copy`); an error of the worker is raised on the loop's thread, at
+    the next :meth:`submit` or :meth:`check`, or at :meth:`finish`."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+
+    def submit(self, work: Callable[[torch.Tensor], Any], image: torch.Tensor) -> None:
+        """Runs ``work(host copy of image)`` on the worker thread."""
+        self.check()
+        while len(self._pending) >= PENDING_IMAGES:
+            self._pending.pop(0).result()
+        host, event = host_copy(image)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nst-images")
+        self._pending.append(self._pool.submit(self._run, work, host, event))
+
+    @staticmethod
+    def _run(work: Callable[[torch.Tensor], Any], host: torch.Tensor, event: Any) -> None:
+        if event is not None:
+            event.synchronize()
+        work(host)
+
+    def check(self) -> None:
+        """Raises the error of work that failed (the work not yet done is left to run)."""
+        done = [future for future in self._pending if future.done()]
+        self._pending = [future for future in self._pending if not future.done()]
+        for future in done:
+            future.result()
+
+    def finish(self) -> None:
+        """Waits for all the work handed over, stops the thread, then raises the first error (if any)."""
+        pending, self._pending = self._pending, []
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        for future in pending:
+            future.result()
+
+    def abandon(self) -> None:
+        """Drops the work not started yet and returns at once (a file being written is finished, atomically)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool, self._pending = None, []
 
 
 class ImageWriter(L.Callback):
@@ -62,6 +129,7 @@ class ImageWriter(L.Callback):
         self.log_image_every_n_steps = log_image_every_n_steps
         self.overwrite = overwrite
         self._final_handled = False  # the finished image was written (or its failure reported)
+        self._background = Background()  # snapshots and TensorBoard images
 
     @property
     def partial_path(self) -> Path:
@@ -106,10 +174,15 @@ class ImageWriter(L.Callback):
         return every > 0 and step > 0 and step % every == 0
 
     def _log_image(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The image to TensorBoard, PNG-encoded on the worker thread."""
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                image = pl_module.output_image()[0].cpu()
-                logger.experiment.add_image("image", image, global_step=trainer.global_step)
+                experiment, step = logger.experiment, trainer.global_step
+
+                def add(image: torch.Tensor, experiment: Any = experiment, step: int = step) -> None:
+                    experiment.add_image("image", image[0], global_step=step)
+
+                self._background.submit(add, pl_module.output_image())
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.log_image_every_n_steps > 0 and trainer.is_global_zero:
@@ -124,13 +197,16 @@ class ImageWriter(L.Callback):
         if self._due(step, self.log_image_every_n_steps):
             self._log_image(trainer, pl_module)
         if self._due(step, self.snapshot_every_n_steps) and trainer.log_dir is not None:
-            save_image(pl_module.output_image(), Path(trainer.log_dir) / "snapshots" / f"step_{step:06d}.png")
+            path = Path(trainer.log_dir) / "snapshots" / f"step_{step:06d}.png"
+            self._background.submit(lambda image: save_image(image, path), pl_module.output_image())
+        self._background.check()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         if self.log_image_every_n_steps > 0 and not self._due(trainer.global_step, self.log_image_every_n_steps):
             self._log_image(trainer, pl_module)
+        self._background.finish()  # the snapshots and TensorBoard images written, or their error raised
         self._final_handled = True
         self._save_final(trainer, pl_module.output_image())
         step, max_steps = trainer.global_step, trainer.max_steps
@@ -160,7 +236,14 @@ class ImageWriter(L.Callback):
 
         A second Ctrl-C (``SystemExit``) or a bare ``KeyboardInterrupt`` means "quit now": nothing is written.
         """
-        if not trainer.is_global_zero or not isinstance(exception, Exception) or self._final_handled:
+        if not isinstance(exception, Exception):
+            self._background.abandon()  # "quit now"
+            return
+        try:
+            self._background.finish()  # the snapshots already handed over are written
+        except Exception as err:  # noqa: BLE001 - the run's own error is the one to report
+            rank_zero_warn(f"an image of the run could not be written: {err}")
+        if not trainer.is_global_zero or self._final_handled:
             return
         image = getattr(pl_module, "image", None)
         step, max_steps = trainer.global_step, trainer.max_steps

@@ -33,6 +33,7 @@ import torch
 
 from nst_lightning.checks import check_guard
 from nst_lightning.errors import Interrupted
+from nst_lightning.losslog import LOSS, LoggedStep, LossLog
 
 INTERRUPTED_CHECKPOINT = "interrupted.ckpt"
 # A loss that improves by less than this fraction over ``stall_steps`` steps has stalled.
@@ -141,6 +142,7 @@ class RunGuard(L.Callback):
         self._watch: LossWatch | None = None
         self._image_before: torch.Tensor | None = None
         self._still = 0
+        self._new_scales: list[int] = []  # the steps at which a coarse-to-fine run moved to its next scale
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -175,6 +177,7 @@ class RunGuard(L.Callback):
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         self._watch = LossWatch(self.stall_steps, optimizer_kind(optimizer))
         self._still = 0
+        self._new_scales = []
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Lightning restores the handlers it found when fit started; this only covers a Trainer whose
@@ -207,21 +210,36 @@ class RunGuard(L.Callback):
         if self.signal_received is not None and not done:
             raise Interrupted(self.signal_received, step, trainer.max_steps)
 
+    def on_losses(self, trainer: L.Trainer, pl_module: L.LightningModule, rows: list[LoggedStep]) -> None:
+        """The loss watch reads each step's loss from the module's :class:`~nst_lightning.losslog.LossLog`, a few
+        steps late: the reports name the step they are about."""
+        for row in rows:
+            if self._new_scales and row.step >= self._new_scales[0]:  # a coarse-to-fine run's next scale:
+                del self._new_scales[0]
+                if self._watch is not None:
+                    self._watch = LossWatch(self.stall_steps, self._watch.optimizer)  # a new loss to watch
+            if self._watch is not None and trainer.is_global_zero:
+                # A row is the loss where its step started: reported as of the end of that step, as before.
+                for message in self._watch.update(row.step + 1, row.loss):
+                    warnings.warn(message, stacklevel=2)
+
     def _check_progress(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, step: int) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         image = getattr(pl_module, "image", None)
-        if self._watch is not None and image is not None and self._image_before is not None:
-            if image.shape != self._image_before.shape:  # a coarse-to-fine run moved to its next scale:
-                self._watch = LossWatch(self.stall_steps, self._watch.optimizer)  # a new loss to watch
-        if self._watch is not None and isinstance(loss, torch.Tensor) and trainer.is_global_zero:
-            for message in self._watch.update(step, float(loss)):
-                warnings.warn(message, stacklevel=2)
+        if image is not None and self._image_before is not None and image.shape != self._image_before.shape:
+            self._new_scales.append(step - 1)  # the rows of that step on are the new scale's
+        losses = getattr(pl_module, "losses", None)
+        if not isinstance(losses, LossLog):  # a module without a loss log: read the loss now
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            if isinstance(loss, torch.Tensor):
+                self.on_losses(trainer, pl_module, [LoggedStep(step - 1, 0.0, {LOSS: float(loss)})])
         if image is None or self._image_before is None or image.shape != self._image_before.shape:
             return
         self._still = self._still + 1 if torch.equal(image.detach(), self._image_before) else 0
         if self._still < STILL_STEPS:
             return
         trainer.should_stop = True
+        if isinstance(losses, LossLog):
+            losses.drain(trainer, pl_module)  # the loss watch up to this step, for the message
         if trainer.is_global_zero:
             warnings.warn(self._still_message(trainer, image, step, self._watch), stacklevel=2)
 

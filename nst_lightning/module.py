@@ -26,6 +26,7 @@ from nst_lightning.data import ImageSource, Inputs
 from nst_lightning.errors import ConfigError, NumericalError
 from nst_lightning.features import FeatureExtractor, Pooling
 from nst_lightning.image_io import load_image
+from nst_lightning.losslog import LossLog, step_values
 from nst_lightning.memory import check_run
 from nst_lightning.objective import Objective
 from nst_lightning.precision import SCALE_START, LossScaler, drop_lightning_scaler, float32_start
@@ -127,6 +128,7 @@ class StyleTransfer(L.LightningModule):
         self.images: ImageSource | None = None
         self.sizes: list[int] = []
         self._scale = 0  # index into self.sizes
+        self.losses = LossLog()  # each step's losses, kept on the device and logged a few steps later
         if compile:
             self.objective.compile()  # nn.Module.compile: the extractor and the losses, in place
 
@@ -175,6 +177,9 @@ class StyleTransfer(L.LightningModule):
         # Under 16-mixed the scale starts from loss_scale: a resumed run's, restored by now.
         precision = str(self.trainer.precision)
         self.evaluator.start(precision, LossScaler(self.loss_scale) if precision == "16-mixed" else None)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [self.losses]  # every Trainer that fits the module hands its losses on (and at the end, all)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         lr = self.hparams.lr
@@ -237,11 +242,8 @@ class StyleTransfer(L.LightningModule):
         except NumericalError:
             self.evaluator.restore(self.image)  # the last image whose loss was finite is what gets written
             raise
-        # Log the losses at the point where this step started (L-BFGS's first evaluation).
-        first = evaluations[0]
-        self.log("loss", first["total"].detach(), prog_bar=True, batch_size=1)
-        self.log_dict({f"loss/{k}": v for k, v in first.items() if k != "total"}, batch_size=1)
-        self.log("closure_evaluations", float(self.evaluator.count - made), batch_size=1)
+        first = evaluations[0]  # the losses where this step started (L-BFGS's first evaluation), logged a bit later
+        self.losses.record(step, step_values(first, self.evaluator.count - made))
         return first["total"].detach()
 
     def output_image(self) -> Tensor:

@@ -82,6 +82,7 @@ def test_time_to_quality_judges_every_run_by_the_final_size_objective_in_miniatu
         ("gpu_precision.py", [], "skipped: no CUDA device"),
         ("gpu.py", ["--weights", "random", "--sizes", "32", "--steps", "2", "--floor-repeats", "1"],
          "| 32 (24x32) | tutorial loop | 32-true |"),
+        ("logging_overhead.py", ["--size", "32", "--steps", "2", "--repeats", "1"], "logging overhead:"),
     ],
 )  # fmt: skip
 def test_each_benchmark_runs_alone_in_miniature(script, args, expected):

@@ -175,8 +175,8 @@ class Evaluations(Callback):
     def __init__(self):
         self.per_step = []
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.per_step.append(float(trainer.callback_metrics["closure_evaluations"]))
+    def on_losses(self, trainer, pl_module, rows):  # each step's values, from the module's loss log
+        self.per_step += [row.values["closure_evaluations"] for row in rows]
 
 
 def test_a_line_search_step_does_not_evaluate_its_end_point_twice(tmp_path, images):

@@ -18,6 +18,7 @@ import torch
 from nst_lightning.files import file_stamp
 from nst_lightning.guard import INTERRUPTED_CHECKPOINT
 from nst_lightning.image_io import save_image
+from nst_lightning.losslog import LoggedStep
 
 PROGRESS_FILE = "progress.jsonl"
 PREVIEW_FILE = "preview.png"
@@ -30,6 +31,7 @@ KEEPALIVE = ": keep-alive\n\n"
 
 class JobProgress(L.Callback):
     """Appends one JSON line per step (``step``, ``max_steps``, ``loss``, ``time``) to ``folder/progress.jsonl``
+    (those of a few steps at once, as the module's :class:`~nst_lightning.losslog.LossLog` hands them on)
     and writes the current image to ``folder/preview.png`` (atomically) every ``preview_every_n_steps`` steps,
     at the first step and at the end. The server reads both; the run itself is the command line's.
 
@@ -43,9 +45,9 @@ class JobProgress(L.Callback):
         self.preview_every_n_steps = preview_every_n_steps
         self._previewed: int | None = None  # the step of the last preview
 
-    def _write(self, record: dict[str, Any]) -> None:
+    def _write(self, *records: dict[str, Any]) -> None:
         with open(self.folder / PROGRESS_FILE, "a", encoding="utf-8") as file:
-            file.write(json.dumps(record) + "\n")
+            file.write("".join(json.dumps(record) + "\n" for record in records))
             file.flush()
             os.fsync(file.fileno())
 
@@ -62,17 +64,22 @@ class JobProgress(L.Callback):
         if trainer.is_global_zero:
             self._write({"start": trainer.global_step, "max_steps": trainer.max_steps, "time": time.time()})
 
+    def on_losses(self, trainer: L.Trainer, pl_module: L.LightningModule, rows: list[LoggedStep]) -> None:
+        """The steps' records, from the module's loss log (a few steps late, at once), the step being the number of
+        steps done: a row is the loss where its step started."""
+        if trainer.is_global_zero:
+            self._write(*(
+                {"step": row.step + 1, "max_steps": trainer.max_steps, "time": row.time,
+                 "loss": row.loss if math.isfinite(row.loss) else None}
+                for row in rows
+            ))  # fmt: skip
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if not trainer.is_global_zero:
             return
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        value = float(loss) if isinstance(loss, torch.Tensor) else None
         step = trainer.global_step
-        record = {"step": step, "max_steps": trainer.max_steps, "time": time.time()}
-        record["loss"] = value if value is not None and math.isfinite(value) else None
-        self._write(record)
         every = self.preview_every_n_steps
         if step == 1 or (every > 0 and step % every == 0):
             self._preview(trainer, pl_module)
