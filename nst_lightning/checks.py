@@ -3,7 +3,9 @@
 The classes whose ``__init__`` arguments are the configuration (``StyleTransfer``,
 ``StyleTransferDataModule``, ``ImageWriter``, ``RunGuard``, ``BatchSettings``) call these on their
 arguments; the command line calls them on the parsed configuration before it builds anything, so a
-setting that cannot work is one line, however heavy the class it belongs to.
+setting that cannot work is one line, however heavy the class it belongs to. Importing this module loads
+neither torch nor Lightning (the checks that need them import them), so :mod:`nst_lightning.early` can run
+the same checks on the command line before they load.
 """
 
 from __future__ import annotations
@@ -16,13 +18,9 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from jsonargparse.typing import path_type
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch import Trainer
 
-from nst_lightning.backbones import check_layers
 from nst_lightning.errors import ConfigError, ImageError
 from nst_lightning.files import check_text_file, file_kind
-from nst_lightning.image_io import image_format
 from nst_lightning.runtime import bf16_is_native_on_cpu, bf16_is_native_on_gpu, quiet_lightning
 
 # ---------------------------------------------------------------- names and defaults (one source each)
@@ -53,8 +51,6 @@ SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
 FILE_OPTIONS = ("--config", "-c", "--model", "--data", "--trainer", "--output", "--guard", "--batch")
 # The fields of batch.name.
 NAME_FIELDS = ("content", "style", "n")
-# What a Trainer raises for settings that cannot work on this machine (no GPU, devices 0, no torch_xla).
-TRAINER_ERRORS = (MisconfigurationException, ValueError, TypeError, ImportError, RuntimeError)
 _ACCELERATORS = ("gpu", "cuda", "mps", "tpu", "hpu", "xla")
 
 
@@ -104,6 +100,8 @@ def check_model(
     **_: Any,
 ) -> None:
     """Refuses ``model:`` settings that cannot work, with the fix, before anything heavy loads."""
+    from nst_lightning.backbones import check_layers  # torch: only where a model is checked
+
     if not content_layers and not style_layers:
         raise ConfigError("no content_layers and no style_layers: give at least one layer")
     check_layers(backbone, [*content_layers, *style_layers])
@@ -266,6 +264,8 @@ def check_batch(
         ) from None
     if Path(example).is_absolute() or not Path(example).name:
         raise ConfigError(f"batch.name {name!r} must be a file name inside batch.output_dir, such as {{content}}.png")
+    from nst_lightning.image_io import image_format  # torch and Pillow: only where a batch is checked
+
     try:
         image_format(example)
     except ImageError:
@@ -278,6 +278,13 @@ def check_batch(
 def check_max_steps(max_steps: int | None) -> None:
     if max_steps is None or max_steps < 1:
         raise ConfigError(f"trainer.max_steps must be at least 1 (one step is one L-BFGS iteration), got {max_steps}")
+
+
+def trainer_errors() -> tuple[type[BaseException], ...]:
+    """What a Trainer raises for settings that cannot work on this machine (no GPU, devices 0, no torch_xla)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    return (MisconfigurationException, ValueError, TypeError, ImportError, RuntimeError)
 
 
 def trainer_error(trainer: Any, err: BaseException) -> ConfigError:
@@ -309,13 +316,15 @@ def check_trainer_settings(trainer: Any) -> None:
         for key in ("accelerator", "devices", "num_nodes", "strategy")
         if isinstance(trainer[key], (str, int, list))
     }
+    from lightning.pytorch import Trainer
+
     try:
         with quiet_lightning(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trial = Trainer(
                 **plain, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
             )
-    except TRAINER_ERRORS as err:
+    except trainer_errors() as err:
         raise trainer_error(trainer, err) from None
     if trial.world_size > 1:
         raise ConfigError(
@@ -342,5 +351,20 @@ def check_config_files(argv: Sequence[str]) -> None:
         kind = file_kind(value)
         if kind == "file":
             check_text_file(value, option)
-        elif kind != "missing":  # missing: not a path (inline YAML), or jsonargparse says it is not found
+        elif kind != "missing":
             raise ConfigError(f"{option} {value} is {kind}, not a config file: give a YAML file")
+        elif option in ("--config", "-c") and not _inline_yaml(value):
+            raise ConfigError(
+                f"{option} {value}: no such file (give the path of a YAML config file, or a shipped config's "
+                "name: nst-lightning configs lists them)"
+            )
+
+
+def _inline_yaml(value: str) -> bool:
+    """Whether a ``--config`` value is a config itself (a YAML mapping such as ``{model: {tv_weight: 1}}``)."""
+    import yaml
+
+    try:
+        return isinstance(yaml.safe_load(value), dict)
+    except yaml.YAMLError:
+        return False

@@ -56,7 +56,26 @@ def cli_main(args: list[str] | None = None) -> None:
         with contextlib.suppress(BrokenPipeError):  # nst-lightning configs | head
             print(configs.config_list(), flush=True)
         return
-    from nst_lightning import checks, console
+    # Everything the command line alone can tell is checked before torch and Lightning load (seconds).
+    from nst_lightning import checks, early
+
+    if command not in ("fit", "batch", "video"):
+        try:
+            argv = oneshot.fit_arguments(argv)
+        except NSTError as err:  # values that parse but cannot work, as fit's own checks say them
+            _stop("error", str(err), EXIT_ERROR)
+    if command != "video":
+        try:
+            argv = ["--output.overwrite=true" if arg == "--overwrite" else arg for arg in argv]
+            argv = configs.resolve_config_names(argv)
+            checks.check_config_files(argv)
+        except NSTError as err:
+            _stop("error", str(err), EXIT_USAGE)
+        try:
+            (early.check_batch if argv[0] == "batch" else early.check_fit)(argv[1:])
+        except NSTError as err:
+            _stop("error", str(err), EXIT_ERROR)
+    from nst_lightning import console
     from nst_lightning.runtime import keep_freed_memory, set_default_threads
 
     set_default_threads()
@@ -72,19 +91,7 @@ def cli_main(args: list[str] | None = None) -> None:
     with console.session(verbose):
         if command == "video":  # its own flags; PyAV and OpenCV load only here
             _video_main(argv[1:], verbose)
-            return
-        try:
-            if command not in ("fit", "batch"):
-                argv = oneshot.fit_arguments(argv)
-        except NSTError as err:  # values that parse but cannot work, as fit's own checks say them
-            _stop("error", str(err), EXIT_ERROR)
-        try:
-            argv = ["--output.overwrite=true" if arg == "--overwrite" else arg for arg in argv]
-            argv = configs.resolve_config_names(argv)
-            checks.check_config_files(argv)
-        except NSTError as err:
-            _stop("error", str(err), EXIT_USAGE)
-        if argv[0] == "batch":  # a sharded batch's processes rerun the command line as it was typed (raw)
+        elif argv[0] == "batch":  # a sharded batch's processes rerun the command line as it was typed (raw)
             _batch_main(argv[1:], raw[1:], verbose)
         else:
             _fit_main(argv, verbose)
