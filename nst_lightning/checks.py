@@ -4,8 +4,7 @@ The classes whose ``__init__`` arguments are the configuration (``StyleTransfer`
 ``StyleTransferDataModule``, ``ImageWriter``, ``RunGuard``, ``BatchSettings``) call these on their
 arguments; the command line calls them on the parsed configuration before it builds anything, so a
 setting that cannot work is one line, however heavy the class it belongs to. Importing this module loads
-neither torch nor Lightning (the checks that need them import them), so :mod:`nst_lightning.early` can run
-the same checks on the command line before they load.
+neither torch nor Lightning (the checks that need them import them).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from typing import Any, Literal, get_args
 from jsonargparse.typing import path_type
 
 from nst_lightning.errors import ConfigError, ImageError
-from nst_lightning.files import check_text_file, file_kind
+from nst_lightning.files import file_kind
 from nst_lightning.runtime import bf16_is_native_on_cpu, bf16_is_native_on_gpu, quiet_lightning
 
 # ---------------------------------------------------------------- names and defaults (one source each)
@@ -47,8 +46,6 @@ HALF_PRECISIONS = ("16-true", "bf16-true", "16", "bf16", "transformer-engine")
 MIXED_PRECISIONS = ("bf16-mixed", "16-mixed")
 # ``--ckpt_path`` values that Lightning resolves itself once the trainer exists.
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
-# Options whose value jsonargparse may read as a file: --config, and a section given as a file.
-FILE_OPTIONS = ("--config", "-c", "--model", "--data", "--trainer", "--output", "--guard", "--batch")
 # The fields of batch.name.
 NAME_FIELDS = ("content", "style", "n")
 _ACCELERATORS = ("gpu", "cuda", "mps", "tpu", "hpu", "xla")
@@ -334,37 +331,3 @@ def check_trainer_settings(trainer: Any) -> None:
             "trainer.num_nodes 1; to share many images among devices, use batch.devices / batch.num_nodes "
             "with python cli.py batch"
         )
-
-
-def check_config_files(argv: Sequence[str]) -> None:
-    """A ``--config`` file (or a section given as a file) is read by jsonargparse, which would block
-    for good on a FIFO and end in a UnicodeDecodeError traceback on a binary file: only regular
-    files of UTF-8 text get that far. A value that is not a path is left to jsonargparse."""
-    values = []
-    for position, arg in enumerate(argv):
-        option, equals, value = arg.partition("=")
-        if option in FILE_OPTIONS and equals:
-            values.append((option, value))
-        elif arg in FILE_OPTIONS and position + 1 < len(argv):
-            values.append((arg, argv[position + 1]))
-    for option, value in values:
-        kind = file_kind(value)
-        if kind == "file":
-            check_text_file(value, option)
-        elif kind != "missing":
-            raise ConfigError(f"{option} {value} is {kind}, not a config file: give a YAML file")
-        elif option in ("--config", "-c") and not _inline_yaml(value):
-            raise ConfigError(
-                f"{option} {value}: no such file (give the path of a YAML config file, or a shipped config's "
-                "name: nst-lightning configs lists them)"
-            )
-
-
-def _inline_yaml(value: str) -> bool:
-    """Whether a ``--config`` value is a config itself (a YAML mapping such as ``{model: {tv_weight: 1}}``)."""
-    import yaml
-
-    try:
-        return isinstance(yaml.safe_load(value), dict)
-    except yaml.YAMLError:
-        return False

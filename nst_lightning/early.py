@@ -21,17 +21,52 @@ from typing import Any
 import yaml
 
 from nst_lightning.checks import SPECIAL_CKPT_PATHS
-from nst_lightning.files import check_image_file, check_new_output, check_outputs_apart, file_kind
+from nst_lightning.errors import ConfigError
+from nst_lightning.files import check_image_file, check_new_output, check_outputs_apart, check_text_file, file_kind
 
 # The settings that name files the run reads: relative to the config file that holds them (jsonargparse's
 # path types), to the working folder on the command line.
 INPUT_KEYS = ("data.content", "data.style", "data.style_masks", "model.init", "model.weights")
-BATCH_INPUT_KEYS = ("batch.contents", "batch.styles")
 # Values of input settings that are not files.
 NOT_FILES = ("", "content", "style", "noise", "imagenet", "random")
 _CONFIG_OPTIONS = ("--config", "-c")
+# Options whose value jsonargparse may read as a file: --config, and a section given as a file.
+FILE_OPTIONS = ("--config", "-c", "--model", "--data", "--trainer", "--output", "--guard", "--batch")
 # Options without a value of their own, and options after which the run does something else (or nothing).
 _STOPS = ("-h", "--help", "--print_config")
+
+
+def check_config_files(argv: Sequence[str]) -> None:
+    """A ``--config`` file (or a section given as a file) is read by jsonargparse, which would block
+    for good on a FIFO and end in a UnicodeDecodeError traceback on a binary file: only regular
+    files of UTF-8 text get that far. A ``--config`` that is neither a file nor inline YAML (a mapping) is
+    refused here, before anything loads; other values that are not paths are left to jsonargparse."""
+    values = []
+    for position, arg in enumerate(argv):
+        option, equals, value = arg.partition("=")
+        if option in FILE_OPTIONS and equals:
+            values.append((option, value))
+        elif arg in FILE_OPTIONS and position + 1 < len(argv):
+            values.append((arg, argv[position + 1]))
+    for option, value in values:
+        kind = file_kind(value)
+        if kind == "file":
+            check_text_file(value, option)
+        elif kind != "missing":
+            raise ConfigError(f"{option} {value} is {kind}, not a config file: give a YAML file")
+        elif option in ("--config", "-c") and not _inline_yaml(value):
+            raise ConfigError(
+                f"{option} {value}: no such file (give the path of a YAML config file, or a shipped config's "
+                "name: nst-lightning configs lists them)"
+            )
+
+
+def _inline_yaml(value: str) -> bool:
+    """Whether a ``--config`` value is a config itself (a YAML mapping such as ``{model: {tv_weight: 1}}``)."""
+    try:
+        return isinstance(yaml.safe_load(value), dict)
+    except yaml.YAMLError:
+        return False
 
 
 class Unknown(Exception):
@@ -73,7 +108,7 @@ def _config(value: str, into: dict[str, tuple[Any, Path]]) -> None:
 def read_settings(argv: Sequence[str]) -> dict[str, tuple[Any, Path]]:
     """The dotted keys that ``argv`` (the arguments after ``fit`` or ``batch``) sets, each as (value, the folder
     a relative input path in it is relative to). Raises :class:`Unknown` for a command line this reading does
-    not follow (:func:`~nst_lightning.checks.check_config_files` has checked the ``--config`` values)."""
+    not follow (:func:`check_config_files` has checked the ``--config`` values)."""
     settings: dict[str, tuple[Any, Path]] = {}
     args, position = list(argv), 0
     while position < len(args):

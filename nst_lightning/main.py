@@ -57,7 +57,7 @@ def cli_main(args: list[str] | None = None) -> None:
             print(configs.config_list(), flush=True)
         return
     # Everything the command line alone can tell is checked before torch and Lightning load (seconds).
-    from nst_lightning import checks, early
+    from nst_lightning import early
 
     if command not in ("fit", "batch", "video"):
         try:
@@ -68,7 +68,7 @@ def cli_main(args: list[str] | None = None) -> None:
         try:
             argv = ["--output.overwrite=true" if arg == "--overwrite" else arg for arg in argv]
             argv = configs.resolve_config_names(argv)
-            checks.check_config_files(argv)
+            early.check_config_files(argv)
         except NSTError as err:
             _stop("error", str(err), EXIT_USAGE)
         try:

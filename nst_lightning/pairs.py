@@ -190,5 +190,3 @@ def summary(results: Sequence[PairResult], seconds: float, world_size: int) -> s
         else:
             lines.append(f"  {r.status.upper():<8} {pair}: {r.error or 'stopped'} ({seconds_text(r.seconds)}{where})")
     return "\n".join(lines)
-
-
