@@ -177,8 +177,8 @@ def check_fit(argv: Sequence[str]) -> None:
 
 
 def check_batch(argv: Sequence[str]) -> None:
-    """``batch``'s outputs that exist already (without ``--overwrite`` or ``batch.skip_existing``), and its image
-    lists that find nothing."""
+    """``batch``'s image lists that find nothing, outputs that are inputs, and outputs that exist already (without
+    ``--overwrite`` or ``batch.skip_existing``)."""
     from nst_lightning.pairs import BatchSettings, check_existing, expand, make_pairs
 
     try:
@@ -204,4 +204,8 @@ def check_batch(argv: Sequence[str]) -> None:
         pairs = make_pairs(lists[0], lists[1], Path(output_dir), name)
     except (KeyError, IndexError, ValueError):
         return  # a batch.name that is no pattern: the full checks word it
+    inputs = sorted({("batch.contents", p.content) for p in pairs} | {("batch.styles", p.style) for p in pairs})
+    inputs += [(key, path) for key in INPUT_KEYS for path in _paths(settings, key)]
+    where = "batch.output_dir or batch.name"
+    check_outputs_apart([("the output", pair.output, where) for pair in pairs], inputs)
     check_existing(pairs, overwrite, skip)
