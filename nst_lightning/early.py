@@ -73,11 +73,14 @@ class Unknown(Exception):
     """A command line this reading does not follow: its checks are left to the full parse."""
 
 
+_SECTIONS = ("model", "data", "trainer", "output", "guard", "batch")
+
+
 def _flatten(tree: dict, base: Path, into: dict[str, tuple[Any, Path]], prefix: str = "") -> None:
     for key, value in tree.items():
-        if not isinstance(key, str) or key in ("config", "__path__"):
-            raise Unknown(key)
-        if isinstance(value, dict) and f"{prefix}{key}" in ("model", "data", "trainer", "output", "guard", "batch"):
+        if not isinstance(key, str) or not (prefix or key in (*_SECTIONS, "seed_everything", "ckpt_path")):
+            raise Unknown(key)  # not a config of fit or batch as this reading knows one
+        if isinstance(value, dict) and not prefix:
             _flatten(value, base, into, f"{key}.")
         else:
             into[f"{prefix}{key}"] = (value, base)

@@ -132,3 +132,10 @@ def test_the_early_message_is_the_full_checks_message(work, monkeypatch, args):
     with pytest.raises(NSTError) as full_error:
         StyleTransferCLI(args=args, run=False)
     assert str(early_error.value) == str(full_error.value)
+
+
+def test_a_config_of_another_shape_is_left_to_the_full_parse(tmp_path):
+    config = tmp_path / "whole.yaml"
+    config.write_text(yaml.safe_dump({"fit": {"output": {"path": "x.png"}}}))
+    with pytest.raises(early.Unknown):
+        early.read_settings(["--config", str(config)])
