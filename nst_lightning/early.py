@@ -5,8 +5,9 @@ outputs exist.
 The few settings these need are read from the command line and its config files as jsonargparse reads them
 (config files in order, then flags; the later wins; an input path in a config file is relative to that file),
 and the checks are :mod:`nst_lightning.files`' and :mod:`nst_lightning.pairs`', with their messages. Where a
-value cannot be known this cheaply (a section given as a file, a key set in a way this reading does not follow)
-its check is left to the full parse, which makes every check again: this module only makes a mistake quicker to
+value cannot be known this cheaply (a section given as a file, a key set in a way this reading does not follow),
+and for a resumed run (whose checkpoint the full parse checks before anything else), the checks are left to the
+full parse, which makes every check again: this module only makes a mistake quicker to
 report, never a run different. Nothing here imports torch, Lightning or Pillow.
 """
 
@@ -20,7 +21,6 @@ from typing import Any
 
 import yaml
 
-from nst_lightning.checks import SPECIAL_CKPT_PATHS
 from nst_lightning.errors import ConfigError
 from nst_lightning.files import check_image_file, check_new_output, check_outputs_apart, check_text_file, file_kind
 
@@ -160,15 +160,15 @@ def _flag(settings: dict[str, tuple[Any, Path]], key: str) -> bool | None:
 
 
 def check_fit(argv: Sequence[str]) -> None:
-    """``fit``'s file mistakes, in the order the full checks meet them: the output is one of the inputs, is not a
-    file, or exists without ``--output.overwrite``; an input image is missing, a folder or a special file."""
+    """``fit``'s file mistakes, in the order the full checks meet them: the output is one of the inputs, or exists
+    without ``--output.overwrite``; an input image is missing, a folder or a special file."""
     try:
         settings = read_settings(argv)
     except Unknown:
         return
+    if _string(settings, "ckpt_path") is not None:
+        return  # a resumed run: the full parse checks its checkpoint (with torch) before everything else
     inputs = [(key, path) for key in INPUT_KEYS for path in _paths(settings, key)]
-    if _string(settings, "ckpt_path") not in SPECIAL_CKPT_PATHS:
-        inputs += [("--ckpt_path", path) for path in _paths(settings, "ckpt_path")]
     output, overwrite = _string(settings, "output.path"), _flag(settings, "output.overwrite")
     if output is not None and "://" not in output:
         check_outputs_apart([("output.path", Path(output), "output.path")], inputs)

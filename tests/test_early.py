@@ -108,7 +108,9 @@ def test_the_later_setting_wins_as_in_jsonargparse(tmp_path):
     assert settings("--data.content", "0001")["data.content"] == "0001", "a path stays as typed"
 
 
-@pytest.mark.parametrize("extra", [["--print_config"], ["--help"], ["--model", "model.yaml"], ["--data.content"]])
+@pytest.mark.parametrize(
+    "extra", [["--print_config"], ["--help"], ["--model", "model.yaml"], ["--data.content"], ["--ckpt_path", "x.ckpt"]]
+)
 def test_a_command_line_the_early_reading_does_not_follow_is_left_to_the_full_parse(work, extra):
     # The output exists, but these do not run (or are read by jsonargparse alone): nothing is said early.
     early.check_fit(["--config", str(work / "tiny.yaml"), *extra])
