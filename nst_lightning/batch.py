@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from nst_lightning.callbacks import partial_path
-from nst_lightning.errors import ConfigError, ImageError, Interrupted, NSTError
+from nst_lightning.errors import ConfigError, Interrupted, NSTError
 from nst_lightning.files import check_outputs_apart, check_replaceable, file_kind, remove_file
 from nst_lightning.image_io import check_writable
 from nst_lightning.launch import as_rank_zero, device_placement, start_fabric
@@ -35,6 +35,7 @@ from nst_lightning.pairs import (
     BatchSettings,
     Pair,
     PairResult,
+    check_existing,
     expand,
     make_pairs,
     pending_checkpoint,
@@ -83,13 +84,7 @@ def check_outputs(runner: PairRunner, pairs: Sequence[Pair]) -> None:
     check_outputs_apart(outputs, inputs)
     for _, path, _ in outputs:
         check_replaceable(path, "output")
-    existing = [pair.output for pair in pairs if file_kind(pair.output) == "file"]
-    if existing and not runner.overwrite and not runner.settings.skip_existing:
-        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
-        raise ImageError(
-            f"the batch's output {existing[0]}{more} exists: pass --overwrite to replace them, or "
-            "--batch.skip_existing true to skip those pairs (nothing was written)"
-        )
+    check_existing(pairs, runner.overwrite, runner.settings.skip_existing)
 
 
 def fit_pair(runner: PairRunner, pair: Pair, placement: dict[str, Any]) -> tuple[bool, str]:

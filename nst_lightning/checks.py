@@ -3,7 +3,8 @@
 The classes whose ``__init__`` arguments are the configuration (``StyleTransfer``,
 ``StyleTransferDataModule``, ``ImageWriter``, ``RunGuard``, ``BatchSettings``) call these on their
 arguments; the command line calls them on the parsed configuration before it builds anything, so a
-setting that cannot work is one line, however heavy the class it belongs to.
+setting that cannot work is one line, however heavy the class it belongs to. Importing this module loads
+neither torch nor Lightning (the checks that need them import them).
 """
 
 from __future__ import annotations
@@ -16,13 +17,9 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from jsonargparse.typing import path_type
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch import Trainer
 
-from nst_lightning.backbones import check_layers
 from nst_lightning.errors import ConfigError, ImageError
-from nst_lightning.files import check_text_file, file_kind
-from nst_lightning.image_io import image_format
+from nst_lightning.files import file_kind
 from nst_lightning.runtime import bf16_is_native_on_cpu, bf16_is_native_on_gpu, quiet_lightning
 
 # ---------------------------------------------------------------- names and defaults (one source each)
@@ -49,12 +46,8 @@ HALF_PRECISIONS = ("16-true", "bf16-true", "16", "bf16", "transformer-engine")
 MIXED_PRECISIONS = ("bf16-mixed", "16-mixed")
 # ``--ckpt_path`` values that Lightning resolves itself once the trainer exists.
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
-# Options whose value jsonargparse may read as a file: --config, and a section given as a file.
-FILE_OPTIONS = ("--config", "-c", "--model", "--data", "--trainer", "--output", "--guard", "--batch")
 # The fields of batch.name.
 NAME_FIELDS = ("content", "style", "n")
-# What a Trainer raises for settings that cannot work on this machine (no GPU, devices 0, no torch_xla).
-TRAINER_ERRORS = (MisconfigurationException, ValueError, TypeError, ImportError, RuntimeError)
 _ACCELERATORS = ("gpu", "cuda", "mps", "tpu", "hpu", "xla")
 
 
@@ -104,6 +97,8 @@ def check_model(
     **_: Any,
 ) -> None:
     """Refuses ``model:`` settings that cannot work, with the fix, before anything heavy loads."""
+    from nst_lightning.backbones import check_layers  # torch: only where a model is checked
+
     if not content_layers and not style_layers:
         raise ConfigError("no content_layers and no style_layers: give at least one layer")
     check_layers(backbone, [*content_layers, *style_layers])
@@ -269,6 +264,8 @@ def check_batch(
         ) from None
     if Path(example).is_absolute() or not Path(example).name:
         raise ConfigError(f"batch.name {name!r} must be a file name inside batch.output_dir, such as {{content}}.png")
+    from nst_lightning.image_io import image_format  # torch and Pillow: only where a batch is checked
+
     try:
         image_format(example)
     except ImageError:
@@ -281,6 +278,13 @@ def check_batch(
 def check_max_steps(max_steps: int | None) -> None:
     if max_steps is None or max_steps < 1:
         raise ConfigError(f"trainer.max_steps must be at least 1 (one step is one L-BFGS iteration), got {max_steps}")
+
+
+def trainer_errors() -> tuple[type[BaseException], ...]:
+    """What a Trainer raises for settings that cannot work on this machine (no GPU, devices 0, no torch_xla)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    return (MisconfigurationException, ValueError, TypeError, ImportError, RuntimeError)
 
 
 def trainer_error(trainer: Any, err: BaseException) -> ConfigError:
@@ -312,13 +316,15 @@ def check_trainer_settings(trainer: Any, compile: bool = False) -> None:
         for key in ("accelerator", "devices", "num_nodes", "strategy")
         if isinstance(trainer[key], (str, int, list))
     }
+    from lightning.pytorch import Trainer
+
     try:
         with quiet_lightning(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trial = Trainer(
                 **plain, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
             )
-    except TRAINER_ERRORS as err:
+    except trainer_errors() as err:
         raise trainer_error(trainer, err) from None
     if trial.world_size > 1:
         raise ConfigError(
@@ -329,22 +335,3 @@ def check_trainer_settings(trainer: Any, compile: bool = False) -> None:
             "with python cli.py batch"
         )
     check_precision(str(trainer.precision or "32-true"), trial.strategy.root_device.type, compile, warn=False)
-
-
-def check_config_files(argv: Sequence[str]) -> None:
-    """A ``--config`` file (or a section given as a file) is read by jsonargparse, which would block
-    for good on a FIFO and end in a UnicodeDecodeError traceback on a binary file: only regular
-    files of UTF-8 text get that far. A value that is not a path is left to jsonargparse."""
-    values = []
-    for position, arg in enumerate(argv):
-        option, equals, value = arg.partition("=")
-        if option in FILE_OPTIONS and equals:
-            values.append((option, value))
-        elif arg in FILE_OPTIONS and position + 1 < len(argv):
-            values.append((arg, argv[position + 1]))
-    for option, value in values:
-        kind = file_kind(value)
-        if kind == "file":
-            check_text_file(value, option)
-        elif kind != "missing":  # missing: not a path (inline YAML), or jsonargparse says it is not found
-            raise ConfigError(f"{option} {value} is {kind}, not a config file: give a YAML file")

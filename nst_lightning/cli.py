@@ -238,7 +238,7 @@ class StyleTransferCLI(LightningCLI):
                 kwargs["default_root_dir"] = TensorBoardLogger(save_dir=root).log_dir
         try:
             return super().instantiate_trainer(**kwargs)
-        except checks.TRAINER_ERRORS as err:
+        except checks.trainer_errors() as err:
             raise checks.trainer_error(trainer, err) from None
 
     def after_fit(self) -> None:

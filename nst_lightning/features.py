@@ -17,15 +17,17 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
+from nst_lightning import cache
 from nst_lightning.backbones import (
     AUTO,
     IMAGENET_MEAN,
     IMAGENET_STD,
     backbone_spec,
     check_layers,
+    hub_cache_file,
     load_backbone,
     resolve_backbone,
-)  # fmt: skip
+)
 from nst_lightning.errors import ConfigError, ImageError, WeightsError
 from nst_lightning.files import file_stamp
 from nst_lightning.image_io import load_images
@@ -90,13 +92,24 @@ def measure_means(body: nn.Sequential, images: Iterable[Tensor]) -> dict[str, fl
 
 
 # Means measured in this process, by network (a process that runs many times, such as a batch or the
-# tests, measures each network once).
+# tests, measures each network once); across processes they are kept in the user's cache (nst_lightning.cache).
 _MEASURED: dict[tuple, dict[str, float]] = {}
 
 
-def _measured_means(body: nn.Sequential, key: tuple) -> dict[str, float]:
+def _measured_means(body: nn.Sequential, backbone: str, weights: str | None, pooling: str, deepest: str) -> dict:
+    key = (backbone, weights, file_stamp(weights), pooling, deepest)
     if key not in _MEASURED:
-        _MEASURED[key] = measure_means(body, calibration_images())
+        hub_file = hub_cache_file(backbone) if weights == "imagenet" else None
+        identity = cache.weights_identity(weights, hub_file)
+        stored = None if identity is None else cache.means_key(
+            backbone, identity, pooling, deepest, CALIBRATION_IMAGES, CALIBRATION_SIZE
+        )  # fmt: skip
+        means = cache.load_means(stored) if stored is not None else None
+        if means is None:
+            means = measure_means(body, calibration_images())
+            if stored is not None:
+                cache.store_means(stored, means)
+        _MEASURED[key] = means
     return _MEASURED[key]
 
 
@@ -133,7 +146,8 @@ class FeatureExtractor(nn.Module):
             folded into the convolutions' weights (free at run time); other backbones divide the
             returned activations.
         layer_means: the means to normalise with, by layer name (see :attr:`layer_means`); None
-            measures them on :func:`calibration_images`.
+            measures them on :func:`calibration_images`, once per weights file (kept in the user's
+            cache: :mod:`nst_lightning.cache`).
     """
 
     def __init__(
@@ -166,8 +180,7 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("divisors", None, persistent=False)
         if normalize:
             if layer_means is None:
-                key = (backbone, weights, file_stamp(weights), pooling, deepest)
-                layer_means = _measured_means(self.body, key)
+                layer_means = _measured_means(self.body, backbone, weights, pooling, deepest)
             self._normalize(dict(layer_means), weights)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         # Weights in the activations' layout: otherwise every convolution converts them on every call.

@@ -60,6 +60,18 @@ def file_kind(path: str | os.PathLike) -> str:
     return "a special file"
 
 
+def check_image_file(path: str | os.PathLike) -> None:
+    """An :class:`ImageError` unless ``path`` is a regular file (not missing, a folder or a special file);
+    what is inside is Pillow's to judge (:mod:`nst_lightning.image_io`)."""
+    kind = file_kind(path)
+    if kind == "missing":
+        raise ImageError(f"image not found: {path} (check the path in data.content / data.style)")
+    if kind == "folder":
+        raise ImageError(f"{path} is a folder, not an image file: give the path of an image file")
+    if kind != "file":
+        raise ImageError(f"{path} is {kind}, not an image file: give the path of a regular image file")
+
+
 def find_images(entry: str | os.PathLike, key: str = "images") -> list[Path]:
     """The image files that one entry of a list stands for, sorted.
 

@@ -19,9 +19,9 @@ from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from nst_lightning.errors import ImageError, NSTError
 from nst_lightning.files import (
     atomic_write,
+    check_image_file,
     check_replaceable,
     check_writable_dir,
-    file_kind,
     find_images,
     new_folder_in,
 )
@@ -131,13 +131,7 @@ def _too_large(path: Path, width: int, height: int, limit: int) -> ImageError:
 def _opened(path: Path) -> Iterator[Image.Image]:
     """``Image.open(path)``, lazily (the header only), for a regular file within the pixel limit; any
     problem, inside the block too, is an :class:`ImageError` of one line."""
-    kind = file_kind(path)
-    if kind == "missing":
-        raise ImageError(f"image not found: {path} (check the path in data.content / data.style)")
-    if kind == "folder":
-        raise ImageError(f"{path} is a folder, not an image file: give the path of an image file")
-    if kind != "file":
-        raise ImageError(f"{path} is {kind}, not an image file: give the path of a regular image file")
+    check_image_file(path)
     limit = max_image_pixels()
     try:
         with _pixel_limit(limit), Image.open(path) as img:

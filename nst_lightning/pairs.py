@@ -9,9 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nst_lightning.checks import InputPath, check_batch
-from nst_lightning.errors import ConfigError, Interrupted
-from nst_lightning.files import find_images
-from nst_lightning.guard import INTERRUPTED_CHECKPOINT
+from nst_lightning.errors import ConfigError, ImageError, Interrupted
+from nst_lightning.files import file_kind, find_images
 
 
 class BatchSettings:
@@ -126,9 +125,23 @@ def make_pairs(contents: Sequence[Path], styles: Sequence[Path], output_dir: Pat
     return pairs
 
 
+def check_existing(pairs: Sequence[Pair], overwrite: bool, skip_existing: bool) -> None:
+    """No pair's output may exist already, unless ``--overwrite`` (or ``batch.skip_existing``, which skips
+    those pairs): an :class:`ImageError` naming the first, and how many more."""
+    existing = [pair.output for pair in pairs if file_kind(pair.output) == "file"]
+    if existing and not overwrite and not skip_existing:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise ImageError(
+            f"the batch's output {existing[0]}{more} exists: pass --overwrite to replace them, or "
+            "--batch.skip_existing true to skip those pairs (nothing was written)"
+        )
+
+
 def pending_checkpoint(root: Path, pair: Pair) -> Path:
     """Where an interrupted pair's checkpoint goes, and where the next run of the batch looks for it:
     ``<default_root_dir>/lightning_logs/batch/<run>/interrupted.ckpt``, whatever the logger."""
+    from nst_lightning.guard import INTERRUPTED_CHECKPOINT  # Lightning: not for the checks before it loads
+
     return root / "lightning_logs" / "batch" / pair.run / INTERRUPTED_CHECKPOINT
 
 
@@ -177,5 +190,3 @@ def summary(results: Sequence[PairResult], seconds: float, world_size: int) -> s
         else:
             lines.append(f"  {r.status.upper():<8} {pair}: {r.error or 'stopped'} ({seconds_text(r.seconds)}{where})")
     return "\n".join(lines)
-
-

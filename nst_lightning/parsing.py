@@ -15,17 +15,6 @@ from nst_lightning.errors import EXIT_USAGE
 
 SEED_MAX = 2**32 - 1
 """The largest seed numpy takes (``seed_everything`` seeds numpy too)."""
-SHORTHANDS = {"--weights": "--model.weights", "--backbone": "--model.backbone"}
-"""The one-shot form's flags that ``fit`` and ``batch`` take too, as the dotted keys they stand for."""
-
-
-def expand_shorthands(argv: list[str]) -> list[str]:
-    """``argv`` with :data:`SHORTHANDS` (``--weights FILE``, ``--weights=FILE``) as the keys they stand for."""
-    expanded = []
-    for arg in argv:
-        option, equals, value = arg.partition("=")
-        expanded.append(f"{SHORTHANDS[option]}{equals}{value}" if option in SHORTHANDS else arg)
-    return expanded
 
 
 def absolute_paths(value: Any) -> Any:
@@ -46,7 +35,8 @@ def absolute_paths(value: Any) -> Any:
 class StyleTransferArgumentParser(LightningArgumentParser):
     """Reports a bad command line or config file (an unknown key, a wrong type) as one line; the usage
     text that argparse would print first is one ``--help`` away. Options are never abbreviated: argparse would
-    read ``--weights`` as Lightning's ``--weights_only`` (``--weights`` is :data:`SHORTHANDS`' instead)."""
+    read ``--weights`` as Lightning's ``--weights_only`` (``--weights`` is
+    :data:`~nst_lightning.early.SHORTHANDS`' instead)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)

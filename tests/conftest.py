@@ -33,6 +33,18 @@ def make_image(path: Path, width: int, height: int, seed: int = 0, mode: str = "
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def means_cache(tmp_path_factory) -> Path:
+    """The cache of measured layer means (nst_lightning.cache) in a folder of the test session, for the tests
+    and the commands they start: never the user's own."""
+    from nst_lightning.cache import CACHE_ENV
+
+    folder = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(folder))
+        yield folder
+
+
 @pytest.fixture
 def images(tmp_path: Path) -> dict[str, Path]:
     """A 40x30 content PNG and a 32x32 style JPEG."""

@@ -23,9 +23,10 @@ from nst_lightning.backbones import (
     load_backbone,
     resolve_backbone,
 )
+from nst_lightning.early import expand_shorthands
 from nst_lightning.errors import ConfigError, WeightsError
 from nst_lightning.features import FeatureExtractor
-from nst_lightning.parsing import StyleTransferArgumentParser, expand_shorthands
+from nst_lightning.parsing import StyleTransferArgumentParser
 from nst_lightning.weight_files import recognise
 from tests.conftest import REPO
 

@@ -213,14 +213,14 @@ def _config_digests(rest: list[str]) -> list[str]:
 
 def _build_module(args: argparse.Namespace, rest: list[str], work: Any, side: int) -> tuple[Any, dict, dict, Any]:
     """The module (built once, by LightningCLI, with every check of ``fit``), and the data and trainer settings."""
-    from nst_lightning import checks, configs, oneshot
+    from nst_lightning import checks, configs, early, oneshot
     from nst_lightning.cli import StyleTransferCLI
 
     one_shot = [str(work.input(0)), *args.styles, "-o", str(work.stylised(0)), "--size", str(side),
                 "--steps", str(args.steps_first), "--overwrite", *rest]  # fmt: skip
     fit = oneshot.fit_arguments(one_shot)
     fit = configs.resolve_config_names(fit)
-    checks.check_config_files(fit)
+    early.check_config_files(fit)
     cli = StyleTransferCLI(args=fit[1:], run=False, trainer_overrides={"logger": False})
     config = cli.config
     data = checks.plain(config.data.as_dict())
