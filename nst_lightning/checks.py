@@ -28,6 +28,8 @@ CONTENT_LAYERS = ("relu4_2",)
 """The default content layer: rectified, as the paper's Caffe layers were."""
 STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 """The default style layers."""
+SEED_MAX = 2**32 - 1
+"""The largest seed numpy takes (``seed_everything`` seeds numpy too)."""
 LBFGS_HISTORY_SIZE = 50
 """The default L-BFGS memory (torch's default is 100: half the memory, no measured loss in quality)."""
 StyleLoss = Literal["gram", "mean_cov"]

@@ -124,7 +124,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
     for flag, value, least in (("--size", args.size, 1), ("--steps", args.steps, 1)):
         if value is not None and value < least:
             raise ConfigError(f"{flag} must be at least {least}, got {value}")
-    from nst_lightning.parsing import SEED_MAX
+    from nst_lightning.checks import SEED_MAX
 
     if args.seed is not None and not 0 <= args.seed <= SEED_MAX:
         raise ConfigError(f"--seed must be a whole number from 0 to {SEED_MAX}, got {args.seed}")

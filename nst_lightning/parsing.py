@@ -10,11 +10,8 @@ from typing import Any, NoReturn
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser
 
-from nst_lightning.checks import InputPath
+from nst_lightning.checks import SEED_MAX, InputPath
 from nst_lightning.errors import EXIT_USAGE
-
-SEED_MAX = 2**32 - 1
-"""The largest seed numpy takes (``seed_everything`` seeds numpy too)."""
 
 
 def absolute_paths(value: Any) -> Any:

@@ -159,13 +159,20 @@ def test_true_half_precision_is_refused(tmp_path, images):
 
 @pytest.mark.parametrize("final_steps, expected", [(50, "32-true"), (0, "bf16-mixed")])
 def test_the_memory_check_counts_the_float32_finish(tmp_path, images, monkeypatch, final_steps, expected):
-    seen = []
-    monkeypatch.setattr("nst_lightning.memory.check_fits", lambda *args, **kwargs: seen.append(kwargs["precision"]))
+    from nst_lightning import memory
+
+    seen, estimate = set(), memory.estimate_peak
+
+    def recorded(*args, **kwargs):
+        seen.add(kwargs["precision"])
+        return estimate(*args, **kwargs)
+
+    monkeypatch.setattr(memory, "estimate_peak", recorded)
     module = make_module(float32_final_steps=final_steps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         make_trainer(tmp_path, steps=0, precision="bf16-mixed").fit(module, datamodule=datamodule(images))
-    assert seen == [expected]
+    assert seen == {expected}
 
 
 def test_compile_with_bf16_mixed_is_refused_on_a_gpu_only():
