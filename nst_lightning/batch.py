@@ -8,7 +8,7 @@ process optimises its share of the pairs on its own device (no gradient is excha
 only talk to each other to agree on the pairs at the start and to collect the results at the end.
 
 This module holds the pairs and their bookkeeping; how one pair is configured and run is the command
-line's (:class:`nst_lightning.cli.BatchCLI`, a :class:`PairRunner`), which this module does not import.
+line's (:class:`nst_lightning.batch_cli.BatchCLI`, a :class:`PairRunner`), which this module does not import.
 """
 
 from __future__ import annotations

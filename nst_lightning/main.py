@@ -152,7 +152,7 @@ def _video_main(args: list[str], verbose: bool) -> None:
 def _batch_main(args: list[str], typed: list[str], verbose: bool) -> None:
     """``python cli.py batch ...`` with the arguments after ``batch`` (``typed``: as they were typed)."""
     from nst_lightning import batch
-    from nst_lightning.cli import BatchCLI
+    from nst_lightning.batch_cli import BatchCLI
     from nst_lightning.runtime import quiet_lightning
 
     started = time.perf_counter()

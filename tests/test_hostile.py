@@ -202,7 +202,7 @@ def test_an_interrupted_batch_pair_is_never_taken_for_done_and_resumes(tmp_path,
 
 def test_a_batch_checkpoint_of_other_settings_starts_the_pair_over(tmp_path, images, capsys):
     from nst_lightning.batch import fit_pair
-    from nst_lightning.cli import BatchCLI
+    from nst_lightning.batch_cli import BatchCLI
     from nst_lightning.pairs import make_pairs, pending_checkpoint
 
     config = write_config(tmp_path, images, trainer={"max_steps": 2}, output={"log_image_every_n_steps": 0})
