@@ -9,7 +9,7 @@ the size at each step :mod:`~nst_lightning.schedule`'s; :mod:`~nst_lightning.che
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
@@ -18,19 +18,17 @@ from torch import Tensor, nn
 
 from nst_lightning import checks, schedule
 from nst_lightning.checkpoint import check_resume, saved_scale, upgrade_state_dict
-from nst_lightning.checks import CONTENT_LAYERS, LBFGS_HISTORY_SIZE, STYLE_LAYERS, Optimizer, PreserveColor, StyleLoss
+from nst_lightning.checks import CONTENT_LAYERS, LBFGS_HISTORY_SIZE, STYLE_LAYERS, LineSearch, Optimizer, PreserveColor
 from nst_lightning.closure import Evaluator
 from nst_lightning.console import detail
 from nst_lightning.data import ImageSource, Inputs
 from nst_lightning.errors import ConfigError, NumericalError
 from nst_lightning.features import FeatureExtractor, Pooling
 from nst_lightning.image_io import load_image
+from nst_lightning.lbfgs import DeviceLBFGS, make_lbfgs
 from nst_lightning.memory import check_run
 from nst_lightning.objective import Objective
 from nst_lightning.precision import SCALE_START, LossScaler, drop_lightning_scaler, float32_start
-
-# Function evaluations the strong-Wolfe line search may spend in one L-BFGS iteration (torch's max_ls).
-LINE_SEARCH_EVALS = 25
 
 
 class StyleTransfer(L.LightningModule):
@@ -62,9 +60,9 @@ class StyleTransfer(L.LightningModule):
         optimizer: lbfgs (one training step = one L-BFGS iteration) or adam.
         lr: learning rate (default: 1.0 for lbfgs, 0.02 for adam).
         lbfgs_history_size: L-BFGS memory (number of past updates kept; torch's default is 100).
-        lbfgs_line_search: strong_wolfe (the default: a step that would raise the loss is shortened,
-            which keeps the first steps out of overflow, for about 5% more evaluations) or None
-            (one function evaluation per step, whatever it does to the loss).
+        lbfgs_line_search: backtrack (the default: nst_lightning.lbfgs's L-BFGS, which never waits for
+            the host; a step that raised the loss is undone and shortened at the next step), strong_wolfe
+            (torch's L-BFGS with its line search, about 5% more evaluations) or None (torch's, without).
         scales: coarse-to-fine sizes (longest side, ascending, the last one data.image_size), e.g.
             [256, 362, 512]; None optimises at data.image_size only.
         scale_steps: iterations at each of ``scales``; trainer.max_steps must be at least their sum
@@ -83,7 +81,7 @@ class StyleTransfer(L.LightningModule):
         content_weight: float = 1.0,
         style_weight: float = 1e6,
         tv_weight: float = 0.0,
-        style_loss: StyleLoss = "gram",
+        style_loss: checks.StyleLoss = "gram",
         preserve_color: PreserveColor = "none",
         backbone: str = "vgg19",
         weights: checks.NamedWeights | checks.InputPath = "imagenet",
@@ -95,7 +93,7 @@ class StyleTransfer(L.LightningModule):
         optimizer: Optimizer = "lbfgs",
         lr: float | None = None,
         lbfgs_history_size: int = LBFGS_HISTORY_SIZE,
-        lbfgs_line_search: Literal["strong_wolfe"] | None = "strong_wolfe",
+        lbfgs_line_search: LineSearch | None = "backtrack",
         scales: Sequence[int] | None = None,
         scale_steps: Sequence[int] | None = None,
         compile: bool = False,
@@ -175,18 +173,10 @@ class StyleTransfer(L.LightningModule):
         self.evaluator.start(precision, LossScaler(self.loss_scale) if precision == "16-mixed" else None)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        lr = self.hparams.lr
-        if self.hparams.optimizer == "adam":
-            return torch.optim.Adam([self.image], lr=lr or 0.02)
-        # max_iter=1: each Lightning step is exactly one L-BFGS iteration (one closure evaluation
-        # without line search), so trainer.max_steps counts iterations as the seed does. The curvature
-        # history persists across steps in the optimiser state.
-        # With max_iter=1 torch's default max_eval (max_iter * 5 // 4 = 1) would leave the line search
-        # no evaluation to spend: it could only take or refuse the first trial step, and once it refused
-        # one every later step would repeat it (the image would never move again).
-        line_search, max_eval = self.hparams.lbfgs_line_search, 1 + LINE_SEARCH_EVALS
-        return torch.optim.LBFGS([self.image], lr=lr or 1.0, max_iter=1, max_eval=max_eval if line_search else None,
-                                 history_size=self.hparams.lbfgs_history_size, line_search_fn=line_search)  # fmt: skip
+        hp = self.hparams
+        if hp.optimizer == "adam":
+            return torch.optim.Adam([self.image], lr=hp.lr or 0.02)
+        return make_lbfgs(self.image, hp.lr or 1.0, hp.lbfgs_history_size, hp.lbfgs_line_search)
 
     def forward(self, image: Tensor) -> dict[str, Tensor]:
         """The objective's losses of ``image``: total, content, style, style per layer and tv (float32)."""
@@ -225,9 +215,11 @@ class StyleTransfer(L.LightningModule):
             detail(f"step {step}: the last {self.trainer.max_steps - step} iterations run in float32 "
                            "(model.float32_final_steps)")  # fmt: skip
         optimizer, evaluations, made = self.optimizers(), [], self.evaluator.count
+        # DeviceLBFGS evaluates each point once and reads nothing on the host: neither may the evaluation.
+        evaluate = self.evaluator.once if isinstance(optimizer.optimizer, DeviceLBFGS) else self.evaluator
 
         def closure() -> Tensor:
-            evaluations.append(self.evaluator(self.image, optimizer, step=step, float32=float32))
+            evaluations.append(evaluate(self.image, optimizer, step=step, float32=float32))
             return evaluations[-1]["total"]
 
         try:
@@ -241,6 +233,11 @@ class StyleTransfer(L.LightningModule):
         self.log_dict({f"loss/{k}": v for k, v in first.items() if k != "total"}, batch_size=1)
         self.log("closure_evaluations", float(self.evaluator.count - made), batch_size=1)
         return first["total"].detach()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # DeviceLBFGS's non-finite evaluations are recorded on the device: at the latest the last step raises them.
+        if 0 <= self.trainer.max_steps <= self.global_step or self.trainer.should_stop:
+            self.evaluator.check(self.image)
 
     def output_image(self) -> Tensor:
         """The current image as RGB in [0, 1] (see :meth:`Objective.to_rgb`)."""
