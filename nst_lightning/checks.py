@@ -36,8 +36,7 @@ LBFGS_HISTORY_SIZE = 50
 StyleLoss = Literal["gram", "mean_cov"]
 PreserveColor = Literal["none", "luminance", "histogram"]
 Optimizer = Literal["lbfgs", "adam"]
-LineSearch = Literal["backtrack", "strong_wolfe"]
-"""``model.lbfgs_line_search`` (or None): backtrack is nst_lightning.lbfgs's L-BFGS, the others torch's."""
+LineSearch = Literal["backtrack", "strong_wolfe"]  # or None; backtrack: nst_lightning.lbfgs's L-BFGS, None torch's
 INITS = ("content", "style", "noise")
 """The starting images that are not a file."""
 Init = Literal["content", "style", "noise"]

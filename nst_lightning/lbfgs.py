@@ -12,7 +12,7 @@ search.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -42,6 +42,15 @@ def make_lbfgs(image: Tensor, lr: float, history_size: int, line_search: str | N
     return torch.optim.LBFGS(
         [image], lr=lr, max_iter=1, max_eval=max_eval, history_size=history_size, line_search_fn=line_search
     )
+
+
+def last_accepted(image: Tensor, optimizers: Sequence[torch.optim.Optimizer]) -> Tensor:
+    """``image``, or where a DeviceLBFGS among ``optimizers`` optimises it, the last point it accepted (a view):
+    the image itself then holds the next trial step, not yet evaluated, which may yet be undone."""
+    for optimizer in optimizers:
+        if isinstance(optimizer, DeviceLBFGS) and optimizer.param is image and image in optimizer.state:
+            return optimizer.state[image]["x"].view_as(image)
+    return image
 
 
 class DeviceLBFGS(torch.optim.Optimizer):

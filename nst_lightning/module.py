@@ -25,7 +25,7 @@ from nst_lightning.data import ImageSource, Inputs
 from nst_lightning.errors import ConfigError, NumericalError
 from nst_lightning.features import FeatureExtractor, Pooling
 from nst_lightning.image_io import load_image
-from nst_lightning.lbfgs import DeviceLBFGS, make_lbfgs
+from nst_lightning.lbfgs import DeviceLBFGS, last_accepted, make_lbfgs
 from nst_lightning.memory import check_run
 from nst_lightning.objective import Objective
 from nst_lightning.precision import SCALE_START, LossScaler, drop_lightning_scaler, float32_start
@@ -240,8 +240,10 @@ class StyleTransfer(L.LightningModule):
             self.evaluator.check(self.image)
 
     def output_image(self) -> Tensor:
-        """The current image as RGB in [0, 1] (see :meth:`Objective.to_rgb`)."""
-        return self.objective.to_rgb(self.image)
+        """The current image as RGB in [0, 1] (see :meth:`Objective.to_rgb`): under DeviceLBFGS, the last point it
+        accepted (:func:`~nst_lightning.lbfgs.last_accepted`)."""
+        optimizers = self._trainer.optimizers if self._trainer is not None else []
+        return self.objective.to_rgb(last_accepted(self.image, optimizers))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The frozen extractor comes from the config: keep its weights out of checkpoints."""
