@@ -42,6 +42,7 @@ class Evaluator:
         """Set by :meth:`once`: the step of the first non-finite evaluation, -1 while there was none (a device
         tensor; reading it waits for the device). :meth:`check` raises its error."""
         self._fault: dict[str, Tensor] = {}  # the fault's losses, and whether the loss itself was finite
+        self._kept: dict[str, Tensor] | None = None  # see kept()
 
     def start(self, precision: str, scaler: LossScaler | None = None) -> None:
         """A run starts: its ``trainer.precision`` (what a message about a fault may suggest) and, under
@@ -52,6 +53,7 @@ class Evaluator:
     def forget(self) -> None:
         """The function changed (new targets): no evaluation may be handed back."""
         self._memo = None
+        self._kept = None
 
     def __call__(
         self,
@@ -120,6 +122,17 @@ class Evaluator:
         self.fault_step.copy_(torch.where(new, step, self.fault_step))
         for key, value in (("loss_finite", finite_loss), *losses.items()):
             self._fault[key].copy_(torch.where(new, value.detach(), self._fault[key]))
+        return losses
+
+    def kept(self, losses: dict[str, Tensor], accepted_loss: Tensor) -> dict[str, Tensor]:
+        """The losses of an optimiser's result, which may lag its last evaluation (DeviceLBFGS's last accepted
+        point, whose loss is ``accepted_loss``): ``losses``, the last evaluation's, where the optimiser accepted
+        it (its loss is then exactly ``accepted_loss``), else those this returned before. No host read."""
+        losses = {key: value.detach() for key, value in losses.items()}
+        if self._kept is not None and self._kept.keys() == losses.keys():
+            accepted = losses["total"] == accepted_loss
+            losses = {key: torch.where(accepted, value, self._kept[key]) for key, value in losses.items()}
+        self._kept = losses
         return losses
 
     def check(self, image: nn.Parameter | None = None) -> None:

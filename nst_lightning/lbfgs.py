@@ -132,6 +132,10 @@ class DeviceLBFGS(torch.optim.Optimizer):
             for key, value in state.items():
                 state[key] = value.to(dtypes.get(key, value.dtype))
 
+    def accepted_loss(self) -> Tensor:
+        """The loss of the last accepted point, the run's result (a device tensor)."""
+        return self._state()["loss"]
+
     def still_steps(self) -> Tensor:
         """Steps in a row that left the image unchanged (a device tensor: reading it waits for the device)."""
         return self._state()["still"]

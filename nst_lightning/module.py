@@ -229,6 +229,8 @@ class StyleTransfer(L.LightningModule):
             raise
         # Log the losses at the point where this step started (L-BFGS's first evaluation).
         first = evaluations[0]
+        if isinstance(optimizer.optimizer, DeviceLBFGS):  # of its last accepted point: the run's result
+            first = self.evaluator.kept(first, optimizer.optimizer.accepted_loss())
         self.log("loss", first["total"].detach(), prog_bar=True, batch_size=1)
         self.log_dict({f"loss/{k}": v for k, v in first.items() if k != "total"}, batch_size=1)
         self.log("closure_evaluations", float(self.evaluator.count - made), batch_size=1)

@@ -163,3 +163,12 @@ def test_resume_from_a_checkpoint_is_bit_exact(tmp_path, images, monkeypatch):
     assert int(state_a["n_iter"]) == 6 and state_a.keys() == state_b.keys()
     for key in state_a:
         assert torch.equal(state_a[key], state_b[key]), key
+
+
+def test_the_logged_losses_are_those_of_the_last_accepted_point():
+    run = Evaluator(Quadratic(), lambda loss: loss.backward())
+    point = lambda total, content: {"total": torch.tensor(total), "content": torch.tensor(content)}  # noqa: E731
+    assert float(run.kept(point(2.0, 1.0), torch.tensor(2.0))["content"]) == 1.0
+    undone = run.kept(point(9e6, 3.0), torch.tensor(2.0))  # evaluated, then undone: the result is still the last
+    assert (float(undone["total"]), float(undone["content"])) == (2.0, 1.0)
+    assert float(run.kept(point(1.5, 0.5), torch.tensor(1.5))["content"]) == 0.5
