@@ -105,7 +105,6 @@ def main() -> None:
             "ratio": losses["backtrack"] / losses["strong_wolfe"],
             "evaluations_backtrack": new.evaluator.count, "evaluations_strong_wolfe": old.evaluator.count,
             "undone_backtrack": int(new.optimizer.state[new.module.image]["undone"]),
-            "extended_backtrack": int(new.optimizer.state[new.module.image]["extended"]),
             "s_per_iter_backtrack": median(new.times), "s_per_iter_strong_wolfe": median(old.times),
             "own_s_per_iter_backtrack": median(new.own_times), "own_s_per_iter_strong_wolfe": median(old.own_times),
             "curves": {str(name): {**lane.curve, args.steps: losses[name]} for name, lane in lanes.items()},
@@ -120,13 +119,13 @@ def main() -> None:
 def print_row(row: dict, first: bool) -> None:
     if first:
         print("| size | steps | final loss backtrack | final loss strong_wolfe | ratio | evaluations (bt / sw) "
-              "| undone / continued | s/iter bt | s/iter sw | optimiser s/iter bt | optimiser s/iter sw |")  # fmt: skip
+              "| undone | s/iter bt | s/iter sw | optimiser s/iter bt | optimiser s/iter sw |")  # fmt: skip
         print("|---" * 11 + "|")
     cells = [
         f"{row['shape'][1]}x{row['shape'][0]}", row["steps"], f"{row['loss_backtrack']:.5g}",
         f"{row['loss_strong_wolfe']:.5g}", f"{row['ratio']:.4f}",
         f"{row['evaluations_backtrack']} / {row['evaluations_strong_wolfe']}",
-        f"{row['undone_backtrack']} / {row['extended_backtrack']}",
+        row["undone_backtrack"],
         *(f"{row[key]:.4f}" for key in ("s_per_iter_backtrack", "s_per_iter_strong_wolfe",
                                         "own_s_per_iter_backtrack", "own_s_per_iter_strong_wolfe")),
     ]  # fmt: skip

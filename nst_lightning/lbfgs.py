@@ -25,11 +25,6 @@ CURVATURE_MIN = 1e-10
 # through the two losses and the slope there, kept within these fractions of the step that failed; a loss
 # that is not finite (no quadratic to fit) shortens it by SHRINK_FALLBACK.
 SHRINK_MIN, SHRINK_MAX, SHRINK_FALLBACK = 1e-3, 0.5, 0.1
-# A step that kept more than this fraction of its starting slope (strong Wolfe's curvature condition with
-# torch's c2 = 0.9, failed on the steep side: the step was too short) is continued along the same direction,
-# to where the slope, taken as linear in the step, reaches zero, in all at most EXTEND_MAX times the step
-# (torch's strong-Wolfe extrapolation limit).
-CURVATURE_KEPT, EXTEND_MAX = 0.9, 10.0
 
 
 def make_lbfgs(image: Tensor, lr: float, history_size: int, line_search: str | None) -> torch.optim.Optimizer:
@@ -64,13 +59,11 @@ class DeviceLBFGS(torch.optim.Optimizer):
     It follows ``torch.optim.LBFGS(max_iter=1, line_search_fn=None)`` step for step (the same first step
     ``min(1, 1/|g|_1) * lr``, the same curvature test and scaling ``y.s / y.y``), with these departures:
 
-    * **A line search across steps** (``backtrack``): a step whose loss is higher than the point it left
+    * **Backtracking across steps** (``backtrack``): a step whose loss is higher than the point it left
       (or not finite) is undone at the next step, which starts again from that point along the same
-      direction with a shorter step; a step that kept most of its starting slope (too short: torch's
-      tiny first step) is continued along the same direction, longer (see ``CURVATURE_KEPT``). Without
-      it L-BFGS's second step, sized by the curvature along its tiny first one, can overshoot by orders
-      of magnitude (issue 13); torch's strong-Wolfe line search prevents that with extra evaluations
-      inside a step and host reads, this with one evaluation a step.
+      direction with a shorter step. Without it L-BFGS's second step, sized by the curvature along its
+      tiny first one, can overshoot by orders of magnitude (issue 13); torch's strong-Wolfe line search
+      prevents that with extra evaluations inside a step and host reads, this with one evaluation a step.
     * The two-loop recursion is computed in its compact form: the inner products of the history with the
       gradient in one matrix product, the recursion itself as two triangular solves on the small Gram
       matrices (kept up to date as pairs arrive), the direction in one more product. The same direction
@@ -82,8 +75,7 @@ class DeviceLBFGS(torch.optim.Optimizer):
     gradient changes y, rows ``[0, m)`` and ``[m, 2m)``), ``sy``/``yy`` (their Gram matrices), ``valid``,
     ``head`` (the slot of the next pair), ``h_diag``, the accepted point ``x``, its gradient ``g``, loss
     ``loss`` and slope ``gtd``, the direction ``d`` and step length ``t`` in progress, and the counters
-    ``n_iter``, ``undone`` (steps undone), ``extended`` (steps continued) and ``still`` (steps in a row that
-    left the image unchanged).
+    ``n_iter``, ``undone`` (steps undone) and ``still`` (steps in a row that left the image unchanged).
 
     Args:
         params: one tensor (the image), or a list holding one.
@@ -91,7 +83,7 @@ class DeviceLBFGS(torch.optim.Optimizer):
         history_size: number of curvature pairs kept.
         tolerance_grad: gradient max-norm under which the image has converged (torch's meaning).
         tolerance_change: a direction whose slope is above minus this is no descent direction.
-        backtrack: undo and shorten a step that raised the loss, continue one that was too short (see above).
+        backtrack: undo and shorten a step that raised the loss (see above).
     """
 
     def __init__(
@@ -128,7 +120,6 @@ class DeviceLBFGS(torch.optim.Optimizer):
                 loss=torch.full((), torch.inf, **vector), gtd=torch.zeros((), **vector),
                 d=torch.zeros(p.numel(), **vector), t=torch.zeros((), **vector),
                 n_iter=torch.zeros((), **count), undone=torch.zeros((), **count), still=torch.zeros((), **count),
-                extended=torch.zeros((), **count),
             )  # fmt: skip
         return state
 
@@ -160,12 +151,8 @@ class DeviceLBFGS(torch.optim.Optimizer):
         f = loss.detach().reshape(()).to(x.dtype)
         first = state["n_iter"] == 0
         accept = first | ~first  # every step stands without backtracking (torch's behaviour)
-        old_d, old_t, old_slope = state["d"], state["t"], state["gtd"]  # of the step that led here
-        slope = torch.dot(g, old_d)  # here, along that step
-        extend = first & ~first
         if group["backtrack"]:
             accept = first | (torch.isfinite(f) & torch.isfinite(g).all() & (f <= state["loss"]))
-            extend = accept & ~first & (old_t > 0) & (slope < CURVATURE_KEPT * old_slope)
 
         # The curvature pair of the step that led here, kept where accepted and y.s > CURVATURE_MIN (torch's
         # test), written over the oldest slot of the ring.
@@ -194,15 +181,10 @@ class DeviceLBFGS(torch.optim.Optimizer):
         length = torch.where(descends, length, 0.0)
         # A step undone: the minimum of the quadratic through the loss and slope at the accepted point and the
         # loss where the step landed, within [SHRINK_MIN, SHRINK_MAX] of the failed step.
-        quadratic = -old_slope * old_t * old_t / (2 * (f - state["loss"] - old_slope * old_t))
-        shorter = torch.clamp(quadratic, min=old_t * SHRINK_MIN, max=old_t * SHRINK_MAX)
-        shorter = torch.where(torch.isfinite(quadratic), shorter, old_t * SHRINK_FALLBACK)
-        # A step continued (see CURVATURE_KEPT): the same direction, from here, longer.
-        further = old_t * old_slope / (old_slope - slope) - old_t
-        longer = torch.clamp(further, min=old_t, max=old_t * (EXTEND_MAX - 1))
-        longer = torch.where(torch.isfinite(further) & (further > 0), longer, old_t * (EXTEND_MAX - 1))
-        direction = torch.where(extend, old_d, direction)
-        gtd, length = torch.where(extend, slope, gtd), torch.where(extend, longer, length)
+        failed, slope = state["t"], state["gtd"]
+        quadratic = -slope * failed * failed / (2 * (f - state["loss"] - slope * failed))
+        shorter = torch.clamp(quadratic, min=failed * SHRINK_MIN, max=failed * SHRINK_MAX)
+        shorter = torch.where(torch.isfinite(quadratic), shorter, failed * SHRINK_FALLBACK)
 
         for key, new in (("x", x), ("g", g), ("loss", f), ("gtd", gtd), ("d", direction)):
             state[key].copy_(torch.where(accept, new, state[key]))
@@ -211,7 +193,6 @@ class DeviceLBFGS(torch.optim.Optimizer):
         state["still"].copy_(torch.where((after != x).any(), 0, state["still"] + 1))
         x.copy_(after)
         state["undone"].add_(~accept)
-        state["extended"].add_(extend)
         state["n_iter"].add_(1)
         return loss
 
