@@ -173,3 +173,19 @@ def test_the_logged_losses_are_those_of_the_last_accepted_point():
     undone = run.kept(point(9e6, 3.0), torch.tensor(2.0))  # evaluated, then undone: the result is still the last
     assert (float(undone["total"]), float(undone["content"])) == (2.0, 1.0)
     assert float(run.kept(point(1.5, 0.5), torch.tensor(1.5))["content"]) == 0.5
+
+
+def test_a_checkpoint_of_torchs_lbfgs_resumes_with_its_setting_and_only_with_it(tmp_path, images, monkeypatch, capsys):
+    """Checkpoints made before DeviceLBFGS was the default hold torch's L-BFGS state."""
+    monkeypatch.setattr(sys, "argv", ["cli.py"])
+    config = write_config(tmp_path, images, trainer={"max_steps": 2}, model={"lbfgs_line_search": "strong_wolfe"})
+    cli_main(["fit", "--config", str(config)])
+    [ckpt] = (tmp_path / "runs" / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt")
+    with pytest.raises(SystemExit):  # under the new default: one line, naming the setting
+        cli_main(["fit", "--config", str(config), "--model.lbfgs_line_search", "backtrack", "--ckpt_path", str(ckpt),
+                  "--trainer.max_steps", "4", "--overwrite"])  # fmt: skip
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nst-lightning: error:")]
+    assert len(lines) == 1 and "model.lbfgs_line_search was 'strong_wolfe', now 'backtrack'" in lines[0], lines
+    cli_main(["fit", "--config", str(config), "--ckpt_path", str(ckpt), "--trainer.max_steps", "4", "--overwrite"])
+    [resumed] = (tmp_path / "runs" / "lightning_logs").glob("version_*/checkpoints/*step=4.ckpt")
+    assert torch.load(resumed, weights_only=True)["optimizer_states"][0]["state"][0]["n_iter"] == 4
