@@ -64,6 +64,8 @@ class DeviceLBFGS(torch.optim.Optimizer):
       direction with a shorter step. Without it L-BFGS's second step, sized by the curvature along its
       tiny first one, can overshoot by orders of magnitude (issue 13); torch's strong-Wolfe line search
       prevents that with extra evaluations inside a step and host reads, this with one evaluation a step.
+      The parameter therefore holds the next trial point; the run's result is the last accepted point
+      (:func:`last_accepted`), whose loss :meth:`accepted_loss` gives.
     * The two-loop recursion is computed in its compact form: the inner products of the history with the
       gradient in one matrix product, the recursion itself as two triangular solves on the small Gram
       matrices (kept up to date as pairs arrive), the direction in one more product. The same direction
