@@ -117,10 +117,11 @@ class Evaluator:
             last.copy_(torch.where(finite, current, last))
         if self.fault_step is None:
             self.fault_step = torch.full((), -1, dtype=torch.long, device=current.device)
-            self._fault = {"loss_finite": finite_loss.clone(), **{k: v.detach().clone() for k, v in losses.items()}}
         new = ~finite & (self.fault_step < 0)
         self.fault_step.copy_(torch.where(new, step, self.fault_step))
         for key, value in (("loss_finite", finite_loss), *losses.items()):
+            if key not in self._fault:  # the first evaluation, or a new term (a video's temporal loss)
+                self._fault[key] = value.detach().clone()
             self._fault[key].copy_(torch.where(new, value.detach(), self._fault[key]))
         return losses
 
