@@ -24,7 +24,9 @@ def memory_child(size: int, history: int, steps: int) -> None:
     baseline = peak_rss_mib()
     project = Project(size, "cpu", "32-true", compile=False, lbfgs_history_size=history)
     project.fit(steps, record=False)
-    held = len(project.module.optimizers().optimizer.state[project.module.image]["old_dirs"])
+    state = project.module.optimizers().optimizer.state[project.module.image]
+    # torch's L-BFGS keeps a list; DeviceLBFGS a ring buffer with a mask of the slots filled.
+    held = len(state["old_dirs"]) if "old_dirs" in state else int(state["valid"].sum())
     height, width = project.shape
     from nst_lightning.memory import estimate_peak
 

@@ -134,6 +134,7 @@ def run_stages(label, stages, base, final, content, style, per_eval, folder, log
 
     from nst_lightning.data import StyleTransferDataModule
     from nst_lightning.image_io import save_image
+    from nst_lightning.lbfgs import last_accepted
     from nst_lightning.module import StyleTransfer
 
     judge = StyleTransfer(**base)
@@ -171,9 +172,11 @@ def run_stages(label, stages, base, final, content, style, per_eval, folder, log
 
         @staticmethod
         def judge(pl_module) -> float:
-            """The default objective's loss of the current image (outside the clock)."""
+            """The default objective's loss of the run's current result (outside the clock): under DeviceLBFGS
+            its last accepted point, as the image the run would write."""
+            image = last_accepted(pl_module.image, pl_module.trainer.optimizers)
             with torch.no_grad(), torch.autocast("cpu", enabled=False):
-                return float(judge(pl_module.image)["total"])
+                return float(judge(image)["total"])
 
     init = None
     for n, stage in enumerate(stages):

@@ -167,8 +167,12 @@ def check_resume(checkpoint: Mapping[str, Any], hparams: Mapping[str, Any], obje
 
 def estimate_checkpoint_bytes(height: int, width: int, hparams: Mapping[str, Any], max_steps: int) -> int:
     """The size of a run's checkpoint, from the image size and the model's settings: the image, the
-    optimiser's state (L-BFGS: two image-sized vectors per step of history, which fills up over the
-    first ``lbfgs_history_size`` steps) and the targets, as :mod:`nst_lightning.memory` counts them."""
+    optimiser's state (L-BFGS: two image-sized vectors per step of history, which torch's fills up over the
+    first ``lbfgs_history_size`` steps and DeviceLBFGS holds from the first) and the targets, as
+    :mod:`nst_lightning.memory` counts them."""
+    history = hparams["lbfgs_history_size"]
+    if hparams.get("lbfgs_line_search", "strong_wolfe") != "backtrack":  # not DeviceLBFGS
+        history = max(1, min(history, max_steps))
     estimate = estimate_peak(
         height,
         width,
@@ -177,7 +181,7 @@ def estimate_checkpoint_bytes(height: int, width: int, hparams: Mapping[str, Any
         backbone=hparams["backbone"],
         pooling=hparams["pooling"],
         optimizer=hparams["optimizer"],
-        history_size=max(1, min(hparams["lbfgs_history_size"], max_steps)),
+        history_size=history,
         weights="random",  # the weights are not in checkpoints
     )
     return estimate.optimizer + estimate.targets + 2**16  # plus Lightning's metadata

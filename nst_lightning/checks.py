@@ -35,6 +35,7 @@ LBFGS_HISTORY_SIZE = 50
 StyleLoss = Literal["gram", "mean_cov"]
 PreserveColor = Literal["none", "luminance", "histogram"]
 Optimizer = Literal["lbfgs", "adam"]
+LineSearch = Literal["backtrack", "strong_wolfe"]  # or None; backtrack: nst_lightning.lbfgs's L-BFGS, None torch's
 INITS = ("content", "style", "noise")
 """The starting images that are not a file."""
 Init = Literal["content", "style", "noise"]
@@ -93,6 +94,7 @@ def check_model(
     optimizer: str,
     lr: float | None,
     lbfgs_history_size: int,
+    lbfgs_line_search: str | None,
     scales: Sequence[int] | None,
     scale_steps: Sequence[int] | None,
     float32_final_steps: int,
@@ -130,6 +132,8 @@ def check_model(
     _choose("optimizer", optimizer, get_args(Optimizer))
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise ConfigError(f"model.lr must be a positive number, got {lr}")
+    if lbfgs_line_search is not None:
+        _choose("lbfgs_line_search", lbfgs_line_search, get_args(LineSearch))
     if lbfgs_history_size < 1:
         raise ConfigError(f"model.lbfgs_history_size must be at least 1, got {lbfgs_history_size}")
     if float32_final_steps < 0:

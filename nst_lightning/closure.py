@@ -1,5 +1,6 @@
 """The closure's function evaluation: an image's losses and gradient, each point evaluated once, the loss
-scaled where 16-mixed needs it, and a non-finite value stopped at once with the image before it kept."""
+scaled where 16-mixed needs it, and a non-finite value stopped with the image before it kept: at once for
+torch's L-BFGS, recorded on the device and raised when read for :class:`~nst_lightning.lbfgs.DeviceLBFGS`."""
 
 from __future__ import annotations
 
@@ -37,6 +38,11 @@ class Evaluator:
         self.last_finite_image: Tensor | None = None
         """The last image whose loss and gradient were finite: what a numerical fault falls back to."""
         self._memo: tuple[bool, dict[str, Tensor], Tensor | None] | None = None
+        self.fault_step: Tensor | None = None
+        """Set by :meth:`once`: the step of the first non-finite evaluation, -1 while there was none (a device
+        tensor; reading it waits for the device). :meth:`check` raises its error."""
+        self._fault: dict[str, Tensor] = {}  # the fault's losses, and whether the loss itself was finite
+        self._kept: dict[str, Tensor] | None = None  # see kept()
 
     def start(self, precision: str, scaler: LossScaler | None = None) -> None:
         """A run starts: its ``trainer.precision`` (what a message about a fault may suggest) and, under
@@ -47,6 +53,7 @@ class Evaluator:
     def forget(self) -> None:
         """The function changed (new targets): no evaluation may be handed back."""
         self._memo = None
+        self._kept = None
 
     def __call__(
         self,
@@ -73,16 +80,79 @@ class Evaluator:
             if scaler is None:
                 self.backward(total)
                 if not bool(torch.isfinite(image.grad).all()):
-                    raise NumericalError(
-                        f"the gradient became non-finite at step {step} although the loss was "
-                        f"{float(total.detach()):.4g}: lower model.lr or the loss weights{self.hint}"
-                    )
+                    raise NumericalError(self._gradient_message(step, total))
                 return self._remember(image, losses, float32)
             if scaler.backward(total, self.backward, optimizer):
                 return self._remember(image, losses, float32)
         raise NumericalError(
             f"the gradient overflowed float16 at every loss scale tried (step {step}): "
             "use --trainer.precision bf16-mixed or 32-true"
+        )
+
+    def once(
+        self,
+        image: nn.Parameter,
+        optimizer: torch.optim.Optimizer,
+        step: int | Tensor = 0,
+        float32: bool = False,
+    ) -> dict[str, Tensor]:
+        """As :meth:`__call__`, for an optimiser that evaluates each point once (DeviceLBFGS): no memo, and no
+        host read. A non-finite loss or gradient is not raised here but recorded on the device (the first
+        one's step in :attr:`fault_step`, its losses), to be raised by :meth:`check`; the last finite image
+        is kept under a mask. Under 16-mixed's loss scaling this is :meth:`__call__`, whose scaler reads
+        the gradient on the host."""
+        if self.scaler is not None and not float32:
+            return self(image, optimizer, step, float32)
+        self.count += 1
+        optimizer.zero_grad()
+        with float32_context(image.device.type, float32):
+            losses = self.objective(image)
+        self.backward(losses["total"])
+        finite_loss = torch.isfinite(losses["total"].detach())
+        finite = finite_loss & torch.isfinite(image.grad).all()
+        current, last = image.detach(), self.last_finite_image
+        if last is None or last.shape != current.shape:
+            self.last_finite_image = current.clone()  # the first evaluation at this size: kept as it is
+        else:
+            last.copy_(torch.where(finite, current, last))
+        if self.fault_step is None:
+            self.fault_step = torch.full((), -1, dtype=torch.long, device=current.device)
+        new = ~finite & (self.fault_step < 0)
+        self.fault_step.copy_(torch.where(new, step, self.fault_step))
+        for key, value in (("loss_finite", finite_loss), *losses.items()):
+            if key not in self._fault:  # the first evaluation, or a new term (a video's temporal loss)
+                self._fault[key] = value.detach().clone()
+            self._fault[key].copy_(torch.where(new, value.detach(), self._fault[key]))
+        return losses
+
+    def kept(self, losses: dict[str, Tensor], accepted_loss: Tensor) -> dict[str, Tensor]:
+        """The losses of an optimiser's result, which may lag its last evaluation (DeviceLBFGS's last accepted
+        point, whose loss is ``accepted_loss``): ``losses``, the last evaluation's, where the optimiser accepted
+        it (its loss is then exactly ``accepted_loss``), else those this returned before. No host read."""
+        losses = {key: value.detach() for key, value in losses.items()}
+        if self._kept is not None and self._kept.keys() == losses.keys():
+            accepted = losses["total"] == accepted_loss
+            losses = {key: torch.where(accepted, value, self._kept[key]) for key, value in losses.items()}
+        self._kept = losses
+        return losses
+
+    def check(self, image: nn.Parameter | None = None) -> None:
+        """Raises the :class:`NumericalError` of the first non-finite evaluation :meth:`once` recorded, with the
+        message :meth:`__call__` would have given at that step (one host read), after putting the last finite
+        image back into ``image`` where given."""
+        if self.fault_step is None or (step := int(self.fault_step)) < 0:
+            return
+        if image is not None:
+            self.restore(image)
+        losses = {k: v for k, v in self._fault.items() if k != "loss_finite"}
+        if not bool(self._fault["loss_finite"]):
+            raise NumericalError(self.objective.non_finite_message(losses, step, self.hint))
+        raise NumericalError(self._gradient_message(step, losses["total"]))
+
+    def _gradient_message(self, step: int, total: Tensor) -> str:
+        return (
+            f"the gradient became non-finite at step {step} although the loss was "
+            f"{float(total.detach()):.4g}: lower model.lr or the loss weights{self.hint}"
         )
 
     def restore(self, image: nn.Parameter) -> None:

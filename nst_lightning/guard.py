@@ -33,6 +33,7 @@ import torch
 
 from nst_lightning.checks import check_guard
 from nst_lightning.errors import Interrupted
+from nst_lightning.lbfgs import DeviceLBFGS
 from nst_lightning.losslog import LOSS, LoggedStep, LossLog
 
 INTERRUPTED_CHECKPOINT = "interrupted.ckpt"
@@ -65,11 +66,15 @@ _RISE_ADVICE = {
     ),
     "strong_wolfe": "the L-BFGS line search accepted a worse point; lower model.lr if this recurs",
     "adam": "Adam's steps are too large for this image; lower model.lr if this recurs",
+    "backtrack": None,  # DeviceLBFGS undoes a step that raised the loss at the next step: nothing to report
 }
 
 
 def optimizer_kind(optimizer: torch.optim.Optimizer | None) -> str:
-    """``lbfgs``, ``strong_wolfe`` (L-BFGS with its line search), ``adam`` or ``other``."""
+    """``lbfgs``, ``strong_wolfe`` (torch's L-BFGS without and with its line search), ``backtrack``
+    (:class:`~nst_lightning.lbfgs.DeviceLBFGS`), ``adam`` or ``other``."""
+    if isinstance(optimizer, DeviceLBFGS):
+        return "backtrack"
     if isinstance(optimizer, torch.optim.LBFGS):
         return "strong_wolfe" if optimizer.defaults.get("line_search_fn") else "lbfgs"
     return "adam" if isinstance(optimizer, torch.optim.Adam) else "other"
@@ -98,9 +103,10 @@ class LossWatch:
         previous, self.previous = self.previous, loss
         self.recent.append(loss)
         # Relative to the loss's size, whatever its sign: a rise is a rise.
-        if previous is not None and not self.rise_reported and loss - previous > RISE_REPORTED * abs(previous) + 1e-12:
+        advice = _RISE_ADVICE.get(self.optimizer, "lower model.lr if this recurs")
+        rise = previous is not None and loss - previous > RISE_REPORTED * abs(previous) + 1e-12
+        if rise and advice is not None and not self.rise_reported:
             self.rise_reported = True
-            advice = _RISE_ADVICE.get(self.optimizer, "lower model.lr if this recurs")
             messages.append(f"the loss rose at step {step}, from {previous:.4g} to {loss:.4g}: {advice}")
         if loss < self.best - STALL_IMPROVEMENT * abs(self.best) or self.best == math.inf:
             self.best, self.best_step = loss, step
@@ -234,7 +240,11 @@ class RunGuard(L.Callback):
                 self.on_losses(trainer, pl_module, [LoggedStep(step - 1, 0.0, {LOSS: float(loss)})])
         if image is None or self._image_before is None or image.shape != self._image_before.shape:
             return
-        self._still = self._still + 1 if torch.equal(image.detach(), self._image_before) else 0
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        if isinstance(optimizer, DeviceLBFGS):  # it counts the steps that left the image as it was
+            self._still = int(optimizer.still_steps())
+        else:
+            self._still = self._still + 1 if torch.equal(image.detach(), self._image_before) else 0
         if self._still < STILL_STEPS:
             return
         trainer.should_stop = True
@@ -256,7 +266,7 @@ class RunGuard(L.Callback):
                 f"the loss had levelled off (down {levelled:.2%} over the last {LEVEL_STEPS} steps) and no lower "
                 "point was found within float32's precision: the image is finished"
             )
-        elif isinstance(optimizer, torch.optim.LBFGS):
+        elif isinstance(optimizer, (torch.optim.LBFGS, DeviceLBFGS)):
             why = (
                 "L-BFGS found no step that lowers the loss (its line search failed or its direction went uphill); "
                 "a lower model.lr or a new run may help"

@@ -9,7 +9,7 @@ the size at each step :mod:`~nst_lightning.schedule`'s; :mod:`~nst_lightning.che
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
@@ -19,20 +19,18 @@ from torch import Tensor, nn
 from nst_lightning import checks, schedule
 from nst_lightning.backbones import AUTO, resolve_backbone
 from nst_lightning.checkpoint import check_resume, saved_scale, upgrade_state_dict
-from nst_lightning.checks import CONTENT_LAYERS, LBFGS_HISTORY_SIZE, STYLE_LAYERS, Optimizer, PreserveColor, StyleLoss
+from nst_lightning.checks import CONTENT_LAYERS, LBFGS_HISTORY_SIZE, STYLE_LAYERS, LineSearch, Optimizer, PreserveColor
 from nst_lightning.closure import Evaluator
 from nst_lightning.console import detail
 from nst_lightning.data import ImageSource, Inputs
 from nst_lightning.errors import ConfigError, NumericalError
 from nst_lightning.features import FeatureExtractor, Pooling
 from nst_lightning.image_io import load_image
+from nst_lightning.lbfgs import DeviceLBFGS, last_accepted, make_lbfgs
 from nst_lightning.losslog import LossLog, step_values
 from nst_lightning.memory import check_run
 from nst_lightning.objective import Objective
 from nst_lightning.precision import SCALE_START, LossScaler, drop_lightning_scaler, float32_start
-
-# Function evaluations the strong-Wolfe line search may spend in one L-BFGS iteration (torch's max_ls).
-LINE_SEARCH_EVALS = 25
 
 
 class StyleTransfer(L.LightningModule):
@@ -64,9 +62,9 @@ class StyleTransfer(L.LightningModule):
         optimizer: lbfgs (one training step = one L-BFGS iteration) or adam.
         lr: learning rate (default: 1.0 for lbfgs, 0.02 for adam).
         lbfgs_history_size: L-BFGS memory (number of past updates kept; torch's default is 100).
-        lbfgs_line_search: strong_wolfe (the default: a step that would raise the loss is shortened,
-            which keeps the first steps out of overflow, for about 5% more evaluations) or None
-            (one function evaluation per step, whatever it does to the loss).
+        lbfgs_line_search: backtrack (the default: nst_lightning.lbfgs's L-BFGS, which never waits for
+            the host; a step that raised the loss is undone and shortened at the next step), strong_wolfe
+            (torch's L-BFGS with its line search, about 5% more evaluations) or None (torch's, without).
         scales: coarse-to-fine sizes (longest side, ascending, the last one data.image_size), e.g.
             [256, 362, 512]; None optimises at data.image_size only.
         scale_steps: iterations at each of ``scales``; trainer.max_steps must be at least their sum
@@ -85,7 +83,7 @@ class StyleTransfer(L.LightningModule):
         content_weight: float = 1.0,
         style_weight: float = 1e6,
         tv_weight: float = 0.0,
-        style_loss: StyleLoss = "gram",
+        style_loss: checks.StyleLoss = "gram",
         preserve_color: PreserveColor = "none",
         backbone: str = AUTO,
         weights: checks.NamedWeights | checks.InputPath = "imagenet",
@@ -97,7 +95,7 @@ class StyleTransfer(L.LightningModule):
         optimizer: Optimizer = "lbfgs",
         lr: float | None = None,
         lbfgs_history_size: int = LBFGS_HISTORY_SIZE,
-        lbfgs_line_search: Literal["strong_wolfe"] | None = "strong_wolfe",
+        lbfgs_line_search: LineSearch | None = "backtrack",
         scales: Sequence[int] | None = None,
         scale_steps: Sequence[int] | None = None,
         compile: bool = False,
@@ -182,18 +180,10 @@ class StyleTransfer(L.LightningModule):
         return [self.losses]  # every Trainer that fits the module hands its losses on (and at the end, all)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        lr = self.hparams.lr
-        if self.hparams.optimizer == "adam":
-            return torch.optim.Adam([self.image], lr=lr or 0.02)
-        # max_iter=1: each Lightning step is exactly one L-BFGS iteration (one closure evaluation
-        # without line search), so trainer.max_steps counts iterations as the seed does. The curvature
-        # history persists across steps in the optimiser state.
-        # With max_iter=1 torch's default max_eval (max_iter * 5 // 4 = 1) would leave the line search
-        # no evaluation to spend: it could only take or refuse the first trial step, and once it refused
-        # one every later step would repeat it (the image would never move again).
-        line_search, max_eval = self.hparams.lbfgs_line_search, 1 + LINE_SEARCH_EVALS
-        return torch.optim.LBFGS([self.image], lr=lr or 1.0, max_iter=1, max_eval=max_eval if line_search else None,
-                                 history_size=self.hparams.lbfgs_history_size, line_search_fn=line_search)  # fmt: skip
+        hp = self.hparams
+        if hp.optimizer == "adam":
+            return torch.optim.Adam([self.image], lr=hp.lr or 0.02)
+        return make_lbfgs(self.image, hp.lr or 1.0, hp.lbfgs_history_size, hp.lbfgs_line_search)
 
     def forward(self, image: Tensor) -> dict[str, Tensor]:
         """The objective's losses of ``image``: total, content, style, style per layer and tv (float32)."""
@@ -232,9 +222,11 @@ class StyleTransfer(L.LightningModule):
             detail(f"step {step}: the last {self.trainer.max_steps - step} iterations run in float32 "
                            "(model.float32_final_steps)")  # fmt: skip
         optimizer, evaluations, made = self.optimizers(), [], self.evaluator.count
+        # DeviceLBFGS evaluates each point once and reads nothing on the host: neither may the evaluation.
+        evaluate = self.evaluator.once if isinstance(optimizer.optimizer, DeviceLBFGS) else self.evaluator
 
         def closure() -> Tensor:
-            evaluations.append(self.evaluator(self.image, optimizer, step=step, float32=float32))
+            evaluations.append(evaluate(self.image, optimizer, step=step, float32=float32))
             return evaluations[-1]["total"]
 
         try:
@@ -243,12 +235,25 @@ class StyleTransfer(L.LightningModule):
             self.evaluator.restore(self.image)  # the last image whose loss was finite is what gets written
             raise
         first = evaluations[0]  # the losses where this step started (L-BFGS's first evaluation), logged a bit later
+        if isinstance(optimizer.optimizer, DeviceLBFGS):  # of its last accepted point: the run's result
+            first = self.evaluator.kept(first, optimizer.optimizer.accepted_loss())
         self.losses.record(step, step_values(first, self.evaluator.count - made))
         return first["total"].detach()
 
+    def on_losses(self, trainer: L.Trainer, pl_module: L.LightningModule, rows: Any) -> None:
+        # Each flush of the lagged losses (losslog.py) reads the device's fault record too: one host read a flush.
+        self.evaluator.check(self.image)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # DeviceLBFGS's non-finite evaluations are recorded on the device: at the latest the last step raises them.
+        if 0 <= self.trainer.max_steps <= self.global_step or self.trainer.should_stop:
+            self.evaluator.check(self.image)
+
     def output_image(self) -> Tensor:
-        """The current image as RGB in [0, 1] (see :meth:`Objective.to_rgb`)."""
-        return self.objective.to_rgb(self.image)
+        """The current image as RGB in [0, 1] (see :meth:`Objective.to_rgb`): under DeviceLBFGS, the last point it
+        accepted (:func:`~nst_lightning.lbfgs.last_accepted`)."""
+        optimizers = self._trainer.optimizers if self._trainer is not None else []
+        return self.objective.to_rgb(last_accepted(self.image, optimizers))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The frozen extractor comes from the config: keep its weights out of checkpoints."""

@@ -18,7 +18,8 @@ MODEL = {
     "content_layers": list(checks.CONTENT_LAYERS), "style_layers": list(checks.STYLE_LAYERS),
     "style_layer_weights": None, "content_weight": 1.0, "style_weight": 1e6, "tv_weight": 0.0, "style_loss": "gram",
     "preserve_color": "none", "backbone": "vgg19", "init": "content", "optimizer": "lbfgs", "lr": None,
-    "lbfgs_history_size": 50, "scales": None, "scale_steps": None, "float32_final_steps": 50,
+    "lbfgs_history_size": 50, "lbfgs_line_search": "backtrack", "scales": None, "scale_steps": None,
+    "float32_final_steps": 50,
 }  # fmt: skip
 
 
@@ -44,6 +45,7 @@ def test_the_defaults_pass():
         ({"init": "/no/such/start.png"}, "neither content, style, noise nor an existing image file"),
         ({"optimizer": "sgd"}, "choose lbfgs or adam"),
         ({"lbfgs_history_size": 0}, "at least 1"),
+        ({"lbfgs_line_search": "wolfe"}, "choose backtrack or strong_wolfe"),
         ({"float32_final_steps": -1}, "0 or more"),
         ({"scales": [32, 16], "scale_steps": [1, 1]}, "ascending"),
         ({"scales": [16, 32], "scale_steps": [0, 1]}, "at least 1 each"),

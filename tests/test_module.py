@@ -5,12 +5,14 @@ import torch
 from lightning import Callback
 
 from nst_lightning.errors import ConfigError
+from nst_lightning.lbfgs import last_accepted
 from tests.conftest import LossRecorder, datamodule, make_module, make_trainer
 
 
 def total_loss(module) -> float:
+    """The loss of the run's result: under DeviceLBFGS its last accepted point (the image holds the next trial)."""
     with torch.no_grad():
-        return float(module(module.image)["total"])
+        return float(module(last_accepted(module.image, module.trainer.optimizers))["total"])
 
 
 def test_lbfgs_steps_lower_the_loss_and_only_the_image_learns(tmp_path, images):

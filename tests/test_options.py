@@ -108,7 +108,7 @@ class ShapePerStep(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.shapes.append(tuple(pl_module.image.shape[-2:]))
         state = trainer.optimizers[0].state[pl_module.image]
-        self.history.append(state.get("n_iter", 0))
+        self.history.append(int(state.get("n_iter", 0)))  # DeviceLBFGS's is a tensor, updated in place
 
 
 def test_coarse_to_fine_ends_at_the_final_size(tmp_path, images):

@@ -56,9 +56,9 @@ def test_gradscaler_cannot_step_l_bfgs_so_the_closure_scales_each_evaluation():
     assert plugin.scaler is None
 
 
-def _run_precision(tmp_path, images, **trainer_kwargs):
+def _run_precision(tmp_path, images, line_search="backtrack", **trainer_kwargs):
     recorder = LossRecorder()
-    module = make_module(float32_final_steps=0)  # mixed precision to the end
+    module = make_module(float32_final_steps=0, lbfgs_line_search=line_search)  # mixed precision to the end
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         make_trainer(tmp_path, steps=10, callbacks=[recorder], **trainer_kwargs).fit(
@@ -100,7 +100,9 @@ def test_16_mixed_with_lbfgs_scales_the_loss_in_the_closure(tmp_path, images):
     # run real float16 autocast.
     plugin = MixedPrecision("16-mixed", "cpu")
     assert plugin.scaler is not None
-    module, losses = _run_precision(tmp_path, images, plugins=[plugin])
+    # strong_wolfe: DeviceLBFGS's second step (sized by the curvature along its tiny first one, undone only
+    # after it is evaluated) overflows float16 here at step 2, which a NumericalError ends at once (issue 22).
+    module, losses = _run_precision(tmp_path, images, line_search="strong_wolfe", plugins=[plugin])
     assert plugin.scaler is None
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
