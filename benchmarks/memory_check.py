@@ -49,6 +49,11 @@ def memory_child(size: int, history: int, steps: int) -> None:
     )
 
 
+def held_pairs(state: dict) -> int:
+    """Curvature pairs an L-BFGS state holds: DeviceLBFGS's valid ring slots, or torch's list."""
+    return int(state["valid"].sum()) if "valid" in state else len(state["old_dirs"])
+
+
 def wide_style_child(size: int, steps: int) -> None:
     """(In a child process.) Peak RSS of a run on a ``size`` x 16 content with a 64x48 style upscaled to
     ``size`` px, the estimate the run checks (:func:`~nst_lightning.memory.check_run`) and the content's alone."""
@@ -82,7 +87,7 @@ def wide_style_child(size: int, steps: int) -> None:
                 "shape": [16, size],
                 "style": list(data.style_sizes()[0]),
                 "history_size": 5,
-                "history_held": len(module.optimizers().optimizer.state[module.image]["old_dirs"]),
+                "history_held": held_pairs(module.optimizers().optimizer.state[module.image]),
                 "steps": steps,
                 "baseline_rss_mib": baseline,
                 "peak_rss_mib": peak_rss_mib(),

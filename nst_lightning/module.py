@@ -252,7 +252,10 @@ class StyleTransfer(L.LightningModule):
     def output_image(self) -> Tensor:
         """The current image as RGB in [0, 1] (see :meth:`Objective.to_rgb`): under DeviceLBFGS, the last point it
         accepted (:func:`~nst_lightning.lbfgs.last_accepted`)."""
-        optimizers = self._trainer.optimizers if self._trainer is not None else []
+        try:
+            optimizers = self.trainer.optimizers
+        except RuntimeError:  # not attached to a Trainer
+            optimizers = []
         return self.objective.to_rgb(last_accepted(self.image, optimizers))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -342,6 +342,9 @@ def test_a_chunked_body_is_stopped_at_the_limit(served):
     assert sent < 60 << 20, f"{sent >> 20} MB sent before the server stopped it"
 
 
+SAMPLES = Path(__file__).resolve().parents[1] / "nst_lightning" / "samples"
+
+
 @pytest.mark.parametrize(
     "args, status, message",
     [
@@ -351,7 +354,8 @@ def test_a_chunked_body_is_stopped_at_the_limit(served):
         (["serve", "--max-upload-mb", "-1"], 2, "--max-upload-mb: '-1' is not a size"),
         (["c.png", "s.png", "--seed", "-1"], 1, "--seed must be a whole number from 0 to 4294967295"),
         (["c.png", "s.png", "--seed", "4294967296"], 1, "--seed must be a whole number from 0 to 4294967295"),
-        (["fit", "--data.content=c.png", "--data.style=s.png", "--seed_everything=-5"], 2,
+        (["fit", f"--data.content={SAMPLES}/content_tubingen.jpg", f"--data.style={SAMPLES}/style_starry_night.jpg",
+          "--seed_everything=-5"], 2,
          "seed_everything must be a whole number from 0 to 4294967295"),
     ],
 )  # fmt: skip
