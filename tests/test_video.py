@@ -337,7 +337,10 @@ def test_two_devices_split_the_frames_into_segments_the_first_as_one_run(tmp_pat
     from PIL import Image
 
     frames = [np.asarray(Image.open(parts / "stylised" / f"{i:06d}.png").convert("RGB")) for i in range(1, 7)]
-    assert all(np.array_equal(a, b) for a, b in zip(frames[:half], temporal_frames[:half], strict=True))
+    # Segment 1 is the one-process run's first frames, up to rounding: its process runs one thread, the reference
+    # more, and the default L-BFGS (no line search) grows that rounding through its second step.
+    differences = [np.abs(a.astype(int) - b).mean() for a, b in zip(frames[:half], temporal_frames[:half], strict=True)]
+    assert max(differences) < 4, differences
     assert not np.array_equal(frames[half], temporal_frames[half]), "segment 2 starts cold"
     import json
 
