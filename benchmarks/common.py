@@ -41,7 +41,7 @@ def setup_torch(threads: int | None = None, device: str = "cpu", fresh_inductor_
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="nst-bench-inductor-")
     import torch
 
-    from nst_lightning.runtime import keep_freed_memory, physical_cores
+    from nst_lightning.run.runtime import keep_freed_memory, physical_cores
 
     keep_freed_memory()
     threads = threads or physical_cores()
@@ -230,5 +230,3 @@ class Project:
 
         with torch.no_grad():
             return float(self.module(self.data.content_image.to(self.module.image.device))["total"])
-
-

@@ -75,8 +75,8 @@ def run_cell(content: Path, style: Path, model: dict, data: dict, steps: int, pr
     import torch
     from lightning import Callback, Trainer
 
-    from nst_lightning.data import StyleTransferDataModule
-    from nst_lightning.module import StyleTransfer
+    from nst_lightning.run.data import StyleTransferDataModule
+    from nst_lightning.run.module import StyleTransfer
 
     class Losses(Callback):
         def __init__(self) -> None:
@@ -90,9 +90,15 @@ def run_cell(content: Path, style: Path, model: dict, data: dict, steps: int, pr
     module = StyleTransfer(**model)
     datamodule = StyleTransferDataModule(str(content), str(style), **data)
     trainer = Trainer(
-        accelerator="cpu", max_steps=steps, precision=precision, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[losses],
-    )  # fmt: skip
+        accelerator="cpu",
+        max_steps=steps,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[losses],
+    )
     trainer.fit(module, datamodule=datamodule)
     seconds = time.perf_counter() - start
     with torch.no_grad(), torch.autocast("cpu", enabled=False):
@@ -177,8 +183,8 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from nst_lightning.image_io import save_image
-    from nst_lightning.runtime import keep_freed_memory
+    from nst_lightning.io.image_io import save_image
+    from nst_lightning.run.runtime import keep_freed_memory
 
     keep_freed_memory()  # as cli.py does
     torch.set_num_threads(args.threads)
@@ -199,8 +205,14 @@ def main() -> None:
     for label, overrides in settings:
         model, data = {**base["model"], **overrides["model"]}, {**base["data"], **overrides["data"]}
         for i, (content, style) in enumerate(rows):
-            spec = {"model": model, "data": data, "steps": args.steps, "precision": args.precision,
-                    "content": str(content), "style": str(style)}  # fmt: skip
+            spec = {
+                "model": model,
+                "data": data,
+                "steps": args.steps,
+                "precision": args.precision,
+                "content": str(content),
+                "style": str(style),
+            }
             key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
             png, meta = cache / f"{key}.png", cache / f"{key}.json"
             if png.is_file() and meta.is_file():

@@ -64,9 +64,18 @@ class Floor:
         for inp, weight, bias, grad, layer in convs:
             torch.nn.functional.conv2d(inp, weight, bias, layer.stride, layer.padding, layer.dilation)
             torch.ops.aten.convolution_backward(
-                grad, inp, weight, None, layer.stride, layer.padding, layer.dilation,
-                False, [0, 0], 1, [True, False, False],
-            )  # fmt: skip
+                grad,
+                inp,
+                weight,
+                None,
+                layer.stride,
+                layer.padding,
+                layer.dilation,
+                False,
+                [0, 0],
+                1,
+                [True, False, False],
+            )
 
     def run(self, steps: int, record: bool = True) -> None:
         for name, convs in self.layouts.items():
@@ -87,12 +96,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", default="32-true", help="the dtype its convolutions run in (default 32-true)")
     args = parser.parse_args(argv)
     torch, _ = common.setup_torch(args.threads, args.device)
-    from nst_lightning import checks
-    from nst_lightning.data import StyleTransferDataModule
-    from nst_lightning.features import FeatureExtractor
+    from nst_lightning import names
+    from nst_lightning.core.features import FeatureExtractor
+    from nst_lightning.run.data import StyleTransferDataModule
 
     width, height = StyleTransferDataModule(str(common.CONTENT), str(common.STYLE), args.size).content_size()
-    extractor = FeatureExtractor([*checks.CONTENT_LAYERS, *checks.STYLE_LAYERS], weights="random").to(args.device)
+    extractor = FeatureExtractor([*names.CONTENT_LAYERS, *names.STYLE_LAYERS], weights="random").to(args.device)
     floor = Floor(extractor, height, width, args.device, args.precision)
     floor.run(1, record=False)
     floor.run(args.repeats)

@@ -52,7 +52,7 @@ def run_project(args, size: int, steps: int, precision: str, **model) -> dict:
     from lightning import Callback, Trainer
 
     from nst_lightning import StyleTransfer, StyleTransferDataModule
-    from nst_lightning.runtime import quiet_lightning
+    from nst_lightning.run.runtime import quiet_lightning
 
     finish = (FINISH_PER_300 * steps + 150) // 300  # rounded half up, as gpu.sh rounds it
     module = StyleTransfer(backbone=args.backbone, weights=args.weights, float32_final_steps=finish, **model)
@@ -68,10 +68,17 @@ def run_project(args, size: int, steps: int, precision: str, **model) -> dict:
 
     with quiet_lightning():
         trainer = Trainer(
-            accelerator=accelerator(args.device), devices=1, precision=precision, max_steps=steps, logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            callbacks=[StepTimer()], benchmark=args.device.startswith("cuda") or None,
-        )  # fmt: skip
+            accelerator=accelerator(args.device),
+            devices=1,
+            precision=precision,
+            max_steps=steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[StepTimer()],
+            benchmark=args.device.startswith("cuda") or None,
+        )
         trainer.fit(module, datamodule=data)
     return {"times": times, "image": module.image.detach(), "module": module, "data": data}
 
@@ -126,7 +133,7 @@ def read_walls(path) -> dict:
 def measure(args) -> list[dict]:
     import torch
 
-    from nst_lightning.runtime import automatic_precision
+    from nst_lightning.run.runtime import automatic_precision
 
     default = automatic_precision(accelerator(args.device)) or "32-true"
     variants = [("project default", default, {})]
@@ -156,12 +163,20 @@ def measure(args) -> list[dict]:
             loss = final_loss(judge, run["image"]) if "image" in run and name != "floor" else None
             rows.append(
                 {
-                    "size": size, "shape": list(base["image"].shape[-2:]), "row": name, "precision": run["precision"],
-                    "steps": steps, "s_per_iter": median(times), "loop_s": sum(run["times"]),
-                    "final_loss": loss, "vs_32_true": None if loss is None else loss / reference - 1,
-                    "layout": run.get("layout"), "first_s": run["times"][0], "tutorial_agreement": agreement,
+                    "size": size,
+                    "shape": list(base["image"].shape[-2:]),
+                    "row": name,
+                    "precision": run["precision"],
+                    "steps": steps,
+                    "s_per_iter": median(times),
+                    "loop_s": sum(run["times"]),
+                    "final_loss": loss,
+                    "vs_32_true": None if loss is None else loss / reference - 1,
+                    "layout": run.get("layout"),
+                    "first_s": run["times"][0],
+                    "tutorial_agreement": agreement,
                 }
-            )  # fmt: skip
+            )
         del runs, judge
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -190,8 +205,11 @@ def table(rows: list[dict], walls: dict) -> list[str]:
             f"| {wall_text} | {loss} | {vs} |"
         )
     agreement = {r["size"]: r["tutorial_agreement"] for r in rows}
-    lines += ["", "The tutorial loop's loss of the content image against the project's (the same function): "
-              + "; ".join(f"{size} px {value:+.1e}" for size, value in agreement.items())]  # fmt: skip
+    lines += [
+        "",
+        "The tutorial loop's loss of the content image against the project's (the same function): "
+        + "; ".join(f"{size} px {value:+.1e}" for size, value in agreement.items()),
+    ]
     return lines
 
 
@@ -211,15 +229,17 @@ def main(argv: list[str] | None = None) -> None:
     torch, _ = common.setup_torch(args.threads, args.device)
     started = time.perf_counter()
     if args.device.startswith("cuda"):
-        from nst_lightning.precision import use_tf32
+        from nst_lightning.run.precision import use_tf32
 
         use_tf32()  # as the command sets it on CUDA (and trainer.benchmark: cuDNN autotuning)
         torch.backends.cudnn.benchmark = True
     rows = measure(args)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     matmul, autotune = torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark
-    print(f"\ntorch {torch.__version__}, {device}, weights {args.weights} ({args.backbone}); "
-          f"float32 matmul precision {matmul}, cudnn.benchmark {autotune}\n")  # fmt: skip
+    print(
+        f"\ntorch {torch.__version__}, {device}, weights {args.weights} ({args.backbone}); "
+        f"float32 matmul precision {matmul}, cudnn.benchmark {autotune}\n"
+    )
     print("\n".join(table(rows, read_walls(args.walls))))
     if args.compile_check:
         from compile_check import compile_check

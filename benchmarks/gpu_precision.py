@@ -19,7 +19,7 @@ def precision_section(device: str, sizes: list[int], precisions: list[str], step
     iterations against 32-true from the same start."""
     if not device.startswith("cuda"):
         return {"status": "skipped: no CUDA device in this run (GPU figures not yet measured)"}
-    from nst_lightning.memory import estimate_peak
+    from nst_lightning.run.memory import estimate_peak
 
     torch = sys.modules["torch"]
     rows = []

@@ -2,7 +2,7 @@
 """DeviceLBFGS against torch's L-BFGS: the final loss at equal iterations, and the time per iteration.
 
 Two lanes per size, run step by step in turn so that load from other processes hits both alike: the
-default configuration with ``model.lbfgs_line_search: backtrack`` (nst_lightning.lbfgs.DeviceLBFGS, the
+default configuration with ``model.lbfgs_line_search: backtrack`` (nst_lightning.core.lbfgs.DeviceLBFGS, the
 new default) and with ``strong_wolfe`` (torch.optim.LBFGS with its line search, the default before). Each
 lane is a real StyleTransfer (set up by a Trainer: targets, the image) whose own optimiser
 (``configure_optimizers``) and Evaluator make each iteration exactly as ``training_step`` does, without
@@ -34,14 +34,21 @@ class Lane:
         from lightning import Trainer
 
         from nst_lightning import StyleTransfer, StyleTransferDataModule
-        from nst_lightning.closure import Evaluator
-        from nst_lightning.lbfgs import DeviceLBFGS, last_accepted
+        from nst_lightning.core.lbfgs import DeviceLBFGS, last_accepted
+        from nst_lightning.run.closure import Evaluator
 
         self.module = StyleTransfer(backbone=args.backbone, weights=args.weights, lbfgs_line_search=line_search)
         data = StyleTransferDataModule(str(CONTENT), str(STYLE), image_size=size)
         accelerator = "gpu" if args.device.startswith("cuda") else "cpu"
-        Trainer(accelerator=accelerator, devices=1, max_steps=0, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False).fit(self.module, datamodule=data)  # fmt: skip
+        Trainer(
+            accelerator=accelerator,
+            devices=1,
+            max_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        ).fit(self.module, datamodule=data)
         self.module.to(args.device)
         self.optimizer = self.module.configure_optimizers()
         self.evaluator = Evaluator(self.module.objective, lambda loss: loss.backward())
@@ -99,16 +106,24 @@ def main() -> None:
                     lane.curve[step + 1] = lane.loss()
         losses = {name: lane.loss() for name, lane in lanes.items()}
         new, old = lanes["backtrack"], lanes["strong_wolfe"]
-        rows.append({
-            "size": size, "shape": list(new.module.image.shape[-2:]), "steps": args.steps,
-            "loss_backtrack": losses["backtrack"], "loss_strong_wolfe": losses["strong_wolfe"],
-            "ratio": losses["backtrack"] / losses["strong_wolfe"],
-            "evaluations_backtrack": new.evaluator.count, "evaluations_strong_wolfe": old.evaluator.count,
-            "undone_backtrack": int(new.optimizer.state[new.module.image]["undone"]),
-            "s_per_iter_backtrack": median(new.times), "s_per_iter_strong_wolfe": median(old.times),
-            "own_s_per_iter_backtrack": median(new.own_times), "own_s_per_iter_strong_wolfe": median(old.own_times),
-            "curves": {str(name): {**lane.curve, args.steps: losses[name]} for name, lane in lanes.items()},
-        })  # fmt: skip
+        rows.append(
+            {
+                "size": size,
+                "shape": list(new.module.image.shape[-2:]),
+                "steps": args.steps,
+                "loss_backtrack": losses["backtrack"],
+                "loss_strong_wolfe": losses["strong_wolfe"],
+                "ratio": losses["backtrack"] / losses["strong_wolfe"],
+                "evaluations_backtrack": new.evaluator.count,
+                "evaluations_strong_wolfe": old.evaluator.count,
+                "undone_backtrack": int(new.optimizer.state[new.module.image]["undone"]),
+                "s_per_iter_backtrack": median(new.times),
+                "s_per_iter_strong_wolfe": median(old.times),
+                "own_s_per_iter_backtrack": median(new.own_times),
+                "own_s_per_iter_strong_wolfe": median(old.own_times),
+                "curves": {str(name): {**lane.curve, args.steps: losses[name]} for name, lane in lanes.items()},
+            }
+        )
         print_row(rows[-1], first=len(rows) == 1)
         for name, curve in rows[-1]["curves"].items():
             print(f"    {name}: " + ", ".join(f"{step}: {loss:.5g}" for step, loss in curve.items()), flush=True)
@@ -118,17 +133,29 @@ def main() -> None:
 
 def print_row(row: dict, first: bool) -> None:
     if first:
-        print("| size | steps | final loss backtrack | final loss strong_wolfe | ratio | evaluations (bt / sw) "
-              "| undone | s/iter bt | s/iter sw | optimiser s/iter bt | optimiser s/iter sw |")  # fmt: skip
+        print(
+            "| size | steps | final loss backtrack | final loss strong_wolfe | ratio | evaluations (bt / sw) "
+            "| undone | s/iter bt | s/iter sw | optimiser s/iter bt | optimiser s/iter sw |"
+        )
         print("|---" * 11 + "|")
     cells = [
-        f"{row['shape'][1]}x{row['shape'][0]}", row["steps"], f"{row['loss_backtrack']:.5g}",
-        f"{row['loss_strong_wolfe']:.5g}", f"{row['ratio']:.4f}",
+        f"{row['shape'][1]}x{row['shape'][0]}",
+        row["steps"],
+        f"{row['loss_backtrack']:.5g}",
+        f"{row['loss_strong_wolfe']:.5g}",
+        f"{row['ratio']:.4f}",
         f"{row['evaluations_backtrack']} / {row['evaluations_strong_wolfe']}",
         row["undone_backtrack"],
-        *(f"{row[key]:.4f}" for key in ("s_per_iter_backtrack", "s_per_iter_strong_wolfe",
-                                        "own_s_per_iter_backtrack", "own_s_per_iter_strong_wolfe")),
-    ]  # fmt: skip
+        *(
+            f"{row[key]:.4f}"
+            for key in (
+                "s_per_iter_backtrack",
+                "s_per_iter_strong_wolfe",
+                "own_s_per_iter_backtrack",
+                "own_s_per_iter_strong_wolfe",
+            )
+        ),
+    ]
     print("| " + " | ".join(str(cell) for cell in cells) + " |", flush=True)
 
 

@@ -28,10 +28,10 @@ def one_run(kind: str, size: int, steps: int, device: str, folder: Path) -> dict
     from lightning import Callback, Trainer
 
     from nst_lightning import StyleTransfer, StyleTransferDataModule
-    from nst_lightning.callbacks import ImageWriter
-    from nst_lightning.console import ProgressBar
-    from nst_lightning.guard import RunGuard
-    from nst_lightning.runlog import RunLogger, RunRecord
+    from nst_lightning.io.console import ProgressBar
+    from nst_lightning.run.callbacks import ImageWriter
+    from nst_lightning.run.guard import RunGuard
+    from nst_lightning.run.runlog import RunLogger, RunRecord
 
     sync = common.sync_fn(device)
 
@@ -47,10 +47,16 @@ def one_run(kind: str, size: int, steps: int, device: str, folder: Path) -> dict
         writer = ImageWriter(str(folder / "out.png"), log_image_every_n_steps=10, overwrite=True)
         callbacks += [writer, RunGuard(), RunRecord(), ProgressBar()]
     trainer = Trainer(
-        accelerator=common.accelerator(device), devices=1, max_steps=steps, enable_checkpointing=False,
-        logger=RunLogger(folder / "logs") if logged else False, log_every_n_steps=1, enable_progress_bar=logged,
-        enable_model_summary=False, callbacks=callbacks,
-    )  # fmt: skip
+        accelerator=common.accelerator(device),
+        devices=1,
+        max_steps=steps,
+        enable_checkpointing=False,
+        logger=RunLogger(folder / "logs") if logged else False,
+        log_every_n_steps=1,
+        enable_progress_bar=logged,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
     module = StyleTransfer(weights="random", init="content")
     with contextlib.redirect_stderr(io.StringIO()):  # the bar, drawn but not shown
         trainer.fit(module, datamodule=StyleTransferDataModule(str(CONTENT), str(STYLE), image_size=size))
@@ -76,8 +82,10 @@ def main() -> None:
     keys = ("wall_ms", "cpu_ms")
     summary = {kind: {key: median([run[key] for run in runs]) for key in keys} for kind, runs in results.items()}
     for kind, values in summary.items():
-        print(f"{kind}: {values['wall_ms']:.1f} ms wall, {values['cpu_ms']:.1f} ms CPU per iteration "
-              f"({args.size} px, {args.device}, median of {args.repeats})")  # fmt: skip
+        print(
+            f"{kind}: {values['wall_ms']:.1f} ms wall, {values['cpu_ms']:.1f} ms CPU per iteration "
+            f"({args.size} px, {args.device}, median of {args.repeats})"
+        )
     overhead = summary["logged"]["wall_ms"] / summary["bare"]["wall_ms"] - 1
     print(f"logging overhead: {overhead:+.1%} of the wall time per iteration")
     if args.json:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Memory: the estimate of :mod:`nst_lightning.memory` against the measured peak RSS of a real run, one child
+"""Memory: the estimate of :mod:`nst_lightning.run.memory` against the measured peak RSS of a real run, one child
 process per case (peak RSS is a process-wide high-water mark); the L-BFGS history filled to its length.
 ``--wide-style SIZE``: a thin content (SIZE x 16 px) with a small style upscaled to SIZE x 3/4 SIZE, where the
 style's forward pass (when the targets are computed) is the peak; the estimate of the content alone is shown too.
@@ -28,7 +28,7 @@ def memory_child(size: int, history: int, steps: int) -> None:
     # torch's L-BFGS keeps a list; DeviceLBFGS a ring buffer with a mask of the slots filled.
     held = len(state["old_dirs"]) if "old_dirs" in state else int(state["valid"].sum())
     height, width = project.shape
-    from nst_lightning.memory import estimate_peak
+    from nst_lightning.run.memory import estimate_peak
 
     estimate = estimate_peak(height, width, weights="random", history_size=history)
     print(
@@ -56,7 +56,7 @@ def held_pairs(state: dict) -> int:
 
 def wide_style_child(size: int, steps: int) -> None:
     """(In a child process.) Peak RSS of a run on a ``size`` x 16 content with a 64x48 style upscaled to
-    ``size`` px, the estimate the run checks (:func:`~nst_lightning.memory.check_run`) and the content's alone."""
+    ``size`` px, the estimate the run checks (:func:`~nst_lightning.run.plan.check_run`) and the content's alone."""
     import tempfile
     from pathlib import Path
 
@@ -65,7 +65,8 @@ def wide_style_child(size: int, steps: int) -> None:
     from PIL import Image
 
     from nst_lightning import StyleTransfer, StyleTransferDataModule
-    from nst_lightning.memory import check_run, estimate_peak
+    from nst_lightning.run.memory import estimate_peak
+    from nst_lightning.run.plan import check_run
 
     folder = Path(tempfile.mkdtemp(prefix="nst-wide-style-"))
     rng = np.random.default_rng(0)
@@ -77,8 +78,15 @@ def wide_style_child(size: int, steps: int) -> None:
     data.setup("fit")
     estimate = check_run(data, [size], module.objective.extractor, module.hparams, "32-true", "cpu", available=2**62)
     content_only = estimate_peak(16, size, weights="random", history_size=5, content_layers=["relu4_2"])
-    trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=data)
     print(
         json.dumps(
@@ -100,10 +108,10 @@ def wide_style_child(size: int, steps: int) -> None:
 
 
 def memory_check(sizes: list[int], threads: int, quick: bool = False, wide_style: int | None = None) -> list[dict]:
-    """Measured peak RSS vs :func:`nst_lightning.memory.estimate_peak` at each of ``sizes`` (up to 512 px),
+    """Measured peak RSS vs :func:`nst_lightning.run.memory.estimate_peak` at each of ``sizes`` (up to 512 px),
     a history of 20 filled; at 256 px also the default history, full (not in a ``quick`` check); and the
     ``wide_style`` case (see the module's docstring)."""
-    from nst_lightning.checks import LBFGS_HISTORY_SIZE
+    from nst_lightning.names import LBFGS_HISTORY_SIZE
 
     cases = [(size, 5, 6) if quick else (size, 20, 22) for size in sizes if size <= 512]
     if not quick and 256 in sizes:

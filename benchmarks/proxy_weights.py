@@ -21,7 +21,7 @@ import common  # before nst_lightning: this checkout's package, not an installed
 import torch
 from torch import Tensor, nn
 
-from nst_lightning.backbones import IMAGENET_MEAN, IMAGENET_STD
+from nst_lightning.core.backbones import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "common", "scaled_random_vgg19", "write_scaled_random_vgg19"]
 

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nst_lightning.backbones import IMAGENET_MEAN, IMAGENET_STD, layer_names
-from nst_lightning.checks import CONTENT_LAYERS, STYLE_LAYERS  # nst-lightning's defaults: the same function
+from nst_lightning.core.backbones import IMAGENET_MEAN, IMAGENET_STD, layer_names
+from nst_lightning.names import CONTENT_LAYERS, STYLE_LAYERS  # nst-lightning's defaults: the same function
 
 
 def gram_matrix(input: Tensor) -> Tensor:  # noqa: A002 - the tutorial's names
@@ -152,8 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="L-BFGS iterations (default 5)")
     args = parser.parse_args(argv)
     common.setup_torch(args.threads, args.device)
-    from nst_lightning.backbones import load_backbone
-    from nst_lightning.data import StyleTransferDataModule
+    from nst_lightning.core.backbones import load_backbone
+    from nst_lightning.run.data import StyleTransferDataModule
 
     data = StyleTransferDataModule(str(common.CONTENT), str(common.STYLE), image_size=args.size)
     content, style = data.content_image.to(args.device), data.style_image.to(args.device)

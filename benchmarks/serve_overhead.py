@@ -50,11 +50,20 @@ def cli_run(args, folder: Path) -> tuple[float, float]:
     """One ``nst-lightning fit`` of the job: (seconds from start to exit, the run's own seconds)."""
     weights = args.weights if args.weights == "random" else str(Path(args.weights).resolve())
     command = [
-        sys.executable, "-m", "nst_lightning", "fit", f"--data.content={CONTENT}", f"--data.style={STYLE}",
-        f"--data.image_size={args.size}", f"--trainer.max_steps={args.steps}", f"--model.backbone={args.backbone}",
-        f"--model.weights={weights}", f"--output.path={folder / 'result.png'}", f"--trainer.default_root_dir={folder}",
+        sys.executable,
+        "-m",
+        "nst_lightning",
+        "fit",
+        f"--data.content={CONTENT}",
+        f"--data.style={STYLE}",
+        f"--data.image_size={args.size}",
+        f"--trainer.max_steps={args.steps}",
+        f"--model.backbone={args.backbone}",
+        f"--model.weights={weights}",
+        f"--output.path={folder / 'result.png'}",
+        f"--trainer.default_root_dir={folder}",
         "--trainer.enable_progress_bar=false",
-    ]  # fmt: skip
+    ]
     started = time.perf_counter()
     done = subprocess.run(command, check=True, cwd=folder, capture_output=True, text=True)
     return time.perf_counter() - started, run_time(done.stdout)
@@ -108,8 +117,18 @@ def main() -> None:
         (weights_dir / Path(args.weights).name).symlink_to(Path(args.weights).resolve())
     port = free_port()
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(common.REPO)}
-    command = [sys.executable, "-m", "nst_lightning", "serve", "--port", str(port), "--data", str(work / "data"),
-               "--weights-dir", str(weights_dir)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "nst_lightning",
+        "serve",
+        "--port",
+        str(port),
+        "--data",
+        str(work / "data"),
+        "--weights-dir",
+        str(weights_dir),
+    ]
     server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
     server.stdout.readline()  # "serving on ..."
     base = f"http://127.0.0.1:{port}"
@@ -144,11 +163,18 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     cli, served = median(cli_times), median(server_times)
     results = {
-        "size": args.size, "steps": args.steps, "backbone": args.backbone, "weights": Path(args.weights).name,
-        "cli_s": cli_times, "server_s": server_times, "cli_median_s": cli, "server_median_s": served,
-        "cli_run_s": cli_own, "server_run_s": server_own,
+        "size": args.size,
+        "steps": args.steps,
+        "backbone": args.backbone,
+        "weights": Path(args.weights).name,
+        "cli_s": cli_times,
+        "server_s": server_times,
+        "cli_median_s": cli,
+        "server_median_s": served,
+        "cli_run_s": cli_own,
+        "server_run_s": server_own,
         "overhead_pct": 100 * (served / cli - 1),
-    }  # fmt: skip
+    }
     print(
         f"{args.size} px, {args.steps} steps, {args.backbone} ({Path(args.weights).name}): CLI median {cli:.1f} s, "
         f"server median {served:.1f} s (upload to done, previews fetched): overhead {results['overhead_pct']:+.1f} %; "

@@ -54,12 +54,20 @@ def post(port: int, image: bytes, answers: list) -> None:
     boundary = uuid.uuid4().hex
     parts = []
     for field in ("content", "style"):
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{field}.png"\r\n'
-                     "Content-Type: image/png\r\n\r\n".encode() + image + b"\r\n")  # fmt: skip
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{field}.png"\r\n'
+            "Content-Type: image/png\r\n\r\n".encode()
+            + image
+            + b"\r\n"
+        )
     parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="settings"\r\n\r\n'.encode())
     parts.append(b'{"trainer": {"max_steps": 0}}\r\n' + f"--{boundary}--\r\n".encode())
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/jobs", data=b"".join(parts), method="POST",
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})  # fmt: skip
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/jobs",
+        data=b"".join(parts),
+        method="POST",
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=600) as response:
             answers.append(response.status)
@@ -104,9 +112,11 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(timeout=120)
-    print(f"{args.jobs} jobs x 2 PNGs of {args.side}x{args.side} ({len(image) / 1e3:.0f} KB each), "
-          f"answers {sorted(set(answers))}, {took:.1f} s: server RSS {before:.0f} MB before, "
-          f"peak {peak:.0f} MB, {after:.0f} MB after ({args.repo})")  # fmt: skip
+    print(
+        f"{args.jobs} jobs x 2 PNGs of {args.side}x{args.side} ({len(image) / 1e3:.0f} KB each), "
+        f"answers {sorted(set(answers))}, {took:.1f} s: server RSS {before:.0f} MB before, "
+        f"peak {peak:.0f} MB, {after:.0f} MB after ({args.repo})"
+    )
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def quicken(args) -> None:
 def default_precisions(args) -> None:
     """What a run without trainer.precision gets here, beside float32."""
     if args.precision is None:
-        from nst_lightning.runtime import automatic_precision
+        from nst_lightning.run.runtime import automatic_precision
 
         chosen = automatic_precision(common.accelerator(args.device)) or "32-true"
         args.precision = list(dict.fromkeys(["32-true", chosen]))
@@ -92,7 +92,7 @@ class ReferenceRun:
     def __init__(self, project: Project, device: str) -> None:
         from reference import Reference
 
-        from nst_lightning.backbones import load_backbone
+        from nst_lightning.core.backbones import load_backbone
 
         data = project.data
         cnn = load_backbone("vgg19", "random")  # the same seeded weights as the project's extractor
@@ -215,7 +215,7 @@ def loss_agreement(project: Project) -> dict:
     from reference import Reference
 
     from nst_lightning import StyleTransfer
-    from nst_lightning.backbones import load_backbone
+    from nst_lightning.core.backbones import load_backbone
 
     data = project.data
     device = project.module.image.device
@@ -275,7 +275,7 @@ def whole_run(args, results: dict) -> dict:
     iteration times the steps before the finish plus the float32 iteration times the finish.
     """
     from nst_lightning import StyleTransfer
-    from nst_lightning.checks import LBFGS_HISTORY_SIZE
+    from nst_lightning.names import LBFGS_HISTORY_SIZE
 
     if args.whole_run == "off":
         return {"mode": "off"}

@@ -31,9 +31,18 @@ MISTAKES = {
     "mistyped flag": ["{content}", "{style}", "--sise", "64"],
     "missing style": ["{content}", "no_such_style.jpg"],
     "output exists": ["{content}", "{style}", "-o", "exists.png"],
-    "batch outputs exist": ["batch", "--batch.contents", "{content}", "--batch.styles", "{style}",
-                            "--batch.output_dir", "batch", "--batch.name", "exists.png"],
-}  # fmt: skip
+    "batch outputs exist": [
+        "batch",
+        "--batch.contents",
+        "{content}",
+        "--batch.styles",
+        "{style}",
+        "--batch.output_dir",
+        "batch",
+        "--batch.name",
+        "exists.png",
+    ],
+}
 IMPORT_LINE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \| (\s*)(\S+)$")
 
 
@@ -42,8 +51,13 @@ def timed(checkout: Path, args: list[str], folder: Path, steps: int = 1, importt
     env = dict(os.environ, PYTHONPATH=str(checkout), OMP_WAIT_POLICY="PASSIVE")
     flags = ["-X", "importtime"] if importtime else []
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, *flags, "-m", "nst_lightning", *args], cwd=folder, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, *flags, "-m", "nst_lightning", *args],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     marks: dict[str, float] = {}
     chunks: list[bytes] = []
 
@@ -90,8 +104,23 @@ def main() -> None:
     checkouts = {"this": REPO} | ({"against": args.against.resolve()} if args.against else {})
     weights = str(Path(args.weights).resolve()) if args.weights not in ("imagenet", "random") else args.weights
     device = "cpu" if args.device == "cpu" else "gpu"
-    run = [str(CONTENT), str(STYLE), "-o", "out.png", "--overwrite", "--size", "64", "--steps", "1",
-           "--backbone", args.backbone, "--weights", weights, "--device", device]  # fmt: skip
+    run = [
+        str(CONTENT),
+        str(STYLE),
+        "-o",
+        "out.png",
+        "--overwrite",
+        "--size",
+        "64",
+        "--steps",
+        "1",
+        "--backbone",
+        args.backbone,
+        "--weights",
+        weights,
+        "--device",
+        device,
+    ]
     results: dict[str, dict[str, list]] = {name: collections.defaultdict(list) for name in checkouts}
     with tempfile.TemporaryDirectory(prefix="nst-startup-") as work:
         folder = Path(work)
@@ -107,8 +136,13 @@ def main() -> None:
                 if marks["status"] != 0:
                     raise SystemExit(f"{name}: the run failed:\n{marks['stderr'][-2000:]}")
                 loop = marks.get("loop end", marks["bar"]) - marks["bar"]
-                for key, value in (("start", marks["bar"]), ("loop", loop), ("to summary", marks.get("done")),
-                                   ("exit", marks["exit"]), ("overhead", marks["exit"] - loop)):  # fmt: skip
+                for key, value in (
+                    ("start", marks["bar"]),
+                    ("loop", loop),
+                    ("to summary", marks.get("done")),
+                    ("exit", marks["exit"]),
+                    ("overhead", marks["exit"] - loop),
+                ):
                     results[name][key].append(value)
                 for mistake, words in MISTAKES.items():
                     words = [w.format(content=CONTENT, style=STYLE) for w in words]

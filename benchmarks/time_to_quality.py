@@ -54,9 +54,18 @@ TRAINED = REPO.parent / "shared" / "weights" / "vgg16_imagenet_keras.pth"
 MARKS = (0.0, 0.01, 0.02)  # reached the baseline's final loss, within 1%, within 2%
 # Settings that change the function being minimised: a stage with any of them is judged separately.
 OBJECTIVE_KEYS = {
-    "content_layers", "style_layers", "style_layer_weights", "content_weight", "style_weight", "tv_weight",
-    "style_loss", "preserve_color", "pooling", "normalize", "layer_means",
-}  # fmt: skip
+    "content_layers",
+    "style_layers",
+    "style_layer_weights",
+    "content_weight",
+    "style_weight",
+    "tv_weight",
+    "style_loss",
+    "preserve_color",
+    "pooling",
+    "normalize",
+    "layer_means",
+}
 
 
 @dataclass
@@ -106,8 +115,8 @@ def evaluation_seconds(base: dict, sizes: list[int], content: Path, style: Path,
 
     import torch
 
-    from nst_lightning.data import StyleTransferDataModule
-    from nst_lightning.module import StyleTransfer
+    from nst_lightning.run.data import StyleTransferDataModule
+    from nst_lightning.run.module import StyleTransfer
 
     images, modules = {}, {}
     for size in sizes:
@@ -132,10 +141,10 @@ def run_stages(label, stages, base, final, content, style, per_eval, folder, log
     import torch
     from lightning import Callback, Trainer
 
-    from nst_lightning.data import StyleTransferDataModule
-    from nst_lightning.image_io import save_image
-    from nst_lightning.lbfgs import last_accepted
-    from nst_lightning.module import StyleTransfer
+    from nst_lightning.core.lbfgs import last_accepted
+    from nst_lightning.io.image_io import save_image
+    from nst_lightning.run.data import StyleTransferDataModule
+    from nst_lightning.run.module import StyleTransfer
 
     judge = StyleTransfer(**base)
     with torch.no_grad():
@@ -183,9 +192,14 @@ def run_stages(label, stages, base, final, content, style, per_eval, folder, log
         module = StyleTransfer(**{**base, **stage.model, **({"init": init} if init else {})})
         data = StyleTransferDataModule(str(content), str(style), image_size=stage.size)
         trainer = Trainer(
-            accelerator="cpu", max_steps=stage.steps, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, callbacks=[Clock(stage)],
-        )  # fmt: skip
+            accelerator="cpu",
+            max_steps=stage.steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[Clock(stage)],
+        )
         trainer.fit(module, datamodule=data)
         if n + 1 < len(stages):  # the next stage starts from this image (upsampled by model.init)
             init = str(save_image(module.output_image(), Path(folder) / f"stage{n}.png"))
@@ -216,10 +230,12 @@ def summarise(runs: list[dict]) -> None:
     target = runs[0]["final_loss"]
     for run in runs:
         run["reached"] = {
-            f"{mark:.0%}": {"wall": first_time(run["steps"], target * (1 + mark), 0),
-                            "modelled": first_time(run["steps"], target * (1 + mark), 1)}
+            f"{mark:.0%}": {
+                "wall": first_time(run["steps"], target * (1 + mark), 0),
+                "modelled": first_time(run["steps"], target * (1 + mark), 1),
+            }
             for mark in MARKS
-        }  # fmt: skip
+        }
 
 
 def table(runs: list[dict], size: int, weights: str, per_eval: dict[int, float]) -> str:
@@ -285,7 +301,7 @@ def sheet(runs: list[dict], path: Path) -> None:
     kept one not after it), and the baseline's final image."""
     from PIL import Image, ImageDraw
 
-    from nst_lightning.image_io import tensor_to_pil
+    from nst_lightning.io.image_io import tensor_to_pil
 
     side = 384
     base = runs[0]
@@ -334,7 +350,7 @@ def main() -> None:
 
     import torch
 
-    from nst_lightning.runtime import keep_freed_memory
+    from nst_lightning.run.runtime import keep_freed_memory
 
     keep_freed_memory()  # as cli.py does
     torch.set_num_threads(args.threads)
@@ -358,9 +374,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="nst-ttq-") as folder:
             for label, stages in runs_spec:
                 log(f"{label} ...")
-                runs.append(
-                    run_stages(label, stages, base, args.size, args.content, args.style, per_eval, folder, log)
-                )
+                runs.append(run_stages(label, stages, base, args.size, args.content, args.style, per_eval, folder, log))
     summarise(runs)
     text = table(runs, args.size, Path(args.weights).name, per_eval)
     print()

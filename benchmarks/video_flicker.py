@@ -59,10 +59,28 @@ def pan_flicker(frames: list[np.ndarray], shift: int) -> list[float]:
 def run_mode(clip: Path, out: Path, args, independent: bool) -> dict:
     from nst_lightning.main import cli_main
 
-    command = ["video", str(clip), str(args.style), "-o", str(out), "--size", str(args.size), "--keep-frames",
-               "--steps-first", str(args.steps_first), "--steps", str(args.steps),
-               "--temporal-weight", str(args.temporal_weight), "--weights", args.weights, "--backbone", args.backbone,
-               "--overwrite", *args.extra]  # fmt: skip
+    command = [
+        "video",
+        str(clip),
+        str(args.style),
+        "-o",
+        str(out),
+        "--size",
+        str(args.size),
+        "--keep-frames",
+        "--steps-first",
+        str(args.steps_first),
+        "--steps",
+        str(args.steps),
+        "--temporal-weight",
+        str(args.temporal_weight),
+        "--weights",
+        args.weights,
+        "--backbone",
+        args.backbone,
+        "--overwrite",
+        *args.extra,
+    ]
     if independent:
         command.append("--independent")
     started = time.perf_counter()
@@ -130,8 +148,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     clip = work / "pan.mp4"
     width, height = pan_clip(clip, args.size, args.frames, args.shift)
-    print(f"pan clip: {args.frames} frames of {width}x{height} px, {args.shift} px per frame; {args.backbone} "
-          f"{args.weights}; work in {work}", flush=True)  # fmt: skip
+    print(
+        f"pan clip: {args.frames} frames of {width}x{height} px, {args.shift} px per frame; {args.backbone} "
+        f"{args.weights}; work in {work}",
+        flush=True,
+    )
     results, figures = {}, {}
     for mode in args.modes.split(","):
         results[mode] = run_mode(clip, work / mode, args, independent=mode == "independent")

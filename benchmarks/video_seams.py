@@ -37,10 +37,28 @@ def main() -> None:
         work = Path(tmp)
         clip, out = work / "pan.mp4", work / "out"
         pan_clip(clip, args.size, args.frames, args.shift)
-        command = [sys.executable, str(REPO / "cli.py"), "video", str(clip), str(STYLE), "-o", str(out),
-                   "--size", str(args.size), "--steps-first", str(args.steps_first), "--steps", str(args.steps),
-                   "--weights", args.weights, "--backbone", args.backbone, "--keep-frames",
-                   "--devices", str(args.devices)]  # fmt: skip
+        command = [
+            sys.executable,
+            str(REPO / "cli.py"),
+            "video",
+            str(clip),
+            str(STYLE),
+            "-o",
+            str(out),
+            "--size",
+            str(args.size),
+            "--steps-first",
+            str(args.steps_first),
+            "--steps",
+            str(args.steps),
+            "--weights",
+            args.weights,
+            "--backbone",
+            args.backbone,
+            "--keep-frames",
+            "--devices",
+            str(args.devices),
+        ]
         env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         subprocess.run(command, cwd=work, env=env, check=True)
         frames = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(out.glob("frame_*.png"))]
@@ -50,13 +68,17 @@ def main() -> None:
     for index, value in enumerate(flicker, start=1):
         record = records[index]
         mark = "  <- seam (cold)" if index in cold else ""
-        print(f"frame {index + 1:3d}: flicker {value:6.2f}, {record['steps']} iterations, "
-              f"style {record['losses']['style']:.3g}{mark}")  # fmt: skip
+        print(
+            f"frame {index + 1:3d}: flicker {value:6.2f}, {record['steps']} iterations, "
+            f"style {record['losses']['style']:.3g}{mark}"
+        )
     seams = [flicker[i - 1] for i in sorted(cold)]
     others = [v for i, v in enumerate(flicker, start=1) if i not in cold]
     if seams and others:
-        print(f"seam frames {np.mean(seams):.1f} levels against {np.mean(others):.1f} for the others "
-              f"({np.mean(seams) / np.mean(others):.1f}x)")  # fmt: skip
+        print(
+            f"seam frames {np.mean(seams):.1f} levels against {np.mean(others):.1f} for the others "
+            f"({np.mean(seams) / np.mean(others):.1f}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -31,9 +31,11 @@ SIDE, QUALITY = 400, 74  # the gallery copies: longest side and JPEG quality (ab
 
 def pair(content: str, style: str) -> list[str]:
     return [
-        "--data.content", f"{SAMPLES}/content_{content}.jpg",
-        "--data.style", f"{SAMPLES}/style_{style}.jpg",
-    ]  # fmt: skip
+        "--data.content",
+        f"{SAMPLES}/content_{content}.jpg",
+        "--data.style",
+        f"{SAMPLES}/style_{style}.jpg",
+    ]
 
 
 # name -> the arguments after ``fit --config configs/default.yaml`` (and before the network flags).
@@ -52,10 +54,19 @@ ENTRIES |= {
 
 def command(name: str, weights: str, backbone: str) -> list[str]:
     return [
-        "python", "cli.py", "fit", "--config", "configs/default.yaml", *ENTRIES[name],
-        "--model.backbone", backbone, "--model.weights", weights,
-        "--output.path", f"outputs/gallery/{name}.png",
-    ]  # fmt: skip
+        "python",
+        "cli.py",
+        "fit",
+        "--config",
+        "configs/default.yaml",
+        *ENTRIES[name],
+        "--model.backbone",
+        backbone,
+        "--model.weights",
+        weights,
+        "--output.path",
+        f"outputs/gallery/{name}.png",
+    ]
 
 
 def final_loss(log_dir: Path) -> float | None:

@@ -13,13 +13,13 @@ __version__ = "0.1.0"
 
 # Each public class and the module that defines it.
 _EXPORTS = {
-    "AtomicCheckpointIO": "nst_lightning.checkpoint",
-    "FeatureExtractor": "nst_lightning.features",
-    "ImageWriter": "nst_lightning.callbacks",
-    "Objective": "nst_lightning.objective",
-    "RunGuard": "nst_lightning.guard",
-    "StyleTransfer": "nst_lightning.module",
-    "StyleTransferDataModule": "nst_lightning.data",
+    "AtomicCheckpointIO": "nst_lightning.run.checkpoint",
+    "FeatureExtractor": "nst_lightning.core.features",
+    "ImageWriter": "nst_lightning.run.callbacks",
+    "Objective": "nst_lightning.core.objective",
+    "RunGuard": "nst_lightning.run.guard",
+    "StyleTransfer": "nst_lightning.run.module",
+    "StyleTransferDataModule": "nst_lightning.run.data",
 }
 __all__ = [
     "AtomicCheckpointIO",
@@ -32,13 +32,13 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from nst_lightning.callbacks import ImageWriter
-    from nst_lightning.checkpoint import AtomicCheckpointIO
-    from nst_lightning.data import StyleTransferDataModule
-    from nst_lightning.features import FeatureExtractor
-    from nst_lightning.guard import RunGuard
-    from nst_lightning.module import StyleTransfer
-    from nst_lightning.objective import Objective
+    from nst_lightning.core.features import FeatureExtractor
+    from nst_lightning.core.objective import Objective
+    from nst_lightning.run.callbacks import ImageWriter
+    from nst_lightning.run.checkpoint import AtomicCheckpointIO
+    from nst_lightning.run.data import StyleTransferDataModule
+    from nst_lightning.run.guard import RunGuard
+    from nst_lightning.run.module import StyleTransfer
 
 
 def __getattr__(name: str) -> Any:

@@ -6,6 +6,8 @@ Messages name the problem and the fix.
 """
 
 import signal
+import sys
+from typing import NoReturn
 
 # Exit status of a problem with the input (or a batch in which some pair failed).
 EXIT_ERROR = 1
@@ -74,3 +76,9 @@ class Interrupted(NSTError):
         elif self.checkpoint is not None:
             text += f"; to go on, run the same command with --ckpt_path {self.checkpoint}"
         return text
+
+
+def stop(prefix: str, message: str, code: int) -> NoReturn:
+    """Ends the command with one line on stderr (``nst-lightning: error: ...``) and exit status ``code``."""
+    print(f"nst-lightning: {prefix}: {message}", file=sys.stderr)
+    raise SystemExit(code) from None

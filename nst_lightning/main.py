@@ -9,22 +9,48 @@ import gc
 import sys
 import time
 import warnings
-from typing import NoReturn
 
 from nst_lightning import __version__
 from nst_lightning.errors import EXIT_ERROR, EXIT_USAGE, Interrupted, NSTError
+from nst_lightning.errors import stop as _stop
 
 
-def _stop(prefix: str, message: str, code: int) -> NoReturn:
-    print(f"nst-lightning: {prefix}: {message}", file=sys.stderr)
-    raise SystemExit(code) from None
+def _version() -> None:
+    """``--version``: this tool's version and where it runs from, the versions of torch and Lightning (from the
+    installed packages' metadata, at once), then the device a run would use, which needs torch itself (its import
+    takes 1-3 s on a CPU; the lines before it are out by then)."""
+    from importlib.metadata import PackageNotFoundError, version
+    from pathlib import Path
+
+    print(f"nst-lightning {__version__} ({Path(__file__).resolve().parent})", flush=True)
+    found = []
+    for name, label in (("torch", "torch"), ("lightning", "Lightning"), ("torchvision", "torchvision")):
+        try:
+            found.append(f"{label} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{label} missing")
+    print(f"{', '.join(found)}, Python {sys.version.split()[0]}", flush=True)
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        more = f" (the first of {count}; --device gpu)" if count > 1 else ""
+        device = f"gpu, {torch.cuda.get_device_name(0)}{more}; CUDA {torch.version.cuda}"
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        device = "gpu, Apple MPS"
+    else:
+        build = f"torch's CUDA {torch.version.cuda} build finds no GPU" if torch.version.cuda else "CPU-only torch"
+        device = f"cpu, {os.cpu_count()} logical cores; {build}"
+    print(f"device (--device auto, the default): {device}", flush=True)
 
 
 def cli_main(args: list[str] | None = None) -> None:
     """Runs the command of ``args`` (default: ``sys.argv[1:]``): ``fit`` one optimisation from config files
-    and dotted flags, ``batch`` many (see :mod:`nst_lightning.batch`), ``configs`` the list of shipped
+    and dotted flags, ``batch`` many (see :mod:`nst_lightning.batch.runs`), ``configs`` the list of shipped
     configs, ``serve`` the web app (:mod:`nst_lightning.serve`), ``video`` a video (:mod:`nst_lightning.video`),
-    and ``CONTENT STYLE ...`` one optimisation from plain flags (:mod:`nst_lightning.oneshot`, which builds a
+    and ``CONTENT STYLE ...`` one optimisation from plain flags (:mod:`nst_lightning.cli.oneshot`, which builds a
     ``fit`` command). ``--verbose`` anywhere shows what Lightning says as well; ``--overwrite`` lets ``fit``,
     ``batch`` and ``video`` replace existing outputs.
 
@@ -33,21 +59,24 @@ def cli_main(args: list[str] | None = None) -> None:
     128 + the signal's number after Ctrl-C (130) or SIGTERM (143), once the partial image and a
     checkpoint are saved.
     Torch uses one thread per physical core unless ``OMP_NUM_THREADS`` (or ``MKL_NUM_THREADS``) says
-    otherwise; freed memory is kept for the next iteration (see :func:`~nst_lightning.runtime.keep_freed_memory`).
+    otherwise; freed memory is kept for the next iteration (see :func:`~nst_lightning.run.runtime.keep_freed_memory`).
     """
     argv = raw = sys.argv[1:] if args is None else list(args)
     verbose = "--verbose" in argv
     argv = [arg for arg in argv if arg != "--verbose"]
     command = argv[0] if argv else None
-    if command == "--version":  # before torch and Lightning load: at once
-        print(f"nst-lightning {__version__}")
+    if command == "--version":
+        _version()
         return
     if command == "serve":  # the web app: its libraries load only here (nst_lightning.serve)
         from nst_lightning.serve.command import serve_main
 
         serve_main(argv[1:])
         return
-    from nst_lightning import configs, oneshot  # light: the help and the list come at once too
+    from nst_lightning.cli import (
+        configs,
+        oneshot,  # light: the help and the list come at once too
+    )
 
     if command in (None, "-h", "--help"):
         if command is None:
@@ -58,8 +87,12 @@ def cli_main(args: list[str] | None = None) -> None:
         with contextlib.suppress(BrokenPipeError):  # nst-lightning configs | head
             print(configs.config_list(), flush=True)
         return
+    if command == "video":  # its --help, --version and a flag that does not parse at once, PyAV installed or not
+        from nst_lightning.video.command import parser as video_parser
+
+        video_parser().parse_known_args(argv[1:])
     # Everything the command line alone can tell is checked before torch and Lightning load (seconds).
-    from nst_lightning import early
+    from nst_lightning.cli import early
 
     if command not in ("fit", "batch", "video"):
         try:
@@ -74,7 +107,12 @@ def cli_main(args: list[str] | None = None) -> None:
         except NSTError as err:
             _stop("error", str(err), EXIT_USAGE)
         try:
-            (early.check_batch if argv[0] == "batch" else early.check_fit)(argv[1:])
+            if argv[0] == "batch":
+                from nst_lightning.batch.pairs import check_early
+
+                check_early(argv[1:])
+            else:
+                early.check_fit(argv[1:])
         except NSTError as err:
             _stop("error", str(err), EXIT_ERROR)
     if args is None:
@@ -82,8 +120,8 @@ def cli_main(args: list[str] | None = None) -> None:
         # torch and Lightning (about 1 s of CPU): frozen, after the other exit handlers, they are left to the
         # operating system. Everything the run writes is closed (and synced) by then.
         atexit.register(gc.freeze)
-    from nst_lightning import console
-    from nst_lightning.runtime import keep_freed_memory, set_default_threads
+    from nst_lightning.io import console
+    from nst_lightning.run.runtime import keep_freed_memory, set_default_threads
 
     set_default_threads()
     keep_freed_memory()
@@ -93,6 +131,9 @@ def cli_main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", r".*module\(s\) in eval mode.*")
     # Raised inside Lightning 2.6 itself on every step; nothing a user can act on.
     warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\).*")
+    # A resume whose checkpoint lies outside this run's folder (a copied checkpoint, a batch's pair): Lightning's
+    # best-k bookkeeping, which this tool does not use, starts afresh; the run itself resumes in full.
+    warnings.filterwarnings("ignore", ".*dirpath has changed from.*")
     # cli_main hands LightningCLI the arguments it has built: not the mistake this warns about.
     warnings.filterwarnings("ignore", ".*LightningCLI's args parameter is intended.*")
     with console.session(verbose):
@@ -101,46 +142,23 @@ def cli_main(args: list[str] | None = None) -> None:
         elif argv[0] == "batch":  # a sharded batch's processes rerun the command line as it was typed (raw)
             _batch_main(argv[1:], raw[1:], verbose)
         else:
-            _fit_main(argv, verbose)
+            from nst_lightning.cli.fit import fit_main
 
-
-def _fit_main(argv: list[str], verbose: bool) -> None:
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    from nst_lightning.cli import StyleTransferCLI
-
-    try:
-        StyleTransferCLI(args=argv, verbose=verbose)
-    except Interrupted as err:
-        _stop("interrupted", str(err), err.exit_code)
-    except NSTError as err:
-        _stop("error", str(err), EXIT_ERROR)
-    except SIGTERMException:  # Lightning's own SIGTERM handling, before RunGuard took over
-        _stop("interrupted", "SIGTERM before the optimisation started: nothing was written", 143)
-    except KeyboardInterrupt:
-        _stop("interrupted", "Ctrl-C before the optimisation started: nothing was written", 130)
-    except SystemExit as exit_:
-        # Lightning answers a Ctrl-C inside fit, before RunGuard is armed, with sys.exit(1).
-        if isinstance(exit_.__context__, KeyboardInterrupt):
-            _stop("interrupted", "Ctrl-C before the optimisation started: nothing was written", 130)
-        raise
+            fit_main(argv, verbose)
 
 
 def _video_main(args: list[str], verbose: bool) -> None:
     """``nst-lightning video ...`` with the arguments after ``video`` (see :mod:`nst_lightning.video.command`)."""
-    try:
-        import av  # noqa: F401
-        import cv2  # noqa: F401
+    from nst_lightning.video import Stopped
+    from nst_lightning.video.command import EXTRAS_MISSING, missing_extras, video_main
 
-        from nst_lightning.video.command import Stopped, video_main
-    except ImportError as err:
-        missing = f"video needs PyAV and OpenCV ({err.name} is missing)"
-        _stop("error", f"{missing}: pip install 'nst-lightning[video]'", EXIT_ERROR)
-    from nst_lightning.runtime import quiet_lightning
+    if missing_extras():
+        _stop("error", EXTRAS_MISSING.format(", ".join(missing_extras())), EXIT_ERROR)
+    from nst_lightning.run.runtime import quiet_lightning
 
     try:
         with contextlib.nullcontext() if verbose else quiet_lightning():
-            video_main(args, verbose)
+            video_main(args)
     except Stopped as err:
         _stop("interrupted", str(err), err.code)
     except NSTError as err:
@@ -151,14 +169,16 @@ def _video_main(args: list[str], verbose: bool) -> None:
 
 def _batch_main(args: list[str], typed: list[str], verbose: bool) -> None:
     """``python cli.py batch ...`` with the arguments after ``batch`` (``typed``: as they were typed)."""
-    from nst_lightning import batch
-    from nst_lightning.batch_cli import BatchCLI
-    from nst_lightning.runtime import quiet_lightning
+    from nst_lightning.batch import runs as batch
+    from nst_lightning.batch.command import BatchCLI
+    from nst_lightning.cli.fithelp import shortened
+    from nst_lightning.run.runtime import quiet_lightning
 
     started = time.perf_counter()
     try:
         with contextlib.nullcontext() if verbose else quiet_lightning():
-            status = batch.run_batch(BatchCLI(args), typed, started)
+            with shortened(args, "batch") as shown:  # --help as fit's
+                status = batch.run_batch(BatchCLI(shown), typed, started)
     except Interrupted as err:
         _stop("interrupted", f"the batch stopped at {err}", err.exit_code)
     except NSTError as err:

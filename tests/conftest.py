@@ -16,9 +16,9 @@ import yaml
 from lightning import Callback, Trainer
 from PIL import Image
 
-from nst_lightning.backbones import load_backbone
-from nst_lightning.data import StyleTransferDataModule
-from nst_lightning.module import StyleTransfer
+from nst_lightning.core.backbones import load_backbone
+from nst_lightning.run.data import StyleTransferDataModule
+from nst_lightning.run.module import StyleTransfer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,9 +35,9 @@ def make_image(path: Path, width: int, height: int, seed: int = 0, mode: str = "
 
 @pytest.fixture(scope="session", autouse=True)
 def means_cache(tmp_path_factory) -> Path:
-    """The cache of measured layer means (nst_lightning.cache) in a folder of the test session, for the tests
+    """The cache of measured layer means (nst_lightning.io.cache) in a folder of the test session, for the tests
     and the commands they start: never the user's own."""
-    from nst_lightning.cache import CACHE_ENV
+    from nst_lightning.io.cache import CACHE_ENV
 
     folder = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as patch:

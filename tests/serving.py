@@ -24,15 +24,25 @@ def free_port() -> int:
 
 class Server:
     """``python -m nst_lightning serve --port PORT --data DATA`` of this checkout, in a process of its own (after the
-    command ``wrap``, if given); its stderr goes to ``log``."""
+    command ``wrap``, if given; with more ``args``); its stderr goes to ``log``."""
 
-    def __init__(self, data: Path, log: Path, wrap: list[str] | None = None, **popen) -> None:
+    def __init__(self, data: Path, log: Path, wrap: list[str] | None = None, args: list[str] = (), **popen) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.stderr_path = log
         env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(REPO))
-        command = [*(wrap or []), sys.executable, "-m", "nst_lightning", "serve", "--port", str(self.port),
-                   "--data", str(data)]  # fmt: skip
+        command = [
+            *(wrap or []),
+            sys.executable,
+            "-m",
+            "nst_lightning",
+            "serve",
+            "--port",
+            str(self.port),
+            "--data",
+            str(data),
+            *args,
+        ]
         with open(log, "wb") as err:
             self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, env=env, text=True, **popen)
 

@@ -5,7 +5,7 @@ from urllib.error import URLError
 import pytest
 import torch
 
-from nst_lightning.backbones import (
+from nst_lightning.core.backbones import (
     BACKBONES,
     backbone_layers,
     check_cached_hash,
@@ -13,9 +13,9 @@ from nst_lightning.backbones import (
     hub_cache_file,
     layer_names,
     load_backbone,
-)  # fmt: skip
+)
+from nst_lightning.core.features import FeatureExtractor
 from nst_lightning.errors import ConfigError, WeightsError
-from nst_lightning.features import FeatureExtractor
 
 
 def test_layer_names_are_derived_from_the_network():
@@ -46,7 +46,7 @@ def test_weight_file_in_both_layouts(tmp_path, weights_file, vgg19_features_stat
 def test_imagenet_weights_come_from_the_torch_hub_cache(tmp_path, monkeypatch, weights_file):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     # Random weights under torchvision's name: the hash check would refuse them (its own test is below).
-    monkeypatch.setattr("nst_lightning.backbones.check_cached_hash", lambda path: None)
+    monkeypatch.setattr("nst_lightning.core.backbones.check_cached_hash", lambda path: None)
     cached = hub_cache_file("vgg19")
     assert cached.name == "vgg19-dcbb9e9d.pth"
     cached.parent.mkdir(parents=True)
@@ -125,4 +125,3 @@ def test_layer_checks_come_from_a_weightless_copy():
         check_layers("alexnet", ["conv1_1"])
     with pytest.raises(ConfigError, match="no layers requested"):
         check_layers("vgg19", [])
-

@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from nst_lightning.batch.pairs import BatchSettings, expand, make_pairs
 from nst_lightning.errors import ConfigError, ImageError, Interrupted
-from nst_lightning.files import find_images
+from nst_lightning.io.files import find_images
 from nst_lightning.main import cli_main
-from nst_lightning.pairs import BatchSettings, expand, make_pairs
 from tests.conftest import REPO, make_image, write_config
 
 
@@ -212,13 +212,14 @@ def test_unexpected_errors_are_isolated_and_ctrl_c_stops_the_batch(tmp_path, pai
             raise KeyboardInterrupt
         return True, ""
 
-    monkeypatch.setattr("nst_lightning.batch.fit_pair", fake_fit_pair)
+    monkeypatch.setattr("nst_lightning.batch.runs.fit_pair", fake_fit_pair)
     assert run_batch(*batch_args(config, tmp_path, [files["c1"], files["c2"]], [files["s1"], files["s2"]])) == 130
     assert calls == [1, 2, 3], "the batch went on after the error and stopped at Ctrl-C"
     captured = capsys.readouterr()
     assert "pair 1/4 (" in captured.err and "failed: RuntimeError: boom" in captured.err
     assert "Traceback" in captured.err, "an unexpected error keeps its traceback"
-    assert "batch: 1 of 3 pairs done, 1 failed" in captured.out
+    # Every pair counts: the fourth, never started, too (issue 24 item 8).
+    assert "batch: 1 of 4 pairs done, 1 failed, 1 interrupted, 1 not started" in captured.out
     assert "INTERRUPTED" in captured.out
     assert "nst-lightning: interrupted: Ctrl-C: the batch stopped" in captured.err
 
@@ -311,7 +312,7 @@ def test_a_signal_during_a_pair_stops_the_whole_batch(tmp_path, pairs_setup, cap
             raise Interrupted(signal.SIGTERM, 3, 4)
         return True, ""
 
-    monkeypatch.setattr("nst_lightning.batch.fit_pair", fake_fit_pair)
+    monkeypatch.setattr("nst_lightning.batch.runs.fit_pair", fake_fit_pair)
     assert run_batch(*batch_args(config, tmp_path, [files["c1"], files["c2"]], [files["s1"], files["s2"]])) == 143
     assert calls == [1, 2], "no pair starts after the signal"
     assert "the batch stopped at SIGTERM" in capsys.readouterr().err
@@ -320,7 +321,7 @@ def test_a_signal_during_a_pair_stops_the_whole_batch(tmp_path, pairs_setup, cap
 def test_a_batch_gets_the_automatic_precision_too(tmp_path, pairs_setup, monkeypatch):
     import yaml
 
-    monkeypatch.setattr("nst_lightning.runtime.cpu_has_amx_bf16", lambda: True)
+    monkeypatch.setattr("nst_lightning.run.runtime.cpu_has_amx_bf16", lambda: True)
     files, config = pairs_setup
     assert run_batch(*batch_args(config, tmp_path, [files["c1"]], [files["s1"]])) == 0
     saved = yaml.safe_load((runs_dir(tmp_path) / "c1__s1" / "version_0" / "config.yaml").read_text())

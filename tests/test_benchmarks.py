@@ -50,9 +50,16 @@ def test_time_to_quality_judges_every_run_by_the_final_size_objective_in_miniatu
     runs = [
         ttq.run_stages("seed", [ttq.Stage(48, 4)], base, 48, ttq.CONTENT, ttq.STYLE, per_eval, tmp_path, print),
         ttq.run_stages(
-            "coarse", [ttq.Stage(32, 2, {"content_weight": 3.0}), ttq.Stage(48, 2)],
-            base, 48, ttq.CONTENT, ttq.STYLE, per_eval, tmp_path, print,
-        ),  # fmt: skip
+            "coarse",
+            [ttq.Stage(32, 2, {"content_weight": 3.0}), ttq.Stage(48, 2)],
+            base,
+            48,
+            ttq.CONTENT,
+            ttq.STYLE,
+            per_eval,
+            tmp_path,
+            print,
+        ),
     ]
     seed, coarse = runs
     assert [step[3] for step in coarse["steps"]] == [32, 32, 48, 48]
@@ -77,16 +84,37 @@ def test_time_to_quality_judges_every_run_by_the_final_size_objective_in_miniatu
     [
         ("floor.py", ["--size", "48", "--repeats", "1"], "faster layout"),
         ("reference.py", ["--size", "48", "--steps", "1"], "s per iteration, loss"),
-        ("speed.py", ["--sizes", "48", "--repeats", "1", "--steps", "1", "--compile", "off", "--whole-run", "off",
-                      "--wait-quiet", "0", "--precision", "32-true"], "relative difference 0.0e+00"),
+        (
+            "speed.py",
+            [
+                "--sizes",
+                "48",
+                "--repeats",
+                "1",
+                "--steps",
+                "1",
+                "--compile",
+                "off",
+                "--whole-run",
+                "off",
+                "--wait-quiet",
+                "0",
+                "--precision",
+                "32-true",
+            ],
+            "relative difference 0.0e+00",
+        ),
         ("memory_check.py", ["--memory-child", "48", "2", "2"], '"estimate_mib"'),
         ("memory_check.py", ["--wide-style-child", "64", "2"], '"content_only_estimate_mib"'),
         ("gpu_precision.py", [], "skipped: no CUDA device"),
-        ("gpu.py", ["--weights", "random", "--sizes", "32", "--steps", "2", "--floor-repeats", "1"],
-         "| 32 (24x32) | tutorial loop | 32-true |"),
+        (
+            "gpu.py",
+            ["--weights", "random", "--sizes", "32", "--steps", "2", "--floor-repeats", "1"],
+            "| 32 (24x32) | tutorial loop | 32-true |",
+        ),
         ("logging_overhead.py", ["--size", "32", "--steps", "2", "--repeats", "1"], "logging overhead:"),
     ],
-)  # fmt: skip
+)
 def test_each_benchmark_runs_alone_in_miniature(script, args, expected):
     import os
     import subprocess
@@ -107,7 +135,7 @@ def test_reference_implementation_computes_the_same_loss(tmp_path, images):
 
     from reference import Reference
 
-    from nst_lightning.backbones import load_backbone
+    from nst_lightning.core.backbones import load_backbone
     from tests.conftest import datamodule, make_module, make_trainer
 
     module = make_module(init="content", normalize=False)  # the tutorial's network is not normalised
@@ -136,12 +164,12 @@ def test_floor_runs_on_its_own_device_wherever_the_extractor_is():
 
     from floor import Floor
 
-    from nst_lightning import checks
-    from nst_lightning.features import FeatureExtractor
+    from nst_lightning import names
+    from nst_lightning.core.features import FeatureExtractor
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        extractor = FeatureExtractor([*checks.CONTENT_LAYERS, *checks.STYLE_LAYERS], weights="random")
+        extractor = FeatureExtractor([*names.CONTENT_LAYERS, *names.STYLE_LAYERS], weights="random")
     floor = Floor(extractor, 40, 48, "meta", "bf16-mixed")
     tensors = [t for convs in floor.layouts.values() for conv in convs for t in conv[:4]]
     assert len(tensors) == 2 * 4 * 13 and {t.device.type for t in tensors} == {"meta"}

@@ -10,8 +10,9 @@ import warnings
 import pytest
 import yaml
 
-from nst_lightning import cache, features
-from nst_lightning.features import FeatureExtractor
+from nst_lightning.core import features
+from nst_lightning.core.features import FeatureExtractor
+from nst_lightning.io import cache
 from nst_lightning.main import cli_main
 from tests.conftest import write_config
 

@@ -12,10 +12,10 @@ import torch
 from lightning import Trainer
 from PIL import Image
 
-from nst_lightning.checkpoint import AtomicCheckpointIO, read_checkpoint
 from nst_lightning.errors import CheckpointError
-from nst_lightning.guard import RunGuard
 from nst_lightning.main import cli_main
+from nst_lightning.run.checkpoint import AtomicCheckpointIO, read_checkpoint
+from nst_lightning.run.guard import RunGuard
 from tests.conftest import cli_command, leftovers, make_image, write_config
 
 
@@ -139,7 +139,7 @@ def test_bad_checkpoint_files_get_clear_errors_and_never_run_code(tmp_path, fini
 
 def test_cli_refuses_bad_checkpoints_in_one_line_before_loading_the_model(tmp_path, finished_run, capsys, monkeypatch):
     config, ckpt = finished_run
-    monkeypatch.setattr("nst_lightning.features.load_backbone", _must_not_load)
+    monkeypatch.setattr("nst_lightning.core.features.load_backbone", _must_not_load)
     for path, message in _bad_checkpoints(tmp_path, ckpt):
         with pytest.raises(SystemExit) as exit_info:
             cli_main(["fit", "--config", str(config), "--ckpt_path", str(path)])
@@ -165,13 +165,29 @@ def _must_not_load(*args, **kwargs):
 )
 def test_resuming_with_other_settings_is_refused(finished_run, capsys, monkeypatch, override, message):
     config, ckpt = finished_run
-    monkeypatch.setattr("nst_lightning.features.load_backbone", _must_not_load)
+    monkeypatch.setattr("nst_lightning.core.features.load_backbone", _must_not_load)
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["fit", "--config", str(config), "--trainer.max_steps", "4", "--ckpt_path", str(ckpt), *override])
     assert exit_info.value.code == 1
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nst-lightning: error:")]
     assert len(lines) == 1 and message in lines[0], lines
     assert f"--config {ckpt.parent.parent / 'config.yaml'}" in lines[0]
+
+
+def test_a_checkpoint_in_the_old_layout_resumes(finished_run, capsys):
+    # Checkpoints written before the objective became a module keep its targets and the content image at the top
+    # of the state dict (checkpoint.upgrade_state_dict moves them under objective.).
+    config, ckpt = finished_run
+    checkpoint = torch.load(ckpt, weights_only=True)
+    state = checkpoint["state_dict"]
+    moved = [key for key in state if key.startswith("objective.")]
+    assert moved, "nothing to move: the test no longer checks the upgrade"
+    for key in moved:
+        state[key.removeprefix("objective.")] = state.pop(key)
+    old = ckpt.with_name("old-layout.ckpt")
+    torch.save(checkpoint, old)
+    cli_main(["fit", "--config", str(config), "--trainer.max_steps", "3", "--ckpt_path", str(old), "--overwrite"])
+    assert "done:" in capsys.readouterr().out
 
 
 def test_resuming_with_another_style_image_is_refused(tmp_path, finished_run, capsys):
@@ -207,3 +223,20 @@ def test_library_use_refuses_a_checkpoint_of_other_settings(tmp_path, images):
         make_trainer(tmp_path, 2, callbacks=[RunGuard()]).fit(
             make_module(style_weight=10.0), datamodule=datamodule(images), ckpt_path=tmp_path / "run.ckpt"
         )
+
+
+def test_a_checkpoint_of_other_images_is_refused():
+    from nst_lightning.run.checkpoint import check_same_targets
+    from tests.test_objective import inputs, objective
+
+    loss = objective()
+    with torch.no_grad():
+        loss.set_targets(inputs())
+    state = {name: value.clone() for name, value in loss.state_dict().items() if "targets" in name}
+    check_same_targets(loss, state)
+    state["style_targets.conv1_1.0.gram"] *= 2
+    with pytest.raises(CheckpointError, match="another style image"):
+        check_same_targets(loss, state)
+    state["content_targets.conv2_1.target"] = torch.zeros(1, 1)
+    with pytest.raises(CheckpointError, match="content target .* has shape"):
+        check_same_targets(loss, state)

@@ -7,20 +7,33 @@ from typing import get_args
 import pytest
 import yaml
 
-from nst_lightning import checks, memory
+from nst_lightning import names
+from nst_lightning.core.features import POOLINGS, FeatureExtractor
+from nst_lightning.core.targets import STYLE_TARGETS
 from nst_lightning.errors import ConfigError
-from nst_lightning.features import POOLINGS, FeatureExtractor
-from nst_lightning.module import StyleTransfer
-from nst_lightning.targets import STYLE_TARGETS
+from nst_lightning.run import checks, memory
+from nst_lightning.run.module import StyleTransfer
 from tests.conftest import REPO
 
 MODEL = {
-    "content_layers": list(checks.CONTENT_LAYERS), "style_layers": list(checks.STYLE_LAYERS),
-    "style_layer_weights": None, "content_weight": 1.0, "style_weight": 1e6, "tv_weight": 0.0, "style_loss": "gram",
-    "preserve_color": "none", "backbone": "vgg19", "init": "content", "optimizer": "lbfgs", "lr": None,
-    "lbfgs_history_size": 50, "lbfgs_line_search": "backtrack", "scales": None, "scale_steps": None,
+    "content_layers": list(names.CONTENT_LAYERS),
+    "style_layers": list(names.STYLE_LAYERS),
+    "style_layer_weights": None,
+    "content_weight": 1.0,
+    "style_weight": 1e6,
+    "tv_weight": 0.0,
+    "style_loss": "gram",
+    "preserve_color": "none",
+    "backbone": "vgg19",
+    "init": "content",
+    "optimizer": "lbfgs",
+    "lr": None,
+    "lbfgs_history_size": 50,
+    "lbfgs_line_search": "backtrack",
+    "scales": None,
+    "scale_steps": None,
     "float32_final_steps": 50,
-}  # fmt: skip
+}
 
 
 def test_the_defaults_pass():
@@ -92,15 +105,15 @@ def test_trainer_and_batch_settings_that_cannot_work():
 
 def test_each_default_and_name_has_one_source():
     signature = inspect.signature(StyleTransfer).parameters
-    assert signature["content_layers"].default is checks.CONTENT_LAYERS
-    assert signature["style_layers"].default is checks.STYLE_LAYERS
-    assert signature["lbfgs_history_size"].default == checks.LBFGS_HISTORY_SIZE
+    assert signature["content_layers"].default is names.CONTENT_LAYERS
+    assert signature["style_layers"].default is names.STYLE_LAYERS
+    assert signature["lbfgs_history_size"].default == names.LBFGS_HISTORY_SIZE
     estimate = inspect.signature(memory.estimate_peak).parameters
-    assert estimate["content_layers"].default is checks.CONTENT_LAYERS
-    assert estimate["history_size"].default == checks.LBFGS_HISTORY_SIZE
-    assert set(STYLE_TARGETS) == set(get_args(checks.StyleLoss))
+    assert estimate["content_layers"].default is names.CONTENT_LAYERS
+    assert estimate["history_size"].default == names.LBFGS_HISTORY_SIZE
+    assert set(STYLE_TARGETS) == set(get_args(names.StyleLoss))
     assert POOLINGS == ("max", "avg") and inspect.signature(FeatureExtractor).parameters["pooling"].default in POOLINGS
     # configs/default.yaml spells the seed's layers out for its readers: it must say what the module does.
     default = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())["model"]
-    assert default["content_layers"] == list(checks.CONTENT_LAYERS)
-    assert default["style_layers"] == list(checks.STYLE_LAYERS)
+    assert default["content_layers"] == list(names.CONTENT_LAYERS)
+    assert default["style_layers"] == list(names.STYLE_LAYERS)

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from nst_lightning.data import StyleTransferDataModule
 from nst_lightning.main import cli_main
-from nst_lightning.module import StyleTransfer
+from nst_lightning.run.data import StyleTransferDataModule
+from nst_lightning.run.module import StyleTransfer
 from tests.conftest import REPO, make_image, write_config
 
 
@@ -64,12 +64,14 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path, images):
     ckpt = next((version_dir(tmp_path, 0) / "checkpoints").glob("*.ckpt"))
     saved = torch.load(ckpt, weights_only=True)["state_dict"]["image"]
     run_cli("--config", str(config), "--trainer.max_steps", "6", "--ckpt_path", str(ckpt), "--overwrite")
-    resumed = version_dir(tmp_path, 1)
+    # It goes on in the run folder of the checkpoint: one run, one curve in TensorBoard.
+    resumed = version_dir(tmp_path, 0)
+    assert not version_dir(tmp_path, 1).exists()
     assert list((resumed / "checkpoints").glob("*step=6.ckpt"))
     steps = [event.step for event in scalars(resumed).Scalars("loss")]
-    assert steps[0] >= 3, "the resumed run continues the step count"
+    assert steps == [0, 1, 2, 3, 4, 5], "the resumed run continues the step count in the same run"
     # The loss logged at the resumed run's first step is the loss of the saved image.
-    resumed_first = scalars(resumed).Scalars("loss")[0].value
+    resumed_first = scalars(resumed).Scalars("loss")[3].value
     module = StyleTransfer(weights="random", init="noise")
     with torch.no_grad():
         module.set_targets(StyleTransferDataModule(str(images["content"]), str(images["style"]), 32).inputs())
@@ -151,7 +153,10 @@ def test_real_process_reports_bad_input_without_traceback(tmp_path, images):
     assert "nst-lightning: error: image not found" in result.stderr
 
 
-OVERLAY_OVERRIDES = {"multiscale.yaml": ["--model.scales", "[32, 64]", "--model.scale_steps", "[1, 1]"]}
+OVERLAY_OVERRIDES = {
+    "multiscale.yaml": ["--model.scales", "[32, 64]", "--model.scale_steps", "[1, 1]"],
+    "print.yaml": ["--model.scales", "[32, 64]", "--model.scale_steps", "[1, 1]", "--model.tile_size", "64"],
+}
 
 
 @pytest.mark.parametrize(
@@ -161,17 +166,26 @@ def test_every_example_config_runs_in_miniature(tmp_path, monkeypatch, overlay):
     """Each shipped overlay, on the shipped sample images, shrunk to 64 px and 2 steps."""
     monkeypatch.chdir(tmp_path)  # the configs' paths are relative to the configs: any folder will do
     run_cli(
-        "--config", str(REPO / "configs" / "default.yaml"),
-        "--config", str(REPO / "configs" / overlay),
-        "--model.weights", "random",
-        "--data.image_size", "64",
-        "--trainer.max_steps", "2",
-        "--trainer.accelerator", "cpu",
-        "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.enable_progress_bar", "false",
-        "--output.path", str(tmp_path / "out.png"),
+        "--config",
+        str(REPO / "configs" / "default.yaml"),
+        "--config",
+        str(REPO / "configs" / overlay),
+        "--model.weights",
+        "random",
+        "--data.image_size",
+        "64",
+        "--trainer.max_steps",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--output.path",
+        str(tmp_path / "out.png"),
         *OVERLAY_OVERRIDES.get(overlay, []),
-    )  # fmt: skip
+    )
     assert max(Image.open(tmp_path / "out.png").size) == 64
 
 
@@ -194,7 +208,7 @@ def _must_not_load(*args, **kwargs):
 def test_unknown_keys_and_wrong_types_get_one_line(
     tmp_path, images, capsys, monkeypatch, args, config_overrides, message
 ):
-    monkeypatch.setattr("nst_lightning.features.load_backbone", _must_not_load)
+    monkeypatch.setattr("nst_lightning.core.features.load_backbone", _must_not_load)
     config = write_config(tmp_path, images, **config_overrides)
     with pytest.raises(SystemExit) as exit_info:
         run_cli("--config", str(config), *args)
@@ -226,7 +240,7 @@ def test_unknown_keys_and_wrong_types_get_one_line(
 def test_settings_that_cannot_work_are_refused_before_the_weights_load(
     tmp_path, images, capsys, monkeypatch, override, message
 ):
-    monkeypatch.setattr("nst_lightning.features.load_backbone", _must_not_load)
+    monkeypatch.setattr("nst_lightning.core.features.load_backbone", _must_not_load)
     config = write_config(tmp_path, images)
     _expect_one_line_error(tmp_path, capsys, ["--config", str(config), *override], message)
 
@@ -239,7 +253,7 @@ def test_mask_of_the_wrong_size_gets_one_clear_line(tmp_path, images, capsys):
 
 
 def test_an_unwritable_log_folder_is_refused_before_anything_runs(tmp_path, images, capsys, monkeypatch):
-    monkeypatch.setattr("nst_lightning.features.load_backbone", _must_not_load)
+    monkeypatch.setattr("nst_lightning.core.features.load_backbone", _must_not_load)
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     config = write_config(tmp_path, images, trainer={"default_root_dir": str(blocker / "runs")})
@@ -269,7 +283,7 @@ def test_a_decompression_bomb_is_one_clear_line(tmp_path, images, capsys, monkey
 
 
 def test_a_run_that_cannot_fit_in_memory_is_refused_with_a_smaller_size(tmp_path, images, capsys, monkeypatch):
-    monkeypatch.setattr("nst_lightning.runtime.available_bytes", lambda device="cpu": 2 * 2**30)
+    monkeypatch.setattr("nst_lightning.run.runtime.available_bytes", lambda device="cpu": 2 * 2**30)
     config = write_config(tmp_path, images, data={"image_size": 4096})
     _expect_one_line_error(tmp_path, capsys, ["--config", str(config)], "try data.image_size")
 
@@ -295,7 +309,7 @@ def test_precision_is_chosen_only_where_the_config_sets_none(
 ):
     import yaml
 
-    monkeypatch.setattr("nst_lightning.runtime.cpu_has_amx_bf16", lambda: amx)
+    monkeypatch.setattr("nst_lightning.run.runtime.cpu_has_amx_bf16", lambda: amx)
     config = write_config(tmp_path, images, trainer={"max_steps": 2})
     with caplog.at_level("INFO"):
         run_cli("--config", str(config), *args)

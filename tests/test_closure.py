@@ -4,13 +4,13 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from nst_lightning.closure import Evaluator
 from nst_lightning.errors import NumericalError
-from nst_lightning.precision import LossScaler
+from nst_lightning.run.closure import Evaluator
+from nst_lightning.run.precision import LossScaler
 
 
 class Quadratic(nn.Module):
-    """``sum((x - 1)^2) * weight`` as an objective, counting its calls; ``explain`` as Objective's."""
+    """``sum((x - 1)^2) * weight`` as an objective (not an Objective: only a total), counting its calls."""
 
     def __init__(self, weight: float = 1.0) -> None:
         super().__init__()
@@ -19,9 +19,6 @@ class Quadratic(nn.Module):
     def forward(self, image: Tensor) -> dict[str, Tensor]:
         self.calls += 1
         return {"total": self.weight * (image - 1).square().sum()}
-
-    def non_finite_message(self, losses, step, hint=""):
-        return f"the loss became {float(losses['total'].detach())} at step {step}{hint}"
 
 
 def evaluator(objective):
@@ -78,10 +75,29 @@ def test_an_overflowing_scaled_gradient_is_recomputed_at_a_smaller_scale():
     run.start("16-mixed", LossScaler(record))
     run(image, torch.optim.LBFGS([image]))
     assert objective.calls > 1 and float(record) < 2.0**40
-    torch.testing.assert_close(image.grad, torch.full_like(image, -2.0 ** 101))
+    torch.testing.assert_close(image.grad, torch.full_like(image, -(2.0**101)))
     # In the float32 finish nothing is scaled: the scale stays as it is.
     before = float(record)
     with torch.no_grad():
         image.add_(1e-3)
     run(image, torch.optim.LBFGS([image]), float32=True)
     assert float(record) == before
+
+
+def test_a_non_finite_loss_names_its_cause():
+    from nst_lightning.run.closure import non_finite_message
+    from tests.test_objective import objective
+
+    loss = objective(style_weight=1e30)
+    finite = {
+        "total": torch.tensor(float("inf")),
+        "content": torch.tensor(1.0),
+        "style": torch.tensor(1e10),
+        "tv": torch.tensor(0.0),
+    }
+    assert "model.style_weight=1e+30 times the style loss" in non_finite_message(loss, finite, 3)
+    overflowed = dict(finite, content=torch.tensor(float("nan")))
+    message = non_finite_message(loss, overflowed, 3, ", or use --trainer.precision 32-true")
+    assert message.startswith("the content loss became nan at step 3") and message.endswith("32-true")
+    loss.activation_scale = (150.0, "conv1_1")  # Caffe's scale, and the network is not normalised
+    assert "set model.normalize true" in non_finite_message(loss, finite, 3)

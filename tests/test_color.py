@@ -1,6 +1,6 @@
 import torch
 
-from nst_lightning.color import combine_luminance, luminance, match_color, match_luminance, rgb_to_yiq, yiq_to_rgb
+from nst_lightning.core.color import combine_luminance, luminance, match_color, match_luminance, rgb_to_yiq, yiq_to_rgb
 
 
 def test_yiq_roundtrip_and_grey_has_no_chroma():

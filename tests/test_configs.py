@@ -10,12 +10,22 @@ import tomllib
 import yaml
 from PIL import Image
 
-from nst_lightning import configs
+from nst_lightning.cli import configs
 from nst_lightning.main import cli_main
 from tests.conftest import REPO, make_image
 
-SMALL = ["--model.weights", "random", "--data.image_size", "32", "--trainer.max_steps", "1",
-         "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+SMALL = [
+    "--model.weights",
+    "random",
+    "--data.image_size",
+    "32",
+    "--trainer.max_steps",
+    "1",
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.enable_progress_bar",
+    "false",
+]
 
 
 @pytest.fixture(autouse=True)

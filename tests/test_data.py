@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 from lightning import Trainer
 
-from nst_lightning.data import StyleTransferDataModule
 from nst_lightning.errors import ConfigError, ImageError
+from nst_lightning.run.data import StyleTransferDataModule
 
 
 def test_setup_loads_both_images_at_the_requested_size(images):
@@ -39,7 +39,7 @@ def test_the_data_module_hands_the_module_its_images(images, tmp_path):
     module, dm = make_module(), StyleTransferDataModule(str(images["content"]), str(images["style"]), image_size=32)
     make_trainer(tmp_path, steps=1).fit(module, datamodule=dm)
     assert module.images is dm
-    source = (Path(__file__).parents[1] / "nst_lightning" / "module.py").read_text()
+    source = (Path(__file__).parents[1] / "nst_lightning" / "run" / "module.py").read_text()
     assert "datamodule" not in source.replace("StyleTransferDataModule", "")
 
 

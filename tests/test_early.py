@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nst_lightning import early
-from nst_lightning.cli import StyleTransferCLI
+from nst_lightning.cli import early
+from nst_lightning.cli.fit import StyleTransferCLI
 from nst_lightning.errors import NSTError
 from tests.conftest import REPO, make_image, write_config
 
@@ -28,8 +28,12 @@ def first_error(folder: Path, *args: str) -> tuple[int, list[str], list[str], li
     env = dict(os.environ, PYTHONPATH=str(REPO))
     result = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "nst_lightning", *args],
-        cwd=folder, capture_output=True, text=True, env=env, timeout=120,
-    )  # fmt: skip
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     lines = result.stderr.splitlines()
     said = [line for line in lines if not line.startswith("import time:")]
     heavy = [HEAVY.match(line).group(1) for line in lines if HEAVY.match(line)]

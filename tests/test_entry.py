@@ -16,10 +16,10 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from nst_lightning import oneshot
-from nst_lightning.backbones import BACKBONES
-from nst_lightning.checks import PreserveColor
+from nst_lightning import names
+from nst_lightning.core.backbones import BACKBONES
 from nst_lightning.main import cli_main
+from nst_lightning.names import PreserveColor
 from tests.conftest import REPO, make_image, write_config
 
 TINY = ["--size", "32", "--steps", "2", "--weights", "random", "--device", "cpu"]
@@ -91,11 +91,37 @@ def test_verbose_shows_what_lightning_says(work):
 def test_the_one_shot_flags_become_the_fit_configuration(work, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(
-            ["content.png", "style.jpg", "style.jpg", "--size", "64", "--steps", "7", "--style-weight", "1e5",
-             "--content-weight", "2", "--preserve-color", "luminance", "--device", "cpu", "--seed", "5",
-             "--weights", "random", "--backbone", "vgg16", "--config", "quick", "--set", "model.tv_weight=3",
-             "--model.pooling", "avg", "--print_config"]
-        )  # fmt: skip
+            [
+                "content.png",
+                "style.jpg",
+                "style.jpg",
+                "--size",
+                "64",
+                "--steps",
+                "7",
+                "--style-weight",
+                "1e5",
+                "--content-weight",
+                "2",
+                "--preserve-color",
+                "luminance",
+                "--device",
+                "cpu",
+                "--seed",
+                "5",
+                "--weights",
+                "random",
+                "--backbone",
+                "vgg16",
+                "--config",
+                "quick",
+                "--set",
+                "model.tv_weight=3",
+                "--model.pooling",
+                "avg",
+                "--print_config",
+            ]
+        )
     assert exit_info.value.code in (0, None)
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["data"]["image_size"] == 64, "a flag wins over --config (quick says 256)"
@@ -108,9 +134,12 @@ def test_the_one_shot_flags_become_the_fit_configuration(work, capsys):
     assert config["output"]["path"] == "outputs/content__style+style.png", "no -o: named after the images"
 
 
-def test_the_choices_written_out_for_a_fast_help_are_the_real_ones():
-    assert oneshot.PRESERVE_COLOR == get_args(PreserveColor)
-    assert oneshot.BACKBONE_NAMES == tuple(BACKBONES)
+def test_a_backbone_is_named_once_in_the_vocabulary_that_the_fast_help_reads():
+    # names.py is light (the help and the early checks read it before torch loads); the networks are built in
+    # core/backbones.py. Adding a backbone there without naming it in names.BACKBONE_NAMES fails here.
+    assert names.BACKBONE_NAMES == tuple(BACKBONES)
+    assert set(names.IMAGENET_FILE_BYTES) <= set(BACKBONES)
+    assert names.PRESERVE_COLORS == get_args(PreserveColor)
 
 
 @pytest.mark.parametrize(
@@ -151,8 +180,22 @@ def test_an_existing_output_is_refused_unless_overwrite(work, capsys):
     assert "out.png" in line and (work / "out.png").read_bytes() == before
     assert not (work / "lightning_logs").exists(), "refused before anything ran"
     # fit says the same, and --overwrite (or --output.overwrite true) lets both replace it.
-    one_error_line(capsys, ["fit", "--config", "quick", "--data.content", "content.png", "--data.style",
-                            "style.jpg", "--output.path", "out.png"], "exists: pass --overwrite", 1)  # fmt: skip
+    one_error_line(
+        capsys,
+        [
+            "fit",
+            "--config",
+            "quick",
+            "--data.content",
+            "content.png",
+            "--data.style",
+            "style.jpg",
+            "--output.path",
+            "out.png",
+        ],
+        "exists: pass --overwrite",
+        1,
+    )
     cli_main(["content.png", "style.jpg", "-o", "out.png", *TINY, "--overwrite"])
     assert Image.open(work / "out.png").size == (32, 24)
 
@@ -214,4 +257,12 @@ def test_the_top_level_help_and_version(capsys):
     for line in ("  fit ", "  batch ", "  configs ", "  CONTENT STYLE ..."):
         assert line in out, line
     cli_main(["--version"])
-    assert capsys.readouterr().out.strip() == "nst-lightning 0.1.0"
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("nst-lightning 0.1.0 (") and lines[1].startswith("torch ")
+    assert ", Lightning " in lines[1] and lines[2].startswith("device (--device auto, the default): ")
+
+
+def test_a_zero_style_weight_says_what_the_run_makes(work):
+    result = command(work, "content.png", "style.jpg", "-o", "out.png", *TINY, "--style-weight", "0")
+    assert result.returncode == 0, result.stderr
+    assert "nst-lightning: warning: model.style_weight is 0: the result is the photo" in result.stderr

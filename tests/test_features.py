@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from nst_lightning.backbones import layer_names
+from nst_lightning.core.backbones import layer_names
+from nst_lightning.core.features import FeatureExtractor, calibration_images
 from nst_lightning.errors import ConfigError, WeightsError
-from nst_lightning.features import FeatureExtractor, calibration_images
 
 STYLE = ["conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1"]
 

@@ -7,8 +7,8 @@ import stat
 import pytest
 
 from nst_lightning.errors import ImageError
-from nst_lightning.files import atomic_write, check_outputs_apart, check_room, check_writable_dir, file_kind
-from nst_lightning.image_io import estimate_image_bytes, open_rgb
+from nst_lightning.io.files import atomic_write, check_outputs_apart, check_room, check_writable_dir, file_kind
+from nst_lightning.io.image_io import estimate_image_bytes, open_rgb
 from tests.conftest import make_image
 
 

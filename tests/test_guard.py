@@ -16,14 +16,14 @@ from lightning import Callback
 from lightning.pytorch.plugins import TorchCheckpointIO
 from PIL import Image
 
-from nst_lightning.checkpoint import AtomicCheckpointIO
-from nst_lightning.cli import StyleTransferCLI
+from nst_lightning.cli.fit import StyleTransferCLI
+from nst_lightning.core.objective import Objective
 from nst_lightning.errors import Interrupted, NumericalError
-from nst_lightning.files import atomic_write
-from nst_lightning.guard import INTERRUPTED_CHECKPOINT, LossWatch, RunGuard, optimizer_kind
-from nst_lightning.image_io import load_image, tensor_to_pil
+from nst_lightning.io.files import atomic_write
+from nst_lightning.io.image_io import load_image, tensor_to_pil
 from nst_lightning.main import cli_main
-from nst_lightning.objective import Objective
+from nst_lightning.run.checkpoint import AtomicCheckpointIO
+from nst_lightning.run.guard import INTERRUPTED_CHECKPOINT, LossWatch, RunGuard, optimizer_kind
 from tests.conftest import datamodule, leftovers, make_module, make_trainer, start_cli, wait_for, write_config
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -113,7 +113,9 @@ def test_a_signal_saves_image_and_checkpoint_and_the_run_resumes(tmp_path, image
     assert first["step"] == step
     torch.testing.assert_close(first["image"], saved["state_dict"]["image"])
     assert first["n_iter"] == step, "the L-BFGS history came back"
-    assert len(list((run_dir(tmp_path, 1) / "checkpoints").glob(f"*step={step + 2}.ckpt"))) == 1
+    # In the run folder it was interrupted in (one TensorBoard run per image).
+    assert len(list((run_dir(tmp_path, 0) / "checkpoints").glob(f"*step={step + 2}.ckpt"))) == 1
+    assert not run_dir(tmp_path, 1).exists()
     # Finished: the image is at the final path, and the partial one is gone.
     assert Image.open(tmp_path / "out" / "result.png").size == (32, 24) and not partial.exists()
 
@@ -360,7 +362,9 @@ def _ctrl_c(*args, **kwargs):
     raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("where", ["nst_lightning.features.load_backbone", "nst_lightning.module.StyleTransfer.setup"])
+@pytest.mark.parametrize(
+    "where", ["nst_lightning.core.features.load_backbone", "nst_lightning.run.module.StyleTransfer.setup"]
+)
 def test_ctrl_c_before_the_optimisation_exits_130_with_one_line(tmp_path, images, capsys, monkeypatch, where):
     # Loading the weights runs outside Trainer.fit; setup runs inside it, where Lightning answers
     # KeyboardInterrupt with sys.exit(1): both end as 130 and one line.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import signal
 import stat
@@ -20,10 +21,10 @@ from lightning import Callback
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from nst_lightning.checkpoint import estimate_checkpoint_bytes
-from nst_lightning.data import StyleTransferDataModule
 from nst_lightning.errors import ConfigError
 from nst_lightning.main import cli_main
+from nst_lightning.run.checkpoint import estimate_checkpoint_bytes
+from nst_lightning.run.data import StyleTransferDataModule
 from tests.conftest import make_image, write_config
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX FIFOs, links and signals")
@@ -92,7 +93,7 @@ def loss_steps(run: Path) -> list[int]:
 @posix_only
 @pytest.mark.parametrize("how", ["content", "symlink", "hard link", "style", "mask"])
 def test_an_output_that_is_an_input_is_refused_before_anything_runs(tmp_path, images, capsys, monkeypatch, how):
-    monkeypatch.setattr("nst_lightning.features.load_backbone", _must_not_load)
+    monkeypatch.setattr("nst_lightning.core.features.load_backbone", _must_not_load)
     content = images["content"]
     mask = tmp_path / "mask.png"
     Image.new("L", (40, 30), 255).save(mask)
@@ -174,8 +175,14 @@ def test_an_interrupted_batch_pair_is_never_taken_for_done_and_resumes(tmp_path,
     with pytest.raises(SystemExit) as exit_info:
         cli_main(command)
     assert exit_info.value.code == 130
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     (line,) = [line for line in err.splitlines() if line.startswith("nst-lightning: interrupted:")]
+    # The summary counts every pair, the one not started too, and the interrupted pair's real time.
+    assert "batch: 1 of 3 pairs done, 0 failed, 1 interrupted, 1 not started" in captured.out
+    (stopped,) = [row for row in captured.out.splitlines() if row.lstrip().startswith("INTERRUPTED")]
+    assert "stopped after step 3 of 6" in stopped and "(0.0 s)" not in stopped
+    assert re.search(r"not run +3 .*c3\.png x .*: not started", captured.out)
     # The partial image has a name that says so; the final path does not exist (2).
     assert not (out / "c2__style.png").exists() and (out / "c2__style.partial.png").is_file()
     assert f"the partial image is in {out / 'c2__style.partial.png'}" in line
@@ -195,15 +202,16 @@ def test_an_interrupted_batch_pair_is_never_taken_for_done_and_resumes(tmp_path,
     assert "pair 1/3 skipped" in captured.err and f"pair 2/3: resuming from {pending}" in captured.err
     assert "batch: 2 of 3 pairs done, 0 failed, 1 skipped" in captured.out
     runs = sorted((pending.parent).glob("version_*"))
-    assert loss_steps(runs[-1]) == [3, 4, 5], "the pair went on from its checkpoint"
+    assert len(runs) == 1, "the pair went on in the run folder it was interrupted in"
+    assert loss_steps(runs[0]) == [0, 1, 2, 3, 4, 5], "the pair went on from its checkpoint"
     assert (out / "c2__style.png").is_file() and not (out / "c2__style.partial.png").exists()
     assert not pending.exists(), "a finished pair's checkpoint is not resumed again"
 
 
 def test_a_batch_checkpoint_of_other_settings_starts_the_pair_over(tmp_path, images, capsys):
-    from nst_lightning.batch import fit_pair
-    from nst_lightning.batch_cli import BatchCLI
-    from nst_lightning.pairs import make_pairs, pending_checkpoint
+    from nst_lightning.batch.command import BatchCLI
+    from nst_lightning.batch.pairs import make_pairs, pending_checkpoint
+    from nst_lightning.batch.runs import fit_pair
 
     config = write_config(tmp_path, images, trainer={"max_steps": 2}, output={"log_image_every_n_steps": 0})
     cli_main(["fit", "--config", str(config)])  # a checkpoint of a run with style_weight 1e6
@@ -229,7 +237,7 @@ def test_a_batch_checkpoint_of_other_settings_starts_the_pair_over(tmp_path, ima
 @posix_only
 @pytest.mark.parametrize("kind", ["fifo", "link to /dev/null", "character device"])
 def test_an_output_that_is_a_special_file_is_left_alone(tmp_path, images, capsys, monkeypatch, kind):
-    monkeypatch.setattr("nst_lightning.features.load_backbone", _must_not_load)
+    monkeypatch.setattr("nst_lightning.core.features.load_backbone", _must_not_load)
     output = tmp_path / "x.png"
     if kind == "fifo":
         os.mkfifo(output)
@@ -278,7 +286,7 @@ def test_the_checkpoint_estimate_covers_the_real_checkpoint(tmp_path, images):
 
 
 def test_a_finished_image_that_cannot_be_written_is_kept_elsewhere(tmp_path, images, capsys, monkeypatch):
-    import nst_lightning.image_io as image_io
+    import nst_lightning.io.image_io as image_io
 
     real = image_io.atomic_write
     out = tmp_path / "out"
@@ -336,7 +344,7 @@ def test_trainer_settings_that_cannot_work_are_one_line_before_the_weights_load(
         pytest.skip("this machine has a GPU")
     if accelerator == "mps" and torch.backends.mps.is_available():
         pytest.skip("this machine has MPS")
-    monkeypatch.setattr("nst_lightning.features.load_backbone", _must_not_load)
+    monkeypatch.setattr("nst_lightning.core.features.load_backbone", _must_not_load)
     one_line(capsys, fit(write_config(tmp_path, images), *args), message)
 
 
@@ -369,30 +377,31 @@ def test_a_binary_config_file_is_one_line(tmp_path, capsys):
 )
 def test_absurd_sizes_are_refused_before_anything_is_allocated(tmp_path, images, capsys, monkeypatch, args, message):
     # The refusal comes from the estimate, whatever the machine: never from running out.
-    monkeypatch.setattr("nst_lightning.runtime.available_bytes", lambda device="cpu": 8 * 2**30)
-    monkeypatch.setattr("nst_lightning.features.load_backbone", _must_not_load)
+    monkeypatch.setattr("nst_lightning.run.runtime.available_bytes", lambda device="cpu": 8 * 2**30)
+    monkeypatch.setattr("nst_lightning.core.features.load_backbone", _must_not_load)
     one_line(capsys, fit(write_config(tmp_path, images), *args), message)
 
 
 def test_a_small_style_enlarged_past_a_thin_content_is_refused_before_it_is_resized(tmp_path, capsys, monkeypatch):
     # A 1024x16 photo and a 32x24 painting at --size 1024: the painting becomes 1024x768, whose forward pass
     # (for the targets) is the run's peak. The content's estimate alone fits; the run is refused all the same.
-    from nst_lightning.memory import check_fits
+    from nst_lightning.run.memory import check_fits
 
     thin, style = make_image(tmp_path / "thin.png", 1024, 16), make_image(tmp_path / "style.png", 32, 24)
     free = 512 * 2**20
     assert check_fits(16, 1024, weights="random", available=free)
-    monkeypatch.setattr("nst_lightning.runtime.available_bytes", lambda device="cpu": free)
-    monkeypatch.setattr("nst_lightning.data.resized", _must_not_resize)
+    monkeypatch.setattr("nst_lightning.run.runtime.available_bytes", lambda device="cpu": free)
+    monkeypatch.setattr("nst_lightning.run.data.resized", _must_not_resize)
     out = tmp_path / "out.png"
     args = [str(thin), str(style), "-o", str(out), "--size", "1024", "--weights", "random", "--device", "cpu"]
-    line = one_line(capsys, args, "a 1024x16 px run with a 1024x768 px style image needs about")
+    # Without tiles: over tiles (the default where the whole image does not fit) this run fits, and runs.
+    line = one_line(capsys, [*args, "--set", "model.tile_size=0"], "a 1024x16 px run with a 1024x768 px style image")
     assert 0 < float(line.split("try data.style_scale ")[1].split(",")[0]) < 1
     assert not out.exists()
 
 
 def test_the_datamodule_checks_before_it_resizes(images, monkeypatch):
-    monkeypatch.setattr("nst_lightning.runtime.available_bytes", lambda device="cpu": 8 * 2**30)
+    monkeypatch.setattr("nst_lightning.run.runtime.available_bytes", lambda device="cpu": 8 * 2**30)
     data = StyleTransferDataModule(str(images["content"]), str(images["style"]), image_size=100_000)
     with pytest.warns(UserWarning, match="upscaling"), pytest.raises(ConfigError, match="lower data.image_size"):
         data.inputs()

@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageCms
 
 from nst_lightning.errors import ImageError
-from nst_lightning.image_io import check_writable, fit_size, load_image, open_rgb, save_image
+from nst_lightning.io.image_io import check_writable, fit_size, load_image, open_rgb, save_image
 from tests.conftest import make_image
 
 

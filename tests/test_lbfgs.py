@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from nst_lightning.closure import Evaluator
+from nst_lightning.core.lbfgs import DeviceLBFGS
 from nst_lightning.errors import NumericalError
-from nst_lightning.lbfgs import DeviceLBFGS
 from nst_lightning.main import cli_main
+from nst_lightning.run.closure import Evaluator
 from tests.conftest import datamodule, make_module, make_trainer, write_config
 from tests.test_closure import Quadratic
 
@@ -182,8 +182,20 @@ def test_a_checkpoint_of_torchs_lbfgs_resumes_with_its_setting_and_only_with_it(
     cli_main(["fit", "--config", str(config)])
     [ckpt] = (tmp_path / "runs" / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt")
     with pytest.raises(SystemExit):  # under the new default: one line, naming the setting
-        cli_main(["fit", "--config", str(config), "--model.lbfgs_line_search", "backtrack", "--ckpt_path", str(ckpt),
-                  "--trainer.max_steps", "4", "--overwrite"])  # fmt: skip
+        cli_main(
+            [
+                "fit",
+                "--config",
+                str(config),
+                "--model.lbfgs_line_search",
+                "backtrack",
+                "--ckpt_path",
+                str(ckpt),
+                "--trainer.max_steps",
+                "4",
+                "--overwrite",
+            ]
+        )
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nst-lightning: error:")]
     assert len(lines) == 1 and "model.lbfgs_line_search was 'strong_wolfe', now 'backtrack'" in lines[0], lines
     cli_main(["fit", "--config", str(config), "--ckpt_path", str(ckpt), "--trainer.max_steps", "4", "--overwrite"])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from nst_lightning.losses import (
+from nst_lightning.core.losses import (
     content_loss,
     gram_matrix,
     mean_covariance,

@@ -11,10 +11,10 @@ from lightning import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from nst_lightning.callbacks import Background, ImageWriter
 from nst_lightning.errors import ImageError
-from nst_lightning.guard import RunGuard
-from nst_lightning.losslog import FLUSH_EVERY, LossLog
+from nst_lightning.run.callbacks import Background, ImageWriter
+from nst_lightning.run.guard import RunGuard
+from nst_lightning.run.losslog import FLUSH_EVERY, LossLog
 from tests.conftest import LossRecorder, datamodule, make_module, make_trainer
 
 

@@ -1,7 +1,7 @@
 import pytest
 
 from nst_lightning.errors import ConfigError
-from nst_lightning.memory import check_fits, estimate_peak, estimate_peak_bytes
+from nst_lightning.run.memory import check_fits, estimate_peak, estimate_peak_bytes
 
 MIB = 2**20
 
@@ -69,8 +69,8 @@ def test_the_activations_are_those_of_the_real_extractor():
 
     import torch
 
-    from nst_lightning.features import FeatureExtractor
-    from nst_lightning.memory import saved_activations
+    from nst_lightning.core.features import FeatureExtractor
+    from nst_lightning.run.memory import saved_activations
 
     layers = ["relu4_2", "relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1", "conv3_1"]
     with warnings.catch_warnings():
@@ -110,8 +110,8 @@ def test_every_tensor_of_the_run_is_counted():
 def test_the_forward_pass_without_gradients_holds_a_layers_input_output_and_what_it_returns():
     import torch
 
-    from nst_lightning.activations import forward_peak
-    from nst_lightning.features import FeatureExtractor
+    from nst_lightning.core.features import FeatureExtractor
+    from nst_lightning.run.activations import forward_peak
 
     with torch.device("meta"):
         extractor = FeatureExtractor(["relu1_1", "relu2_1"], weights=None)
@@ -129,20 +129,21 @@ def test_a_refusal_for_a_large_style_names_a_style_scale_that_fits(tmp_path):
     import warnings
 
     from nst_lightning import StyleTransfer, StyleTransferDataModule
-    from nst_lightning.memory import check_run
+    from nst_lightning.run.plan import check_run
     from tests.conftest import make_image
 
     thin, style = make_image(tmp_path / "thin.png", 1024, 16), make_image(tmp_path / "style.png", 32, 24)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        module = StyleTransfer(weights="random")
+        # No tiles (which would fit it) and the fewest L-BFGS steps: nothing for the plan to give up.
+        module = StyleTransfer(weights="random", lbfgs_history_size=5, tile_size=0)
     extractor, settings, free = module.objective.extractor, module.hparams, 512 * MIB
 
     def check(style_scale: float):
         data = StyleTransferDataModule(str(thin), str(style), image_size=1024, style_scale=style_scale)
         return check_run(data, [1024], extractor, settings, "32-true", "cpu", available=free)
 
-    assert check_fits(16, 1024, weights="random", available=free)  # the content alone would pass
+    assert check_fits(16, 1024, weights="random", available=free, history_size=5)  # the content alone would pass
     with pytest.raises(ConfigError, match=r"^a 1024x16 px run with a 1024x768 px style image needs") as err:
         check(1.0)
     found = re.search(r"try data\.style_scale ([\d.]+), or lower", str(err.value))
@@ -155,7 +156,7 @@ def test_a_refusal_for_a_large_style_names_a_style_scale_that_fits(tmp_path):
 
 
 def test_masks_count_in_the_images_prepared():
-    from nst_lightning.data import input_bytes
+    from nst_lightning.run.data import input_bytes
 
     assert input_bytes((100, 50), [(40, 40)], masks=2)[0] > input_bytes((100, 50), [(40, 40)])[0]
     assert input_bytes((100, 50), [(40, 40)], masks=2)[1] == input_bytes((100, 50), [(40, 40)])[1]

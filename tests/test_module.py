@@ -4,8 +4,8 @@ import pytest
 import torch
 from lightning import Callback
 
+from nst_lightning.core.lbfgs import last_accepted
 from nst_lightning.errors import ConfigError
-from nst_lightning.lbfgs import last_accepted
 from tests.conftest import LossRecorder, datamodule, make_module, make_trainer
 
 

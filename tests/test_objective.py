@@ -3,14 +3,12 @@ says about a checkpoint's targets and a non-finite loss."""
 
 import warnings
 
-import pytest
 import torch
 
-from nst_lightning.data import Inputs
-from nst_lightning.errors import CheckpointError
-from nst_lightning.features import FeatureExtractor
-from nst_lightning.losses import gram_matrix
-from nst_lightning.objective import Objective
+from nst_lightning.core.features import FeatureExtractor
+from nst_lightning.core.inputs import Inputs
+from nst_lightning.core.losses import gram_matrix
+from nst_lightning.core.objective import Objective
 
 CONTENT, STYLE = ["conv2_1"], ["conv1_1", "conv2_1"]
 
@@ -84,29 +82,3 @@ def test_initial_images():
     torch.testing.assert_close(loss.initial_image(data, "noise", seed=3), loss.initial_image(data, "noise", seed=3))
     assert loss.initial_image(data, "style").shape == data.content.shape
     assert loss.initial_image(data, "file.png", image=torch.rand(1, 3, 5, 7)).shape == data.content.shape
-
-
-def test_a_checkpoint_of_other_images_is_refused():
-    loss = objective()
-    with torch.no_grad():
-        loss.set_targets(inputs())
-    state = {name: value.clone() for name, value in loss.state_dict().items() if "targets" in name}
-    loss.check_same_targets(state)
-    state["style_targets.conv1_1.0.gram"] *= 2
-    with pytest.raises(CheckpointError, match="another style image"):
-        loss.check_same_targets(state)
-    state["content_targets.conv2_1.target"] = torch.zeros(1, 1)
-    with pytest.raises(CheckpointError, match="content target .* has shape"):
-        loss.check_same_targets(state)
-
-
-def test_a_non_finite_loss_names_its_cause():
-    loss = objective(style_weight=1e30)
-    finite = {"total": torch.tensor(float("inf")), "content": torch.tensor(1.0), "style": torch.tensor(1e10),
-              "tv": torch.tensor(0.0)}  # fmt: skip
-    assert "model.style_weight=1e+30 times the style loss" in loss.non_finite_message(finite, 3)
-    overflowed = dict(finite, content=torch.tensor(float("nan")))
-    message = loss.non_finite_message(overflowed, 3, ", or use --trainer.precision 32-true")
-    assert message.startswith("the content loss became nan at step 3") and message.endswith("32-true")
-    loss.activation_scale = (150.0, "conv1_1")  # Caffe's scale, and the network is not normalised
-    assert "set model.normalize true" in loss.non_finite_message(finite, 3)

@@ -6,10 +6,10 @@ import torch
 from lightning import Callback
 from PIL import Image
 
-from nst_lightning.color import rgb_to_yiq
-from nst_lightning.data import StyleTransferDataModule
+from nst_lightning.core.color import rgb_to_yiq
+from nst_lightning.core.losses import gram_matrix
 from nst_lightning.errors import ConfigError, ImageError
-from nst_lightning.losses import gram_matrix
+from nst_lightning.run.data import StyleTransferDataModule
 from tests.conftest import LossRecorder, make_image, make_module, make_trainer
 
 SHALLOW = {"content_layers": ["conv2_1"], "style_layers": ["conv1_1", "conv2_1"]}

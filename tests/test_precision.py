@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from nst_lightning.errors import ConfigError
-from nst_lightning.precision import GROWTH_INTERVAL, LossScaler, drop_lightning_scaler, float32_start
+from nst_lightning.run.precision import GROWTH_INTERVAL, LossScaler, drop_lightning_scaler, float32_start
 from tests.conftest import LossRecorder, datamodule, make_module, make_trainer
 
 
@@ -75,19 +75,19 @@ def test_bf16_mixed_runs_with_lbfgs(tmp_path, images):
 
 
 def test_bf16_on_a_cpu_without_native_support_warns(tmp_path, images, monkeypatch):
-    monkeypatch.setattr("nst_lightning.checks.bf16_is_native_on_cpu", lambda: False)
+    monkeypatch.setattr("nst_lightning.run.checks.bf16_is_native_on_cpu", lambda: False)
     with pytest.warns(UserWarning, match="no native bfloat16"):
         make_trainer(tmp_path, steps=0, precision="bf16-mixed").fit(make_module(), datamodule=datamodule(images))
 
 
 def test_bf16_on_a_gpu_without_native_support_warns_in_one_line(monkeypatch):
-    from nst_lightning.checks import check_precision
+    from nst_lightning.run.checks import check_precision
 
-    monkeypatch.setattr("nst_lightning.checks.bf16_is_native_on_gpu", lambda: False)  # a GPU before Ampere
+    monkeypatch.setattr("nst_lightning.run.checks.bf16_is_native_on_gpu", lambda: False)  # a GPU before Ampere
     with pytest.warns(UserWarning, match="this GPU computes bfloat16 without native support") as caught:
         check_precision("bf16-mixed", "cuda")
     assert len(caught) == 1 and "\n" not in str(caught[0].message)
-    monkeypatch.setattr("nst_lightning.checks.bf16_is_native_on_gpu", lambda: True)
+    monkeypatch.setattr("nst_lightning.run.checks.bf16_is_native_on_gpu", lambda: True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_precision("bf16-mixed", "cuda")
@@ -161,15 +161,15 @@ def test_true_half_precision_is_refused(tmp_path, images):
 
 @pytest.mark.parametrize("final_steps, expected", [(50, "32-true"), (0, "bf16-mixed")])
 def test_the_memory_check_counts_the_float32_finish(tmp_path, images, monkeypatch, final_steps, expected):
-    from nst_lightning import memory
+    from nst_lightning.run import plan
 
-    seen, estimate = set(), memory.estimate_peak
+    seen, estimate = set(), plan.estimate_peak
 
     def recorded(*args, **kwargs):
         seen.add(kwargs["precision"])
         return estimate(*args, **kwargs)
 
-    monkeypatch.setattr(memory, "estimate_peak", recorded)
+    monkeypatch.setattr(plan, "estimate_peak", recorded)  # as the memory plan calls it
     module = make_module(float32_final_steps=final_steps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -178,7 +178,7 @@ def test_the_memory_check_counts_the_float32_finish(tmp_path, images, monkeypatc
 
 
 def test_compile_with_bf16_mixed_is_refused_on_a_gpu_only():
-    from nst_lightning.checks import check_precision, check_trainer_settings
+    from nst_lightning.run.checks import check_precision, check_trainer_settings
 
     with pytest.raises(ConfigError, match="model.compile true with trainer.precision bf16-mixed") as caught:
         check_precision("bf16-mixed", "cuda", compile=True)
@@ -201,7 +201,7 @@ def test_compile_with_bf16_mixed_lowers_the_loss_on_a_cpu(tmp_path, images, monk
     # The combination a GPU run is refused (measured broken there): on a CPU the compiled loss falls as the
     # eager one does. Dynamo and AOTAutograd (the autocast regions, the Gram product's own backward) as a
     # real compile runs them; inductor's code generation, a minute on 2 cores, is left out.
-    from nst_lightning.objective import Objective
+    from nst_lightning.core.objective import Objective
 
     compile_module, forward, traced = Objective.compile, Objective.forward, []
     monkeypatch.setattr(Objective, "compile", lambda self: compile_module(self, backend="aot_eager"))
@@ -224,7 +224,7 @@ def test_compile_with_bf16_mixed_lowers_the_loss_on_a_cpu(tmp_path, images, monk
 
 @pytest.mark.parametrize("on_cuda", [True, False])
 def test_a_cuda_run_gets_tf32_and_cudnn_autotuning_unless_the_config_says_otherwise(monkeypatch, on_cuda):
-    from nst_lightning import precision
+    from nst_lightning.run import precision
 
     class Trainer(dict):
         __getattr__ = dict.__getitem__

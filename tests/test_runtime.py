@@ -5,8 +5,8 @@ import sys
 import pytest
 import torch
 
-from nst_lightning import runtime
-from nst_lightning.runtime import ALLOCATOR_VARIABLES, keep_freed_memory, physical_cores, set_default_threads
+from nst_lightning.run import runtime
+from nst_lightning.run.runtime import ALLOCATOR_VARIABLES, keep_freed_memory, physical_cores, set_default_threads
 
 
 def test_physical_cores_is_a_positive_count():
@@ -88,3 +88,16 @@ def test_the_gpu_default_precision_is_one_setting(monkeypatch):
     assert runtime.automatic_precision("gpu") == runtime.automatic_precision("auto") == "bf16-mixed"
     monkeypatch.setattr(runtime, "bf16_is_native_on_gpu", lambda: False)  # before Ampere: emulated
     assert runtime.automatic_precision("gpu") is None
+
+
+def test_an_address_space_limit_bounds_the_memory_available(monkeypatch):
+    """Under ``ulimit -v`` the memory estimate must compare with what the limit leaves, not with the machine's."""
+    import resource
+
+    from nst_lightning.run import runtime
+
+    unlimited = runtime.available_bytes("cpu")
+    held = runtime._meminfo("/proc/self/status", "VmSize:")
+    assert unlimited and held
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (held + 2**30, resource.RLIM_INFINITY))
+    assert runtime.available_bytes("cpu") <= min(unlimited, 2**30)

@@ -1,6 +1,6 @@
 """Coarse to fine, alone: which size each step runs at."""
 
-from nst_lightning.schedule import scale_at, sizes
+from nst_lightning.core.schedule import scale_at, sizes
 
 
 def test_one_size_without_scales():

@@ -162,7 +162,10 @@ def test_cancel_stops_a_run_and_keeps_its_image_and_takes_a_queued_job_off(tmp_p
         cancelled = wait_state(client, long, "cancelled", "failed", "done")
         assert cancelled["state"] == "cancelled" and 2 <= cancelled["step"] < 2000
         assert client.get(f"/api/jobs/{long}/result").status_code == 404
-        assert client.get(f"/api/jobs/{long}/result?partial=true").status_code == 200
+        partial = client.get(f"/api/jobs/{long}/result?partial=true")
+        assert partial.status_code == 200
+        # Named after the uploads as sent ("../../etc/passwd", "style one.jpg"), sanitised: never a path.
+        assert partial.headers["content-disposition"] == 'attachment; filename="passwd-x-style-one-partial.png"'
         assert client.get(f"/api/jobs/{long}/preview").status_code == 200
         assert job(client, queued)["state"] == "cancelled"
         assert not (data / "jobs" / queued / "progress.jsonl").exists(), "the cancelled queued job never ran"
@@ -191,8 +194,12 @@ def test_jobs_queue_run_stream_their_progress_survive_a_restart_and_are_deleted(
         assert shown["names"]["content"] == "../../etc/passwd"  # shown, never a path:
         folder = data / "jobs" / job_id
         assert sorted(p.name for p in folder.iterdir() if p.suffix in (".png", ".jpg")) == [
-            "content.png", "preview.png", "result.png", "style_0.jpg", "style_1.png",
-        ]  # fmt: skip
+            "content.png",
+            "preview.png",
+            "result.png",
+            "style_0.jpg",
+            "style_1.png",
+        ]
         assert list(folder.glob("lightning_logs/version_0/events.out.tfevents.*")), "TensorBoard logs as the CLI's"
         assert list(folder.glob("lightning_logs/version_0/checkpoints/*.ckpt"))
         result = client.get(f"/api/jobs/{job_id}/result")
@@ -260,12 +267,68 @@ def test_the_server_files_are_short_say_their_job_and_the_core_never_imports_the
     import ast
 
     from tests.conftest import REPO
-    from tests.test_package import FILE_LINES, imports_of
+    from tests.test_package import FILE_LINES, FILE_STATEMENTS, imports_of, statements
 
     for path in sorted((REPO / "nst_lightning" / "serve").glob("*.py")):
         lines = path.read_text().splitlines()
         assert len(lines) <= FILE_LINES, f"{path.name} has {len(lines)} lines (at most {FILE_LINES})"
+        assert statements(path.read_text()) <= FILE_STATEMENTS, f"{path.name} has too many statements"
         assert ast.get_docstring(ast.parse(path.read_text())), f"{path.name} has no docstring saying its job"
-    for path in (REPO / "nst_lightning").glob("*.py"):
+    for path in (REPO / "nst_lightning").rglob("*.py"):
         serve = {name for name in imports_of(path) if name.startswith("nst_lightning.serve")}
-        assert not serve or path.name == "main.py", f"{path.name} imports {serve}"
+        inside = path.is_relative_to(REPO / "nst_lightning" / "serve")
+        assert not serve or inside or path.name == "main.py", f"{path} imports {serve}"
+
+
+def test_serve_on_every_interface_prints_addresses_a_browser_opens_and_file_routes_answer_head(tmp_path):
+    import httpx
+
+    from nst_lightning.serve.jobs import JOB_ID_LENGTH
+    from tests.serving import Server, upload_files
+
+    server = Server(tmp_path / "d", tmp_path / "log", args=["--host", "0.0.0.0"])
+    try:
+        line = server.first_line()
+        assert line.startswith(f"nst-lightning: serving on http://localhost:{server.port}/ ("), line + server.stderr()
+        assert "0.0.0.0" not in line, line
+        wait_for(server.answers, 60, "the server to answer")
+        job_id = server.post(upload_files(tmp_path)).json()["id"]
+        wait_for(lambda: server.job(job_id)["state"] in ("done", "failed"), 120, "the job to finish")
+        assert server.job(job_id)["state"] == "done", server.job(job_id)
+        for path in ("result", "result?partial=true", "preview", "inputs/content", "inputs/style0"):
+            got = httpx.get(f"{server.url}/api/jobs/{job_id}/{path}", timeout=30)
+            head = httpx.head(f"{server.url}/api/jobs/{job_id}/{path}", timeout=30)
+            assert head.status_code == 200 and head.content == b"", (path, head.status_code)
+            assert head.headers["content-type"] == got.headers["content-type"], path
+            assert int(head.headers["content-length"]) == len(got.content), path
+        assert httpx.head(f"{server.url}/api/jobs/{'0' * JOB_ID_LENGTH}/result", timeout=30).status_code == 404
+        assert httpx.head(f"{server.url}/", timeout=30).status_code == 200
+    finally:
+        server.stop()
+    assert "Traceback" not in server.stderr()
+
+
+def test_empty_settings_mean_the_defaults_and_a_zero_weight_says_what_it_makes(tmp_path, uploads):
+    base = {"data": {"image_size": 32}, "model": {"weights": "random", "init": "noise"}}
+    with TestClient(create_app(tmp_path / "data")) as client:
+        empty = {**base, "trainer": {"max_steps": ""}, "model": {**base["model"], "style_weight": "", "seed": None}}
+        response = post_job(client, uploads, empty)
+        assert response.status_code == 201, response.text
+        first = response.json()["id"]
+        client.post(f"/api/jobs/{first}/cancel")
+        shown = job(client, first)
+        assert shown["settings"]["model.style_weight"] == 1e6 and shown["max_steps"] == 300, shown["settings"]
+        assert shown["note"] is None
+        for weight, says in (
+            ("style_weight", "the photo as the network sees it, with no style"),
+            ("content_weight", "none of the photo's layout"),
+        ):
+            zero = {**base, "trainer": {"max_steps": 2}, "model": {**base["model"], weight: 0}}
+            response = post_job(client, uploads, zero)
+            assert response.status_code == 201, response.text
+            note = job(client, response.json()["id"])["note"]
+            assert note.startswith(f"model.{weight} is 0: ") and says in note, note
+        both = {**base, "model": {**base["model"], "style_weight": 0, "content_weight": 0}}
+        response = post_job(client, uploads, both)
+        assert response.status_code == 422 and "both 0" in response.json()["detail"], response.text
+        assert response.json()["key"] == "model.content_weight"

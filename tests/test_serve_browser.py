@@ -59,26 +59,69 @@ def server(tmp_path, monkeypatch):
     thread.join(timeout=180)
 
 
+def jobs_of(page) -> list[dict]:
+    """The server's jobs, newest first, as the page's own API call sees them."""
+    return page.evaluate("api('/jobs')")
+
+
+def shown_job(page) -> str | None:
+    return page.get_attribute("#live", "data-job")
+
+
+def no_broken_images(page) -> None:
+    """Every image the page shows has loaded (no broken-image icon): the hidden ones aside."""
+    broken = page.evaluate("""Array.from(document.images).filter((img) => img.offsetParent !== null
+        && img.complete && img.naturalWidth === 0).map((img) => img.outerHTML)""")
+    assert broken == [], broken
+
+
+def no_sideways_scroll(page) -> None:
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), "the page scrolls sideways"
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: apt-get install chromium (.ci/run does)")
 def test_the_page_uploads_shows_the_image_forming_and_downloads_the_result(server, tmp_path):
     url, weights = server
+    content, style = SAMPLES / "content_tubingen.jpg", SAMPLES / "style_starry_night.jpg"
     with playwright.sync_playwright() as driver:
         browser = driver.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 820}, accept_downloads=True)
             page.goto(url)
             page.wait_for_function("document.querySelector('#weights').options.length > 0")
-            page.set_input_files("#content", str(SAMPLES / "content_tubingen.jpg"))
-            page.set_input_files("#style", str(SAMPLES / "style_starry_night.jpg"))
+            no_broken_images(page)  # the empty preview is a placeholder, not a broken image
+
+            # A mistake is one banner, wrapped inside the page, that goes once it is fixed.
+            page.click("#start")
+            assert "Pick a content image" in page.inner_text("#message")
+            assert page.get_attribute("#content-drop", "aria-invalid") == "true"
+            page.evaluate("say('a long error: ' + 'x'.repeat(600) + ' ' + '/a/b/'.repeat(80))")
+            no_sideways_scroll(page)
+            # Tab reaches each drop zone's file input, and Enter or Space opens the file chooser.
+            page.focus("header a")
+            for key, chosen in (("Enter", content), (" ", style)):
+                page.keyboard.press("Tab")
+                assert page.evaluate("document.activeElement.closest('.drop') !== null"), "Tab reaches the zone"
+                with page.expect_file_chooser() as chooser:
+                    page.wait_for_timeout(300)  # Playwright's interception of the chooser is set up by then
+                    page.keyboard.press(key)
+                chooser.value.set_files(str(chosen))
+                assert page.is_hidden("#message"), "the banner goes once the image is chosen"
+            assert page.locator("#content-thumbs img").count() == 1 and page.locator("#style-thumbs img").count() == 1
+
             page.fill("#size", "64")
-            page.fill("#steps", "60" if weights else "20")
+            page.fill("#steps", "60" if weights else "100")
             if weights:
-                page.select_option("#backbone", "vgg16")
                 page.select_option("#weights", weights)
+                page.select_option("#backbone", "vgg16")
                 page.fill("#style-weight", "1e5")
             else:
                 page.select_option("#weights", "random")
+                page.fill("#style-weight", "")  # empty: the default, not 0
             page.click("#start")
+            page.wait_for_function("document.querySelector('#live').dataset.job")
+            first = shown_job(page)
+            assert jobs_of(page)[0]["settings"]["model.style_weight"] == (1e5 if weights else 1e6)
 
             page.wait_for_function("Number(document.querySelector('#preview').dataset.step) > 0", timeout=120_000)
             seen = int(page.get_attribute("#preview", "data-step"))
@@ -86,6 +129,19 @@ def test_the_page_uploads_shows_the_image_forming_and_downloads_the_result(serve
                 f"Number(document.querySelector('#preview').dataset.step) > {seen}", timeout=120_000
             )  # the image changes while the run goes on
             page.wait_for_function("document.querySelector('#preview').naturalWidth == 64")  # it loads
+
+            # A second job queues behind the first, which stays in the panel.
+            page.fill("#steps", "400")
+            page.click("#start")
+            page.wait_for_function("document.querySelectorAll('#gallery .card').length == 2")
+            second = jobs_of(page)[0]["id"]
+            assert second != first and shown_job(page) == first
+            # A reload keeps the settings, the images chosen and the running job in the panel.
+            page.reload()
+            page.wait_for_function("document.querySelectorAll('#style-thumbs img').length == 1")
+            assert page.input_value("#size") == "64" and page.input_value("#steps") == "400"
+            assert page.locator("#content-thumbs img").count() == 1
+            page.wait_for_function(f"document.querySelector('#live').dataset.job == '{first}'")
             screenshot = os.environ.get("NST_SCREENSHOT")
             if screenshot:
                 page.wait_for_function("Number(document.querySelector('#preview').dataset.step) >= 20", timeout=120_000)
@@ -93,20 +149,38 @@ def test_the_page_uploads_shows_the_image_forming_and_downloads_the_result(serve
                 Image.open(tmp_path / "page.png").convert("RGB").quantize(128).save(screenshot, optimize=True)
             assert "step" in page.inner_text("#stats")
 
-            link = page.wait_for_selector("#gallery a.download", timeout=180_000)
+            # The first one done, the panel follows the queue to the second.
+            link = page.wait_for_selector(f"#gallery .card[data-id='{first}'] a.download", timeout=180_000)
             with page.expect_download() as download:
                 link.click()
+            assert download.value.suggested_filename == "content_tubingen-x-style_starry_night.png"
             saved = tmp_path / "downloaded.png"
             download.value.save_as(saved)
             assert max(Image.open(saved).size) == 64
-            assert page.inner_text("#live-state") == "done"
+            page.wait_for_function(f"document.querySelector('#live').dataset.job == '{second}'", timeout=60_000)
+            page.wait_for_function("Number(document.querySelector('#preview').dataset.step) > 0", timeout=120_000)
+            page.click("#cancel")
+            page.wait_for_function("document.querySelector('#live-state').textContent == 'cancelled'", timeout=60_000)
+            # A cancelled job's last image can be downloaded, named after its images.
+            link = page.wait_for_selector(f"#gallery .card[data-id='{second}'] a.download", timeout=30_000)
+            with page.expect_download() as download:
+                link.click()
+            assert download.value.suggested_filename == "content_tubingen-x-style_starry_night-partial.png"
+            page.wait_for_timeout(500)
+            no_broken_images(page)
+            no_sideways_scroll(page)
 
             # "Run again" puts that job's images and settings back in the form.
             page.reload()
             page.wait_for_function("document.querySelector('#weights').options.length > 0")
             page.fill("#size", "512")
-            page.click("#gallery .card button:has-text('Run again')")
-            page.wait_for_function("document.querySelectorAll('#style-thumbs img').length == 1")
-            assert page.input_value("#size") == "64" and page.locator("#content-thumbs img").count() == 1
+            page.click(f"#gallery .card[data-id='{first}'] button:has-text('Run again')")
+            page.wait_for_function("document.querySelector('#size').value == '64'")
+            assert page.locator("#content-thumbs img").count() == 1
+
+            # The API link works offline: the routes, read from /openapi.json.
+            page.click("header a:has-text('API')")
+            page.wait_for_function("document.querySelectorAll('#routes tbody tr').length > 5")
+            assert "/api/jobs/{job_id}/result" in page.inner_text("#routes")
         finally:
             browser.close()

@@ -227,7 +227,7 @@ def test_the_serve_command_on_a_read_only_data_folder_is_one_line(tmp_path):
     probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip("needs unshare -m (a mount namespace) to mount a folder read-only")
-    readonly = f"mount --bind {data} {data} && mount -o remount,bind,ro {data} && exec \"$@\""
+    readonly = f'mount --bind {data} {data} && mount -o remount,bind,ro {data} && exec "$@"'
     server = Server(data, tmp_path / "err", wrap=["unshare", "-m", "sh", "-c", readonly, "sh"])
     assert server.process.wait(60) == 1 and server.first_line() == "", server.stderr()
     lines = server.stderr().splitlines()

@@ -24,7 +24,7 @@ with warnings.catch_warnings():  # Starlette 1.x: httpx in its test client is de
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient  # noqa: E402
 
-from nst_lightning.backbones import load_backbone  # noqa: E402
+from nst_lightning.core.backbones import load_backbone  # noqa: E402
 from nst_lightning.serve import app as app_module  # noqa: E402
 from nst_lightning.serve import settings as settings_module  # noqa: E402
 from nst_lightning.serve.app import create_app  # noqa: E402
@@ -155,8 +155,9 @@ def test_the_parsed_settings_are_compared_with_the_servers_own(tmp_path, images,
         ('{"model": {"tv_weight": Infinity}}', "settings", "Infinity is not a JSON number"),
     ],
 )
-def test_values_that_crashed_the_handler_are_a_422_naming_the_key(tmp_path, uploads, no_runs, settings_text, key,
-                                                                  message):  # fmt: skip
+def test_values_that_crashed_the_handler_are_a_422_naming_the_key(
+    tmp_path, uploads, no_runs, settings_text, key, message
+):
     with TestClient(create_app(tmp_path / "data"), raise_server_exceptions=False) as client:
         files = [("content", ("c.png", uploads["content"], "image/png")), ("style", ("s.jpg", uploads["style"]))]
         response = client.post("/api/jobs", files=files, data={"settings": settings_text})
@@ -190,8 +191,10 @@ def test_the_scrubber_keeps_names_and_drops_folders(tmp_path):
     data = tmp_path / "data"
     folder = data / "jobs" / ("a" * 32)
     scrubber = Scrubber(data, {"random": "random", "v.pth": str(tmp_path / "w" / "v.pth")})
-    text = (f"cannot write {folder}/result.png: disk full; weights {tmp_path}/w/v.pth; store {data}/jobs.sqlite3; "
-            "also /etc/passwd and ./here/x.png, see http://127.0.0.1:8000/api/jobs, 3/4 done")  # fmt: skip
+    text = (
+        f"cannot write {folder}/result.png: disk full; weights {tmp_path}/w/v.pth; store {data}/jobs.sqlite3; "
+        "also /etc/passwd and ./here/x.png, see http://127.0.0.1:8000/api/jobs, 3/4 done"
+    )
     assert scrubber.scrub(text, folder) == (
         "cannot write result.png: disk full; weights v.pth; store <data>/jobs.sqlite3; "
         "also passwd and ./here/x.png, see http://127.0.0.1:8000/api/jobs, 3/4 done"
@@ -210,7 +213,7 @@ def post_into(answers: list, client: TestClient, uploads: dict) -> None:
 
 
 def test_uploads_are_decoded_a_few_at_a_time_and_a_jpeg_at_the_jobs_scale(tmp_path, uploads, no_runs, monkeypatch):
-    import nst_lightning.image_io as image_io
+    import nst_lightning.io.image_io as image_io
 
     decoding, most, sizes = [0], [0], []
     lock = threading.Lock()
@@ -235,8 +238,9 @@ def test_uploads_are_decoded_a_few_at_a_time_and_a_jpeg_at_the_jobs_scale(tmp_pa
         monkeypatch.setattr(app_module, "decode_slots", lambda slots=slots: slots)
         most[0], answers = 0, []
         with TestClient(create_app(tmp_path / f"data{slots}")) as client:
-            threads = [threading.Thread(target=post_into, args=(answers, client, dict(uploads, content=big)))
-                       for _ in range(4)]  # fmt: skip
+            threads = [
+                threading.Thread(target=post_into, args=(answers, client, dict(uploads, content=big))) for _ in range(4)
+            ]
             for thread in threads:
                 thread.start()
             for thread in threads:
@@ -264,8 +268,20 @@ def served(tmp_path_factory):
     """The real ``serve`` command on a free port, uploads limited to 1 MB, answering to nst.example too."""
     port = free_port()
     data = tmp_path_factory.mktemp("served") / "d"
-    command = [sys.executable, "-m", "nst_lightning", "serve", "--port", str(port), "--data", str(data),
-               "--max-upload-mb", "1", "--allowed-host", "nst.example"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "nst_lightning",
+        "serve",
+        "--port",
+        str(port),
+        "--data",
+        str(data),
+        "--max-upload-mb",
+        "1",
+        "--allowed-host",
+        "nst.example",
+    ]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = server.stdout.readline()
@@ -294,9 +310,14 @@ def request(port: int, method: str, path: str, headers: dict | None = None, body
 
 def test_other_sites_and_unknown_host_names_are_refused(served):
     port = served
-    assert request(port, "GET", "/api/jobs", {"Host": "evil.example"}) == (403, {
-        "detail": "this server does not answer to the name 'evil.example': start it with --allowed-host evil.example "
-                  "to allow it", "key": "host"})  # fmt: skip
+    assert request(port, "GET", "/api/jobs", {"Host": "evil.example"}) == (
+        403,
+        {
+            "detail": "this server does not answer to the name 'evil.example': start it with "
+            "--allowed-host evil.example to allow it",
+            "key": "host",
+        },
+    )
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "nst.example", "10.1.2.3:8000"):
         assert request(port, "GET", "/api/options", {"Host": host})[0] == 200, host
     form = {"Content-Type": "multipart/form-data; boundary=x"}
@@ -315,8 +336,10 @@ def test_a_chunked_body_is_stopped_at_the_limit(served):
     """1 MB images: a request may hold 9 images and the form, 10 MB; a 200 MB chunked body is cut off there."""
     port = served
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(f"POST /api/jobs HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nTransfer-Encoding: chunked\r\n"
-                     "Content-Type: multipart/form-data; boundary=x\r\n\r\n".encode())  # fmt: skip
+        sock.sendall(
+            f"POST /api/jobs HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nTransfer-Encoding: chunked\r\n"
+            "Content-Type: multipart/form-data; boundary=x\r\n\r\n".encode()
+        )
         part = b'--x\r\nContent-Disposition: form-data; name="content"; filename="c.png"\r\n\r\n'
         chunk = b"\0" * (1 << 20)
         sent, answer = 0, b""
@@ -354,11 +377,18 @@ SAMPLES = Path(__file__).resolve().parents[1] / "nst_lightning" / "samples"
         (["serve", "--max-upload-mb", "-1"], 2, "--max-upload-mb: '-1' is not a size"),
         (["c.png", "s.png", "--seed", "-1"], 1, "--seed must be a whole number from 0 to 4294967295"),
         (["c.png", "s.png", "--seed", "4294967296"], 1, "--seed must be a whole number from 0 to 4294967295"),
-        (["fit", f"--data.content={SAMPLES}/content_tubingen.jpg", f"--data.style={SAMPLES}/style_starry_night.jpg",
-          "--seed_everything=-5"], 2,
-         "seed_everything must be a whole number from 0 to 4294967295"),
+        (
+            [
+                "fit",
+                f"--data.content={SAMPLES}/content_tubingen.jpg",
+                f"--data.style={SAMPLES}/style_starry_night.jpg",
+                "--seed_everything=-5",
+            ],
+            2,
+            "seed_everything must be a whole number from 0 to 4294967295",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_command_line_values_are_one_line(tmp_path, monkeypatch, capsys, args, status, message):
     from nst_lightning.main import cli_main
 

@@ -17,7 +17,7 @@ with warnings.catch_warnings():  # Starlette 1.x: httpx in its test client is de
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient  # noqa: E402
 
-from nst_lightning.backbones import check_cached_hash, load_backbone  # noqa: E402
+from nst_lightning.core.backbones import check_cached_hash, load_backbone  # noqa: E402
 from nst_lightning.serve.app import create_app  # noqa: E402
 from tests.conftest import make_image  # noqa: E402
 
@@ -64,7 +64,7 @@ def test_imagenet_is_offered_for_the_backbones_whose_download_is_cached_and_whol
     (cached / "vgg19-dcbb9e9d.pth").write_bytes(b"")
     (cached / "vgg16-397923af.pth").write_bytes(b"a damaged download")
     monkeypatch.setattr(
-        "nst_lightning.backbones.check_cached_hash",
+        "nst_lightning.core.backbones.check_cached_hash",
         lambda path: None if path.name.startswith("vgg19") else check_cached_hash(path),
     )  # the empty file stands in for the download; the other is checked as it would be
     app = create_app(server["data"], weights_dir=server["weights"])
@@ -77,13 +77,16 @@ def test_imagenet_is_offered_for_the_backbones_whose_download_is_cached_and_whol
 @pytest.mark.parametrize(
     ("model", "key", "message"),
     [
-        ({"weights": "sixteen.pth", "backbone": "vgg19"}, "model.backbone", "'vgg19' does not go with the weights "
-         "sixteen.pth: choose vgg16"),
+        (
+            {"weights": "sixteen.pth", "backbone": "vgg19"},
+            "model.backbone",
+            "'vgg19' does not go with the weights sixteen.pth: choose vgg16",
+        ),
         ({"weights": "random", "backbone": "alexnet"}, "model.backbone", "choose vgg19 or vgg16 or resnet18"),
         ({}, "model.weights", "is not offered here: choose sixteen.pth, random"),
         ({"weights": "linear.pth"}, "model.weights", "not offered here"),
     ],
-)  # fmt: skip
+)
 def test_weights_and_backbone_that_cannot_go_together_are_a_422(server, model, key, message):
     with TestClient(create_app(server["data"], weights_dir=server["weights"])) as client:
         response = post(client, server, {**TINY, "model": {**TINY["model"], **model}})

@@ -32,17 +32,25 @@ def run(tmp_path, *args: str) -> list[float]:
     cli_main(
         [
             "fit",
-            "--config", str(REPO / "configs" / "default.yaml"),
+            "--config",
+            str(REPO / "configs" / "default.yaml"),
             *args,
-            "--model.backbone", "vgg16",
-            "--model.weights", str(TRAINED),
-            "--trainer.accelerator", "cpu",
-            "--trainer.default_root_dir", str(tmp_path),
-            "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false",
-            "--output.path", str(tmp_path / "out.png"),
+            "--model.backbone",
+            "vgg16",
+            "--model.weights",
+            str(TRAINED),
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+            "--output.path",
+            str(tmp_path / "out.png"),
         ]
-    )  # fmt: skip
+    )
     events = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0"), size_guidance={"scalars": 0})
     events.Reload()
     return [event.value for event in events.Scalars("loss")]
@@ -70,16 +78,17 @@ def test_the_normalised_network_is_recorded_in_the_saved_config(tmp_path):
 
 # The first steps of every shipped config, shrunk (resnet18.yaml needs ResNet weights, not this file).
 OVERLAYS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if p.name not in ("batch.yaml", "resnet18.yaml"))
-SHRINK = {"multiscale.yaml": ["--model.scales", "[64, 96]", "--model.scale_steps", "[8, 8]"]}
+SHRINK = {
+    "multiscale.yaml": ["--model.scales", "[64, 96]", "--model.scale_steps", "[8, 8]"],
+    "print.yaml": ["--model.scales", "[64, 96]", "--model.scale_steps", "[8, 8]", "--model.tile_size", "64"],
+}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_shipped_config_starts_safely_on_a_trained_network(tmp_path, overlay):
     extra = [] if overlay == "default.yaml" else ["--config", str(REPO / "configs" / overlay)]
     try:
-        losses = run(
-            tmp_path, *extra, "--data.image_size", "96", "--trainer.max_steps", "16", *SHRINK.get(overlay, [])
-        )
+        losses = run(tmp_path, *extra, "--data.image_size", "96", "--trainer.max_steps", "16", *SHRINK.get(overlay, []))
     except (NumericalError, SystemExit) as err:
         pytest.fail(f"{overlay} failed on the trained network: {err}")
     assert all(np.isfinite(losses)) and all(loss >= 0 for loss in losses), losses

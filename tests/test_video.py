@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 from fractions import Fraction
@@ -18,7 +19,7 @@ import torch
 av = pytest.importorskip("av")
 pytest.importorskip("cv2")
 
-from nst_lightning.losses import temporal_loss  # noqa: E402
+from nst_lightning.core.losses import temporal_loss  # noqa: E402
 from nst_lightning.main import cli_main  # noqa: E402
 from nst_lightning.video.flow import flicker, reliability, warp  # noqa: E402
 from nst_lightning.video.media import probe  # noqa: E402
@@ -79,9 +80,16 @@ def read_frames(folder: Path) -> list[np.ndarray]:
 
 def pan_flicker(frames: list[np.ndarray]) -> float:
     """Mean |frame t - frame t-1 moved by the pan| over the columns both see (the motion is known)."""
-    values = [np.abs(b[:, : WIDTH - SHIFT].astype(float) - a[:, SHIFT:].astype(float)).mean()
-              for a, b in zip(frames, frames[1:], strict=False)]  # fmt: skip
+    values = [
+        np.abs(b[:, : WIDTH - SHIFT].astype(float) - a[:, SHIFT:].astype(float)).mean()
+        for a, b in zip(frames, frames[1:], strict=False)
+    ]
     return float(np.mean(values))
+
+
+def said(err: str) -> list[str]:
+    """The lines of stderr besides the random weights' warning and the progress (a line a frame off a terminal)."""
+    return [line for line in err.splitlines() if "weights is 'random'" not in line and not line.startswith("frame ")]
 
 
 @pytest.fixture(autouse=True)
@@ -100,27 +108,52 @@ def style(tmp_path_factory) -> Path:
     return make_image(tmp_path_factory.mktemp("style") / "style.jpg", 32, 32, seed=2)
 
 
-def test_output_keeps_frame_count_size_rate_and_audio(tmp_path, clip, style, capsys):
+@pytest.fixture
+def usual_umask():
+    before = os.umask(0o022)
+    yield
+    os.umask(before)
+
+
+def test_output_keeps_frame_count_size_rate_and_audio(tmp_path, clip, style, capsys, usual_umask):
     out = tmp_path / "styled.mp4"
     cli_main(["video", str(clip), str(style), "-o", str(out), *FAST])
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644, "an image's permissions, not a temporary file's 0600"
+    captured = capsys.readouterr()
+    # stderr is no terminal here: one line a frame instead of a bar.
+    progress = [line for line in captured.err.splitlines() if line.startswith("frame ")]
+    assert [line.split(":")[0] for line in progress] == [f"frame {i}/{FRAMES}" for i in range(1, FRAMES + 1)]
+    assert progress[0].endswith(" s") and "6 iterations" in progress[0] and "3 iterations" in progress[1]
     info = probe(out)
     assert (info.frames, info.width, info.height, info.rate) == (FRAMES, WIDTH, HEIGHT, Fraction(RATE))
     assert info.audio == "aac" and audio_packets(out) == audio_packets(clip), "the audio is copied unchanged"
     assert not (tmp_path / "styled.mp4.parts").exists(), "the work folder goes once OUT is written"
     assert not list(tmp_path.glob(".styled*")), "no temporary file left"
-    line = capsys.readouterr().out.strip().splitlines()[-1]
+    line = captured.out.strip().splitlines()[-1]
     assert line.startswith(f"done: styled.mp4 ({FRAMES} frames")
-    # One TensorBoard run per frame; the temporal term is logged from the second frame on.
+    # One TensorBoard run for the video: every frame's steps after the frames before, the temporal term from the
+    # second frame on, each finished frame's number and image at its last step.
+    assert f"logs: tensorboard --logdir {Path('lightning_logs') / 'video' / 'styled.mp4' / 'version_0'}" in line
+    runs = tmp_path / "lightning_logs" / "video" / "styled.mp4"
+    assert [p.name for p in runs.iterdir()] == ["version_0"]
+    scalars, images = tensorboard_run(runs / "version_0")
+    first, later = 6, 3
+    total = first + later * (FRAMES - 1)
+    assert [step for step, _ in scalars["loss"]] == list(range(total))
+    assert [step for step, _ in scalars["loss/temporal"]] == list(range(first, total))
+    ends = [first - 1 + later * i for i in range(FRAMES)]
+    assert scalars["frame"] == [(end, float(i + 1)) for i, end in enumerate(ends)]
+    assert images["frame"] == ends
+
+
+def tensorboard_run(folder: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list[int]]]:
+    """A TensorBoard run's scalars ((step, value) by tag) and images (steps by tag), from all its event files."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    runs = tmp_path / "lightning_logs" / "video" / "styled.mp4"
-    assert sorted(p.name for p in runs.iterdir()) == [f"frame_{i:06d}" for i in range(1, FRAMES + 1)]
-    tags = []
-    for frame in ("frame_000001", "frame_000002"):
-        acc = EventAccumulator(str(runs / frame))
-        acc.Reload()
-        tags.append(acc.Tags()["scalars"])
-    assert "loss/temporal" not in tags[0] and "loss/temporal" in tags[1]
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return scalars, {tag: [e.step for e in acc.Images(tag)] for tag in acc.Tags()["images"]}
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +167,11 @@ def temporal_frames(tmp_path_factory, clip, style) -> list[np.ndarray]:
     return read_frames(out)
 
 
-def test_temporal_mode_flickers_less_than_independent_frames(tmp_path, clip, style, temporal_frames):
+def test_temporal_mode_flickers_less_than_independent_frames(tmp_path, clip, style, temporal_frames, usual_umask):
     cli_main(["video", str(clip), str(style), "-o", str(tmp_path / "independent"), *FAST, "--independent"])
+    folder = tmp_path / "independent"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755, "a folder's permissions, not a temporary folder's 0700"
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o644}
     independent, temporal = read_frames(tmp_path / "independent"), temporal_frames
     assert len(independent) == len(temporal) == FRAMES and independent[0].shape == (HEIGHT, WIDTH, 3)
     assert np.array_equal(independent[0], temporal[0]), "the first frame is the same cold run"
@@ -147,8 +183,13 @@ def test_killed_run_resumes_at_the_next_frame_and_gives_the_same_frames(tmp_path
     # The command in a process of its own, killed (SIGKILL: no handler runs) once frame 2 is written.
     out, parts = tmp_path / "killed", tmp_path / "killed.parts"
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    child = subprocess.Popen([sys.executable, str(REPO / "cli.py"), *args, "-o", str(out)], cwd=tmp_path, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    child = subprocess.Popen(
+        [sys.executable, str(REPO / "cli.py"), *args, "-o", str(out)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for(lambda: (parts / "stylised" / "000002.png").exists(), what="frame 2", timeout=120)
         child.send_signal(signal.SIGKILL)
@@ -168,11 +209,23 @@ def test_killed_run_resumes_at_the_next_frame_and_gives_the_same_frames(tmp_path
     resumed, whole = read_frames(out), temporal_frames
     assert len(resumed) == FRAMES
     assert all(np.array_equal(a, b) for a, b in zip(resumed, whole, strict=True)), "the same frames as one run"
+    # The resumed run logs on into the killed run's TensorBoard run, its frames' steps after those done before
+    # (what the killed process had not flushed to its event file when SIGKILL came is lost).
+    runs = tmp_path / "lightning_logs" / "video" / "killed"
+    assert [p.name for p in runs.iterdir()] == ["version_0"]
+    scalars, _ = tensorboard_run(runs / "version_0")
+    first = 6 + 3 * (k - 1)  # frame k + 1's first step
+    assert {step for step, _ in scalars["loss"]} >= set(range(first, 6 + 3 * (FRAMES - 1)))
+    assert [(step, int(value)) for step, value in scalars["frame"] if value > k] == [
+        (first + 2 + 3 * i, k + 1 + i) for i in range(FRAMES - k)
+    ]
+    assert 1 in [int(value) for _, value in scalars["frame"]], "the killed process's first frame"
 
 
-def test_sigterm_inside_a_frame_is_one_line_exit_143_and_keeps_the_frames_done(tmp_path, clip, style, capsys,
-                                                                               monkeypatch):
-    from nst_lightning.module import StyleTransfer
+def test_sigterm_inside_a_frame_is_one_line_exit_143_and_keeps_the_frames_done(
+    tmp_path, clip, style, capsys, monkeypatch
+):
+    from nst_lightning.run.module import StyleTransfer
 
     original, steps = StyleTransfer.training_step, []
 
@@ -186,7 +239,7 @@ def test_sigterm_inside_a_frame_is_one_line_exit_143_and_keeps_the_frames_done(t
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as stopped:
         cli_main(["video", str(clip), str(style), "-o", str(tmp_path / "out.mp4"), *FAST])
-    lines = [line for line in capsys.readouterr().err.splitlines() if "weights is 'random'" not in line]
+    lines = said(capsys.readouterr().err)
     assert stopped.value.code == 143 and len(lines) == 1, lines
     assert lines[0].startswith("nst-lightning: interrupted: SIGTERM at frame 2 of 6 (frame 1 kept in")
     stylised = tmp_path / "out.mp4.parts" / "stylised"
@@ -256,12 +309,12 @@ def test_bad_output_is_refused_before_any_work(tmp_path, clip, style, capsys):
 
 
 def test_a_frame_size_over_the_memory_estimate_names_a_size_that_fits(tmp_path, clip, style, capsys, monkeypatch):
-    from nst_lightning import runtime
+    from nst_lightning.run import runtime
 
     monkeypatch.setattr(runtime, "available_bytes", lambda device="cpu": 2 * 2**20)
     with pytest.raises(SystemExit) as stopped:
         cli_main(["video", str(clip), str(style), "-o", str(tmp_path / "out.mp4"), *FAST])
-    lines = [line for line in capsys.readouterr().err.splitlines() if "weights is 'random'" not in line]
+    lines = said(capsys.readouterr().err)
     assert stopped.value.code == 1 and len(lines) == 1 and lines[0].startswith("nst-lightning: error: a 48x32 px run")
     assert "GiB" in lines[0] and "data.image_size" not in lines[0]
     assert not (tmp_path / "out.mp4").exists() and not (tmp_path / "out.mp4.parts").exists()
@@ -277,7 +330,7 @@ def test_temporal_loss_is_the_masked_mean_squared_difference():
 def test_objective_adds_the_temporal_term_only_when_set():
     module = make_module(content_layers=["relu2_1"], style_layers=["relu1_1"])
     content, style = torch.rand(1, 3, 24, 24), torch.rand(1, 3, 24, 24)
-    from nst_lightning.data import Inputs
+    from nst_lightning.core.inputs import Inputs
 
     objective, image = module.objective, torch.rand(1, 3, 24, 24)
     with torch.no_grad():
@@ -319,16 +372,23 @@ def test_flicker_is_zero_for_a_frame_that_moved_with_the_flow():
     assert flicker(previous, previous, backward, mask) > 10
 
 
-def test_two_devices_split_the_frames_into_segments_the_first_as_one_run(tmp_path, clip, style, capsys,
-                                                                          temporal_frames):
+def test_two_devices_split_the_frames_into_segments_the_first_as_one_run(
+    tmp_path, clip, style, capsys, temporal_frames
+):
     """The real command on 2 CPU processes (Lightning's launcher re-runs it): frames 1-3 and 4-6, each segment's
     first frame cold; the video keeps the clip's frames, size and rate; the first segment is the one-process
     run's frames 1-3; the work folder records the segments."""
     out = tmp_path / "styled.mp4"
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
     args = ["video", str(clip), str(style), "-o", str(out), *FAST, "--keep-frames"]
-    result = subprocess.run([sys.executable, str(REPO / "cli.py"), *args, "--devices", "2"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(REPO / "cli.py"), *args, "--devices", "2"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"({FRAMES} frames, 2 segments on 2 processes" in result.stdout
     info = probe(out)
@@ -359,8 +419,14 @@ def test_two_devices_split_the_frames_into_segments_the_first_as_one_run(tmp_pat
         (stylised / f"{name}.png").unlink()
         (stylised / f"{name}.json").unlink()
     kept = {n: (stylised / f"{n}.png").stat().st_mtime_ns for n in ("000001", "000002", "000004", "000005")}
-    result = subprocess.run([sys.executable, str(REPO / "cli.py"), *args, "--devices", "2", "--overwrite"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(REPO / "cli.py"), *args, "--devices", "2", "--overwrite"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming at frame 3 (segment 1-3 of 6)" in result.stderr and "resuming at frame 6 (segment 4-6 of 6)" in (
         result.stderr
@@ -371,8 +437,10 @@ def test_two_devices_split_the_frames_into_segments_the_first_as_one_run(tmp_pat
     assert all(np.array_equal(a, b) for a, b in zip(again, frames, strict=True)), "the same frames as one run"
 
 
-@pytest.mark.parametrize(("devices", "message"), [("0", "--devices must be at least 1, got 0"),
-                                                  ("7", "--devices 7 is more than the 6 frames")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("devices", "message"),
+    [("0", "--devices must be at least 1, got 0"), ("7", "--devices 7 is more than the 6 frames")],
+)
 def test_bad_devices_is_one_line_and_writes_nothing(tmp_path, clip, style, capsys, devices, message):
     out = tmp_path / "out.mp4"
     with pytest.raises(SystemExit) as stopped:
@@ -385,7 +453,7 @@ def test_bad_devices_is_one_line_and_writes_nothing(tmp_path, clip, style, capsy
 def test_devices_above_one_needs_the_real_command_line(tmp_path, clip, style, capsys):
     with pytest.raises(SystemExit) as stopped:
         cli_main(["video", str(clip), str(style), "-o", str(tmp_path / "out.mp4"), *FAST, "--devices", "2"])
-    lines = [line for line in capsys.readouterr().err.splitlines() if "weights is 'random'" not in line]
+    lines = said(capsys.readouterr().err)
     assert stopped.value.code == 1 and len(lines) == 1 and "re-run the command line" in lines[0], lines
     assert not (tmp_path / "out.mp4.parts").exists()
 
@@ -398,12 +466,42 @@ def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_frames_done(tmp_p
 
     out = tmp_path / "out.mp4"
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    result = subprocess.run([sys.executable, str(REPO / "cli.py"), "video", str(clip), str(style), "-o", str(out),
-                             *FAST], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-                            preexec_fn=small_files)  # fmt: skip
-    lines = [line for line in result.stderr.splitlines() if "weights is 'random'" not in line]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "cli.py"), "video", str(clip), str(style), "-o", str(out), *FAST],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=small_files,
+    )
+    lines = said(result.stderr)
     assert result.returncode == 1 and len(lines) == 1, result.stderr[-3000:]
     assert lines[0].startswith(f"nst-lightning: error: cannot write {out}.parts/flow/000002.npz: File too large")
     assert f"frame 1 is kept in {out}.parts" in lines[0] and "resume at frame 2" in lines[0]
     assert not out.exists() and [p.name for p in (tmp_path / "out.mp4.parts" / "flow").iterdir()] == []
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")], "no half-written file"
+
+
+def test_help_comes_at_once_and_names_the_extra_without_pyav(tmp_path):
+    """PyAV made unimportable: ``video --help`` exits 0 before torch loads, and says what to install."""
+    code = (
+        "import sys; sys.modules['av'] = None\n"
+        "from nst_lightning.main import cli_main\n"
+        "try:\n    cli_main(['video', '--help'])\n"
+        "except SystemExit as stop:\n    print('exit', stop.code, 'torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "usage: nst-lightning video IN STYLE" in result.stdout
+    assert "video needs PyAV and OpenCV (av missing): pip install 'nst-lightning[video]'" in result.stdout
+    assert result.stdout.strip().endswith("exit 0 False"), "torch stays unloaded"
+
+
+def test_a_run_without_the_extra_is_one_line_saying_what_to_install(tmp_path, clip, style, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cv2", None)
+    with pytest.raises(SystemExit) as stopped:
+        cli_main(["video", str(clip), str(style), "-o", str(tmp_path / "out.mp4"), *FAST])
+    err = capsys.readouterr().err.strip()
+    assert stopped.value.code == 1
+    assert err == "nst-lightning: error: video needs PyAV and OpenCV (cv2 missing): pip install 'nst-lightning[video]'"

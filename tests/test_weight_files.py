@@ -14,7 +14,9 @@ import torch
 import torchvision
 import yaml
 
-from nst_lightning.backbones import (
+from nst_lightning.cli.early import expand_shorthands
+from nst_lightning.cli.parsing import StyleTransferArgumentParser
+from nst_lightning.core.backbones import (
     AUTO,
     BACKBONES,
     file_backbone,
@@ -23,11 +25,9 @@ from nst_lightning.backbones import (
     load_backbone,
     resolve_backbone,
 )
-from nst_lightning.early import expand_shorthands
+from nst_lightning.core.features import FeatureExtractor
+from nst_lightning.core.weight_files import recognise
 from nst_lightning.errors import ConfigError, WeightsError
-from nst_lightning.features import FeatureExtractor
-from nst_lightning.parsing import StyleTransferArgumentParser
-from nst_lightning.weight_files import recognise
 from tests.conftest import REPO
 
 TRAINED = REPO.parent / "shared" / "weights" / "vgg16_imagenet_keras.pth"
@@ -61,7 +61,7 @@ def layouts_of(backbone: str) -> dict[str, dict[str, torch.Tensor]]:
         "Caffe names": caffe_names(bare, backbone, "conv{b}_{i}") | {"fc6.weight": torch.zeros(4, 4)},
         "Keras names": caffe_names(bare, backbone, "block{b}_conv{i}"),
         "prefixed Caffe names": {f"features.{k}": v for k, v in caffe_names(bare, backbone, "conv{b}_{i}").items()},
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize("backbone", ["vgg16", "vgg19"])
@@ -131,8 +131,13 @@ def test_a_backbone_the_file_contradicts_is_one_line_naming_both(tmp_path):
 
 def test_fit_and_batch_take_weights_and_backbone_as_shorthands():
     assert expand_shorthands(["fit", "--weights", "w.pth", "--backbone=vgg16", "--model.weights_x", "1"]) == [
-        "fit", "--model.weights", "w.pth", "--model.backbone=vgg16", "--model.weights_x", "1",
-    ]  # fmt: skip
+        "fit",
+        "--model.weights",
+        "w.pth",
+        "--model.backbone=vgg16",
+        "--model.weights_x",
+        "1",
+    ]
 
 
 def test_fit_options_are_never_abbreviated():
@@ -169,10 +174,25 @@ def saved_model_config(tmp_path: Path) -> dict:
 
 def test_fit_with_the_shipped_default_config_and_weights_alone(tmp_path, images, vgg16_file):
     result = run(
-        tmp_path, "fit", "--config", "default", "--weights", str(vgg16_file), "--data.content", str(images["content"]),
-        "--data.style", str(images["style"]), "--data.image_size", "32", "--trainer.max_steps", "1",
-        "--trainer.accelerator", "cpu", "--output.path", "out.png",
-    )  # fmt: skip
+        tmp_path,
+        "fit",
+        "--config",
+        "default",
+        "--weights",
+        str(vgg16_file),
+        "--data.content",
+        str(images["content"]),
+        "--data.style",
+        str(images["style"]),
+        "--data.image_size",
+        "32",
+        "--trainer.max_steps",
+        "1",
+        "--trainer.accelerator",
+        "cpu",
+        "--output.path",
+        "out.png",
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out.png").is_file()
     assert saved_model_config(tmp_path)["backbone"] == "vgg16"  # what was built, so a rerun builds it again

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import shutil
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -19,10 +16,6 @@ from nst_lightning.serve.deps import ApiError, Server, check_token, job_or_404, 
 EVENT_POLL_SECONDS = 0.25
 
 router = APIRouter(prefix="/api", dependencies=[Depends(check_token)])
-
-
-def _event(name: str, data: Any) -> str:
-    return f"event: {name}\ndata: {json.dumps(data)}\n\n"
 
 
 @router.get("/jobs")
@@ -53,38 +46,22 @@ async def job_events(job_id: str, request: Request, state: Server = Depends(serv
     ``preview`` (a new preview image); the stream ends once the job has finished."""
     await run_in_threadpool(job_or_404, state, job_id)
     store = state.store
-    folder = store.folder(job_id)
 
-    async def stream() -> AsyncIterator[str]:
-        current, sent_steps, sent_previews = None, 0, 0
-        while not await request.is_disconnected():
-            job = await run_in_threadpool(store.get, job_id)
-            if job is None:
-                yield _event("state", {"id": job_id, "state": "deleted"})
-                return
-            records = await run_in_threadpool(progress.read_progress, folder)
-            steps = [r for r in records if "step" in r]
-            previews = [r for r in records if "preview" in r]
-            if len(steps) > sent_steps:
-                last = steps[-1]
-                losses = [[r["step"], r.get("loss")] for r in steps[sent_steps:]]
-                yield _event("progress", {
-                    "step": last["step"], "max_steps": last["max_steps"], "loss": last.get("loss"),
-                    "eta_s": progress.eta_seconds(records), "losses": losses,
-                })  # fmt: skip
-                sent_steps = len(steps)
-            if len(previews) > sent_previews:
-                sent_previews = len(previews)
-                yield _event("preview", {"step": previews[-1]["preview"]})
-            if job.state != current:
-                current = job.state
-                yield _event("state", await run_in_threadpool(public, state, job))
-            if job.state in jobs.FINISHED:
-                return
-            await asyncio.sleep(EVENT_POLL_SECONDS)
+    latest: list[jobs.Job] = []  # the job as last read
 
+    async def state_of() -> str | None:
+        job = await run_in_threadpool(store.get, job_id)
+        latest[:] = [job] if job is not None else []
+        return None if job is None else job.state
+
+    async def shown() -> dict[str, Any]:
+        return await run_in_threadpool(public, state, latest[0])
+
+    stream = progress.job_events(
+        job_id, store.folder(job_id), state_of, shown, jobs.FINISHED, request.is_disconnected, EVENT_POLL_SECONDS
+    )
     headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
-    return StreamingResponse(progress.with_keepalive(stream()), media_type="text/event-stream", headers=headers)
+    return StreamingResponse(progress.with_keepalive(stream), media_type="text/event-stream", headers=headers)
 
 
 @router.post("/jobs/{job_id}/cancel")

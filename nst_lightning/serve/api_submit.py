@@ -21,9 +21,9 @@ router = APIRouter(prefix="/api", dependencies=[Depends(check_token)])
 
 def defaults() -> dict[str, Any]:
     """The command line's defaults of the settings the page shows (from the classes' signatures)."""
-    from nst_lightning.cli import TRAINER_DEFAULTS
-    from nst_lightning.data import StyleTransferDataModule
-    from nst_lightning.module import StyleTransfer
+    from nst_lightning.cli.fit import TRAINER_DEFAULTS
+    from nst_lightning.run.data import StyleTransferDataModule
+    from nst_lightning.run.module import StyleTransfer
 
     model = inspect.signature(StyleTransfer.__init__).parameters
     data = inspect.signature(StyleTransferDataModule.__init__).parameters
@@ -44,8 +44,8 @@ def _refuse_constant(name: str) -> None:
 @router.get("/options")
 def options(state: Server = Depends(server)) -> dict[str, Any]:
     """What a job may choose: backbones, weights, colour preservation, and the defaults."""
-    from nst_lightning.backbones import BACKBONES
-    from nst_lightning.checks import PreserveColor
+    from nst_lightning.core.backbones import BACKBONES
+    from nst_lightning.names import PreserveColor
 
     return {
         "backbones": list(BACKBONES),
@@ -71,6 +71,7 @@ async def create_job(
         raise ApiError(422, f"{len(style)} style images: send at most {MAX_STYLES}", "style")
     try:
         chosen = json.loads(settings_json, parse_constant=_refuse_constant) if settings_json else {}
+        chosen = settings.without_empty(chosen)  # an empty field means the default
     except ValueError as err:
         raise ApiError(422, f"settings is not valid JSON ({err}): send an object of config keys", "settings") from None
     try:
@@ -91,6 +92,8 @@ async def create_job(
             styles.append(await save_upload(upload, folder / f"style_{index}", label, state.limit, decodes, draft))
         fit = settings.fit_arguments(folder, content_path, styles, arguments, state.preview_every)
         own = settings.fit_arguments(folder, content_path, styles, [], state.preview_every)
+        from nst_lightning.cli.fit import zero_weight_note  # loaded by validate's parse already
+
         try:
             parsed = await run_in_threadpool(settings.validate, fit, own, state.weights)
             check_choice(chosen, state.offer)  # the weights a job left out (imagenet) must be offered too
@@ -101,13 +104,17 @@ async def create_job(
             "styles": [display_name(upload.filename) for upload in style],
             "files": {"content": content_path.name, "styles": [path.name for path in styles]},
         }
-        shown = {**settings.flatten(chosen), "data.image_size": parsed["data"]["image_size"],
-                 "trainer.max_steps": parsed["max_steps"]}  # fmt: skip
+        shown = {
+            **settings.flatten(chosen),
+            "data.image_size": parsed["data"]["image_size"],
+            "trainer.max_steps": parsed["max_steps"],
+        }
         for key in ("style_weight", "preserve_color", "backbone", "weights"):
             shown.setdefault(f"model.{key}", parsed["model"][key])
         if shown["model.weights"] not in state.weights:  # a file of the server's: shown by its name
             shown["model.weights"] = Path(str(shown["model.weights"])).name
-        store.add(job_id, fit, shown, names, parsed["max_steps"])
+        note = zero_weight_note(parsed["model"]["content_weight"], parsed["model"]["style_weight"])
+        store.add(job_id, fit, shown, names, parsed["max_steps"], note=note)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise

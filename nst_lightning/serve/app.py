@@ -98,6 +98,7 @@ def create_app(
         app.include_router(router)
 
     @app.get("/", include_in_schema=False)
+    @app.head("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 

@@ -10,8 +10,8 @@ import socket
 import sys
 from pathlib import Path
 
+from nst_lightning.cli.oneshot import OneLineParser
 from nst_lightning.errors import NSTError
-from nst_lightning.oneshot import OneLineParser
 
 DEFAULT_DATA = "nst-serve"
 
@@ -31,9 +31,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=megabytes, default=25.0, help="largest image file taken, in MB (25)")
     p.add_argument("--weights-dir", help="folder of weight files offered to jobs (<data>/weights)")
     p.add_argument(
-        "--allowed-host", action="append", default=[], metavar="NAME",
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
         help="a name the server answers to besides IP addresses and localhost (repeatable; '*': any)",
-    )  # fmt: skip
+    )
     return p
 
 
@@ -66,6 +69,38 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _is_unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return False
+
+
+def _own_address(family: int) -> str | None:
+    """This machine's address on its network (the one a default route leaves by; no packet is sent), if any."""
+    probe = ("10.255.255.255", 1) if family == socket.AF_INET else ("fd00::1", 1)
+    with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.connect(probe)
+        address = sock.getsockname()[0]
+        if not ipaddress.ip_address(address).is_loopback:
+            return address
+    return None
+
+
+def addresses(host: str, port: int) -> list[str]:
+    """The addresses to open for a server listening on ``host``: itself, or, for a wildcard (``0.0.0.0``, ``::``),
+    which no browser can open, ``localhost`` and this machine's address on its network (an IP address: the server
+    answers to those whatever ``--allowed-host`` says)."""
+    if not _is_unspecified(host):
+        return [f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"]
+    shown = [f"http://localhost:{port}/"]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    own = _own_address(family)
+    if own:
+        shown.append(f"http://[{own}]:{port}/" if ":" in own else f"http://{own}:{port}/")
+    return shown
+
+
 def serve_main(argv: list[str]) -> None:
     """Runs the server until Ctrl-C; running jobs are stopped with a checkpoint and resume at the next start."""
     args = parser().parse_args(argv)
@@ -84,8 +119,13 @@ def serve_main(argv: list[str]) -> None:
     data = Path(args.data)
     try:
         data.mkdir(parents=True, exist_ok=True)
-        app = create_app(data, token=args.token, max_upload_mb=args.max_upload_mb, weights_dir=args.weights_dir,
-                         allowed_hosts=[args.host, *args.allowed_host])  # fmt: skip
+        app = create_app(
+            data,
+            token=args.token,
+            max_upload_mb=args.max_upload_mb,
+            weights_dir=args.weights_dir,
+            allowed_hosts=[args.host, *args.allowed_host],
+        )
     except OSError as err:
         sys.stderr.write(f"nst-lightning: error: cannot use --data {data}: {err.strerror or err}\n")
         raise SystemExit(1) from None
@@ -107,10 +147,10 @@ def serve_main(argv: list[str]) -> None:
         )
         raise SystemExit(1) from None
     query = f"?token={args.token}" if args.token else ""
-    shown = f"[{args.host}]" if ":" in args.host else args.host
-    app.state.store.lock.announce(f"http://{shown}:{args.port}/")  # named to a second server on this folder
-    print(f"nst-lightning: serving on http://{shown}:{args.port}/{query} (jobs in {data.resolve()}; Ctrl-C stops)",
-          flush=True)  # fmt: skip
+    first, *others = addresses(args.host, args.port)
+    app.state.store.lock.announce(first)  # named to a second server on this folder
+    elsewhere = f"; from other machines {', '.join(url + query for url in others)}" if others else ""
+    print(f"nst-lightning: serving on {first}{query} (jobs in {data.resolve()}{elsewhere}; Ctrl-C stops)", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises the Ctrl-C again once it has shut down
         server.run(sockets=[listener])

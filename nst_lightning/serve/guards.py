@@ -88,13 +88,18 @@ class HostOriginGuard:
         host = headers.get("host")
         if host is not None and not self.host_allowed(host_name(host)):
             shown = host_name(host) or host[:100]
-            response = _refuse(403, f"this server does not answer to the name {shown!r}: start it with "
-                                    f"--allowed-host {shown} to allow it", "host")  # fmt: skip
+            response = _refuse(
+                403,
+                f"this server does not answer to the name {shown!r}: start it with --allowed-host {shown} to allow it",
+                "host",
+            )
             return await response(scope, receive, send)
         origin = headers.get("origin")
         if scope["method"] not in SAFE_METHODS and origin is not None and not self.same_site(origin, host):
-            detail = (f"a page of another site ({origin[:100]}) cannot change this server's jobs: use the server's "
-                      "own page, or a client that sends no Origin")  # fmt: skip
+            detail = (
+                f"a page of another site ({origin[:100]}) cannot change this server's jobs: use the server's "
+                "own page, or a client that sends no Origin"
+            )
             response = _refuse(403, detail, "origin")
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)

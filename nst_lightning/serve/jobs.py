@@ -54,8 +54,19 @@ CREATE TABLE IF NOT EXISTS jobs (
 )
 """
 _COLUMNS = (
-    "id", "created", "state", "settings", "names", "step", "max_steps", "loss", "error", "note", "started", "finished",
-)  # fmt: skip
+    "id",
+    "created",
+    "state",
+    "settings",
+    "names",
+    "step",
+    "max_steps",
+    "loss",
+    "error",
+    "note",
+    "started",
+    "finished",
+)
 
 
 def new_job_id() -> str:
@@ -88,10 +99,21 @@ class Job:
     def public(self, position: int | None = None, eta: float | None = None) -> dict[str, Any]:
         """The job as the API's JSON."""
         return {
-            "id": self.id, "state": self.state, "step": self.step, "max_steps": self.max_steps, "loss": self.loss,
-            "position": position, "error": self.error, "note": self.note, "eta_s": eta, "created": self.created,
-            "started": self.started, "finished": self.finished, "settings": self.settings, "names": self.names,
-        }  # fmt: skip
+            "id": self.id,
+            "state": self.state,
+            "step": self.step,
+            "max_steps": self.max_steps,
+            "loss": self.loss,
+            "position": position,
+            "error": self.error,
+            "note": self.note,
+            "eta_s": eta,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "settings": self.settings,
+            "names": self.names,
+        }
 
 
 class JobStore:
@@ -127,14 +149,25 @@ class JobStore:
             raise ValueError(f"not a job id: {job_id!r}")
         return self.jobs_dir / job_id
 
-    def add(self, job_id: str, arguments: list[str], settings: dict, names: dict, max_steps: int) -> None:
-        """Queues a job whose folder holds its uploads."""
+    def add(
+        self, job_id: str, arguments: list[str], settings: dict, names: dict, max_steps: int, note: str | None = None
+    ) -> None:
+        """Queues a job whose folder holds its uploads (``note``: what the page says of it beside its state)."""
         with self._db() as db:
             db.execute(
-                "INSERT INTO jobs (id, created, state, arguments, settings, names, max_steps) VALUES (?,?,?,?,?,?,?)",
-                (job_id, time.time(), "queued", json.dumps(arguments), json.dumps(settings), json.dumps(names),
-                 max_steps),
-            )  # fmt: skip
+                "INSERT INTO jobs (id, created, state, arguments, settings, names, max_steps, note) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    job_id,
+                    time.time(),
+                    "queued",
+                    json.dumps(arguments),
+                    json.dumps(settings),
+                    json.dumps(names),
+                    max_steps,
+                    note,
+                ),
+            )
 
     @staticmethod
     def _job(row: sqlite3.Row | tuple) -> Job:

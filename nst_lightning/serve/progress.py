@@ -8,17 +8,17 @@ import json
 import math
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
-from nst_lightning.files import file_stamp
-from nst_lightning.guard import INTERRUPTED_CHECKPOINT
-from nst_lightning.image_io import save_image
-from nst_lightning.losslog import LoggedStep
+from nst_lightning.io.files import file_stamp
+from nst_lightning.io.image_io import save_image
+from nst_lightning.run.guard import INTERRUPTED_CHECKPOINT
+from nst_lightning.run.losslog import LoggedStep
 
 PROGRESS_FILE = "progress.jsonl"
 PREVIEW_FILE = "preview.png"
@@ -31,7 +31,7 @@ KEEPALIVE = ": keep-alive\n\n"
 
 class JobProgress(L.Callback):
     """Appends one JSON line per step (``step``, ``max_steps``, ``loss``, ``time``) to ``folder/progress.jsonl``
-    (those of a few steps at once, as the module's :class:`~nst_lightning.losslog.LossLog` hands them on)
+    (those of a few steps at once, as the module's :class:`~nst_lightning.run.losslog.LossLog` hands them on)
     and writes the current image to ``folder/preview.png`` (atomically) every ``preview_every_n_steps`` steps,
     at the first step and at the end. The server reads both; the run itself is the command line's.
 
@@ -68,11 +68,17 @@ class JobProgress(L.Callback):
         """The steps' records, from the module's loss log (a few steps late, at once), the step being the number of
         steps done: a row is the loss where its step started."""
         if trainer.is_global_zero:
-            self._write(*(
-                {"step": row.step + 1, "max_steps": trainer.max_steps, "time": row.time,
-                 "loss": row.loss if math.isfinite(row.loss) else None}
-                for row in rows
-            ))  # fmt: skip
+            self._write(
+                *(
+                    {
+                        "step": row.step + 1,
+                        "max_steps": trainer.max_steps,
+                        "time": row.time,
+                        "loss": row.loss if math.isfinite(row.loss) else None,
+                    }
+                    for row in rows
+                )
+            )
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -150,6 +156,58 @@ def last_error(folder: Path) -> str:
         if found:
             return found[-1].replace(str(folder) + os.sep, "")
     return "the run stopped without a reason: see run.log in the job's folder"
+
+
+def sse(name: str, data: Any) -> str:
+    """One Server-Sent Event."""
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n"
+
+
+async def job_events(
+    job_id: str,
+    folder: Path,
+    state_of: Callable[[], Awaitable[str | None]],
+    shown: Callable[[], Awaitable[dict[str, Any]]],
+    finished: Collection[str],
+    stop: Callable[[], Awaitable[bool]],
+    poll: float = 0.25,
+) -> AsyncIterator[str]:
+    """A run's Server-Sent Events, from its ``folder``'s progress file: ``progress`` (new steps and losses, the
+    ETA), ``preview`` (a new preview image), ``state`` (``shown()``: the job, each time ``state_of()`` changes;
+    ``{"id": job_id, "state": "deleted"}`` when it gives None). Ends once the state is one of ``finished``, or
+    ``stop()`` is true (the client left). A server job and a watched command-line run (``--watch``) stream this."""
+    current, sent_steps, sent_previews = None, 0, 0
+    while not await stop():
+        state = await state_of()
+        if state is None:
+            yield sse("state", {"id": job_id, "state": "deleted"})
+            return
+        records = await asyncio.to_thread(read_progress, folder)
+        steps = [r for r in records if "step" in r]
+        previews = [r for r in records if "preview" in r]
+        if len(steps) > sent_steps:
+            last = steps[-1]
+            losses = [[r["step"], r.get("loss")] for r in steps[sent_steps:]]
+            yield sse(
+                "progress",
+                {
+                    "step": last["step"],
+                    "max_steps": last["max_steps"],
+                    "loss": last.get("loss"),
+                    "eta_s": eta_seconds(records),
+                    "losses": losses,
+                },
+            )
+            sent_steps = len(steps)
+        if len(previews) > sent_previews:
+            sent_previews = len(previews)
+            yield sse("preview", {"step": previews[-1]["preview"]})
+        if state != current:
+            current = state
+            yield sse("state", await shown())
+        if state in finished:
+            return
+        await asyncio.sleep(poll)
 
 
 async def with_keepalive(events: AsyncIterator[str]) -> AsyncIterator[str]:

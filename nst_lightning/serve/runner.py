@@ -34,12 +34,13 @@ def stop_with_server(server: int | None = None, every: float = WATCH_SECONDS) ->
 
 
 def main(argv: list[str]) -> None:
-    """Runs ``argv[1:]`` (``fit ...``) with :func:`~nst_lightning.main.cli_main`; ``argv[0]`` is the job's id, there
-    so that the server can tell its runs from other processes."""
+    """Runs ``argv[1:]`` (``fit ...``) with :func:`~nst_lightning.cli.fit.fit_main`, the command line's ``fit``
+    once its arguments are checked (the server checked them); ``argv[0]`` is the job's id, there so that the
+    server can tell its runs from other processes."""
     stop_with_server()
-    from nst_lightning.main import cli_main
+    from nst_lightning.cli.fit import fit_main
 
-    cli_main(argv[1:])
+    fit_main(argv[1:])
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import json
 import math
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from nst_lightning.errors import NSTError
+from nst_lightning.names import INITS, SEED_MAX
 
 SECTIONS = ("data", "model", "guard")
 """Sections whose keys a job may set (the server sets the files and the output itself)."""
@@ -23,11 +25,8 @@ TRAINER_KEYS = ("trainer.max_steps", "trainer.precision")
 TOP_KEYS = ("seed_everything",)
 SERVER_KEYS = ("data.content", "data.style", "data.style_masks")
 """Keys under :data:`SECTIONS` that the server sets from the uploads."""
-NAMED_WEIGHTS = ("imagenet", "random")
-INITS = ("content", "style", "noise")
-"""``model.init`` without a file (:data:`nst_lightning.checks.INITS`)."""
 SEED_KEYS = ("seed_everything", "model.seed")
-SEED_RANGE = (0, 2**32 - 1)
+SEED_RANGE = (0, SEED_MAX)
 """What numpy takes as a seed (Lightning's seed_everything seeds numpy too)."""
 INT64 = 2**63 - 1
 DEFAULT_IMAGE_SIZE = 512
@@ -55,6 +54,14 @@ def flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def without_empty(settings: Any) -> Any:
+    """A job's settings (config keys, nested or dotted) less the keys whose value is empty (``""`` or ``null``):
+    an empty field of a form means the default, as a flag left out does. Anything but an object as it is."""
+    if not isinstance(settings, Mapping):
+        return settings
+    return {key: value for key, value in flatten(settings).items() if value is not None and value != ""}
+
+
 def may_set(key: str) -> bool:
     """Whether a job may set ``key`` (a parsed key, such as ``model.style_weight``)."""
     section = key.split(".", 1)[0]
@@ -68,9 +75,16 @@ def known_keys() -> dict[str, str]:
     found: dict[str, str] = {}
 
     def collect(cli: Any) -> None:
-        for action in cli.parser._actions:  # the parser's own options, flat (dotted names)
-            if may_set(action.dest) and hasattr(action, "_typehint"):
-                found[action.dest] = str(action._typehint)
+        from nst_lightning.run.guard import RunGuard
+
+        owners = {"model": cli.model_class, "data": cli.datamodule_class, "guard": RunGuard}
+        owners["trainer"] = cli.trainer_class
+        for key in cli.config.keys():  # the parsed configuration's keys, flat (dotted names)
+            section, _, name = key.rpartition(".")
+            if may_set(key) and section in owners:
+                found[key] = str(inspect.signature(owners[section]).parameters[name].annotation)
+            elif may_set(key):
+                found[key] = "bool | int"  # seed_everything: Lightning's seed, or true for a random one
 
     with _VALIDATE:
         _parse(["--data.content=x.png", "--data.style=x.png"], check=False, hook=collect)
@@ -93,8 +107,7 @@ def _check_seed(key: str, value: Any) -> None:
     if isinstance(value, bool) and key == "seed_everything":
         return  # true: a random seed, false: none
     if isinstance(value, bool) or not isinstance(value, int) or not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
-        raise SettingsError(f"{key} must be a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {value!r}",
-                            key)  # fmt: skip
+        raise SettingsError(f"{key} must be a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {value!r}", key)
 
 
 def _plain_value(value: Any) -> str:
@@ -183,8 +196,8 @@ def _parse(arguments: list[str], check: bool = True, hook: Callable[[Any], None]
     """``fit``'s ``arguments`` parsed by the command line's parser (option names as spelled, no prefixes), then
     ``hook`` on the CLI (its ``config`` parsed), then (``check``) the command line's checks; returns the configuration.
     Raises :class:`SettingsError` with the command line's own message and the key it names."""
-    from nst_lightning.cli import StyleTransferCLI
-    from nst_lightning.runtime import quiet_lightning
+    from nst_lightning.cli.fit import StyleTransferCLI
+    from nst_lightning.run.runtime import quiet_lightning
 
     class _Parsed(Exception):
         pass
@@ -219,7 +232,7 @@ def _confine(server: Any, config: Any, weights: Mapping[str, str]) -> None:
     """Refuses a parsed configuration that differs from the server's own (``server``) in a key a job may not set,
     or whose ``model.init`` / ``model.weights`` names a file the server does not offer, whatever spelling or form
     (prefix, ``key+``) reached the parser; and numbers the store or numpy cannot hold."""
-    from nst_lightning import checks
+    from nst_lightning.run import checks
 
     for key in sorted(set(server.keys()) | set(config.keys())):
         if not may_set(key) and checks.plain(server.get(key)) != checks.plain(config.get(key)):
@@ -228,8 +241,9 @@ def _confine(server: Any, config: Any, weights: Mapping[str, str]) -> None:
         raise SettingsError("model.init must be content, style or noise (a file cannot be given here)", "model.init")
     steps = config.trainer.max_steps
     if isinstance(steps, int) and steps > INT64:
-        raise SettingsError(f"trainer.max_steps {steps} is over the most this server keeps ({INT64})",
-                            "trainer.max_steps")  # fmt: skip
+        raise SettingsError(
+            f"trainer.max_steps {steps} is over the most this server keeps ({INT64})", "trainer.max_steps"
+        )
     _check_seed("model.seed", config.model.seed)
     # Last: where a job leaves model.weights out, its default (imagenet) may be what is not offered.
     offered = {*weights.values(), *(os.path.realpath(v) for v in weights.values() if os.path.isabs(v))}
@@ -244,7 +258,7 @@ def validate(arguments: list[str], server_arguments: list[str], weights: Mapping
     compared with ``server_arguments`` parsed alone: a difference in a key a job may not set, a file as
     ``model.init`` or ``model.weights`` (other than the ``weights`` offered) is refused before any check runs, so
     that no setting, however spelled, reaches a server path. Raises :class:`SettingsError` naming the key."""
-    from nst_lightning import checks
+    from nst_lightning.run import checks
 
     with _VALIDATE:  # one LightningCLI parse at a time (it sets the global seed)
         server = _parse(server_arguments, check=False)

@@ -126,8 +126,10 @@ class DataLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
-            raise StoreRefused(f"cannot open {self.path} ({err.strerror or err}): make the --data folder writable "
-                               "or give another --data folder") from None  # fmt: skip
+            raise StoreRefused(
+                f"cannot open {self.path} ({err.strerror or err}): make the --data folder writable "
+                "or give another --data folder"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:

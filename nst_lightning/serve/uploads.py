@@ -14,7 +14,7 @@ from fastapi import UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from nst_lightning.errors import ImageError
-from nst_lightning.files import atomic_write
+from nst_lightning.io.files import atomic_write
 from nst_lightning.serve.deps import ApiError
 
 # What Pillow calls the formats kept as uploaded; any other readable image is stored as PNG.
@@ -32,8 +32,8 @@ def display_name(name: str | None) -> str:
 def decode_slots(available: int | None = None) -> int:
     """How many uploads may be decoded at once: half the memory available over what the largest image allowed
     (``NST_MAX_IMAGE_PIXELS``) takes decoded; at least 1, at most :data:`MAX_DECODES`."""
-    from nst_lightning.image_io import max_image_pixels
-    from nst_lightning.runtime import available_bytes
+    from nst_lightning.io.image_io import max_image_pixels
+    from nst_lightning.run.runtime import available_bytes
 
     available = available if available is not None else available_bytes("cpu")
     try:
@@ -60,7 +60,7 @@ def check_image(path: Path, label: str, draft: int | None = None) -> str:
     (the longest side the job uses), a format kept as uploaded is decoded at the smallest scale that keeps it."""
     from PIL import Image
 
-    from nst_lightning.image_io import open_rgb
+    from nst_lightning.io.image_io import open_rgb
 
     image = None
     try:

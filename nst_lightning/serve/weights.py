@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from nst_lightning.errors import NSTError
-from nst_lightning.serve.settings import NAMED_WEIGHTS, SettingsError, flatten
+from nst_lightning.names import NAMED_WEIGHTS
+from nst_lightning.serve.settings import SettingsError, flatten
 
 WEIGHT_SUFFIXES = (".pth", ".pt")
 
@@ -31,7 +32,7 @@ class Offer:
 
 def offered_weights(weights_dir: Path | None) -> Offer:
     """What a job may pick for ``model.weights`` on this server (see the module's docstring)."""
-    from nst_lightning.backbones import BACKBONES, check_cached_hash, file_backbone, hub_cache_file
+    from nst_lightning.core.backbones import BACKBONES, check_cached_hash, file_backbone, hub_cache_file
 
     offer = Offer()
     cached = []
@@ -75,7 +76,8 @@ def check_choice(settings: Mapping[str, Any], offer: Offer, given_only: bool = F
     ``model.backbone`` (``auto`` when not given: the file's, or vgg19) one that those weights load with;
     ``given_only`` checks only weights the job gives. Raises :class:`SettingsError` naming the key; the message
     names settings, not command-line flags."""
-    from nst_lightning.backbones import AUTO, DEFAULT_BACKBONE
+    from nst_lightning.core.backbones import DEFAULT_BACKBONE
+    from nst_lightning.names import AUTO
 
     if not isinstance(settings, Mapping):
         return  # settings_arguments says what settings must be

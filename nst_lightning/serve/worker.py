@@ -64,8 +64,13 @@ class Worker(threading.Thread):
             try:
                 self._run(job_id, arguments, resume)
             except Exception as err:  # noqa: BLE001 - a job's failure must not stop the worker
-                self._settle(job_id, state="failed", error=f"the server could not run the job: {err}", pid=None,
-                             finished=time.time())  # fmt: skip
+                self._settle(
+                    job_id,
+                    state="failed",
+                    error=f"the server could not run the job: {err}",
+                    pid=None,
+                    finished=time.time(),
+                )
 
     def _trouble(self, err: StoreUnavailable | None) -> None:
         """Says once on the server's stderr that the store cannot be used (and once that it can again)."""
@@ -97,13 +102,22 @@ class Worker(threading.Thread):
         if resume is not None:
             arguments = [*arguments, f"--ckpt_path={resume}"]
         command = [sys.executable, "-m", "nst_lightning.serve.runner", job_id, *arguments]
-        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), **self.env,
-               SERVER_PID_VARIABLE: str(os.getpid())}  # fmt: skip
+        env = {
+            **os.environ,
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+            **self.env,
+            SERVER_PID_VARIABLE: str(os.getpid()),
+        }
         with open(folder / LOG_FILE, "ab") as log:
             self.process = subprocess.Popen(
-                command, cwd=folder, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                command,
+                cwd=folder,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
                 start_new_session=True,  # a Ctrl-C at the server's terminal is the server's: it stops the run itself
-            )  # fmt: skip
+            )
         pid = self.process.pid
         pid_kept = self._try(lambda: self.store.update(job_id, pid=pid))
         signalled = None  # why the run was sent SIGTERM: "cancel" or "stop"

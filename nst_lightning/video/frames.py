@@ -1,9 +1,11 @@
 """The per-frame runs of a video: the work folder (frames in and out, flows, settings), resume, progress, summary.
 
-Each frame is one ``Trainer.fit`` of the same :class:`~nst_lightning.module.StyleTransfer` (its extractor
-loaded once): the first frame cold (the config's init, ``steps_first`` iterations), every later frame
+Each frame is one ``fit`` of the same Trainer, module and data module, built once (the extractor loaded and the
+style targets computed once; per frame :meth:`~nst_lightning.run.module.StyleTransfer.restart` and the data module's
+``set_content`` swap in the frame and its start, and one TensorBoard run holds every frame's steps one after the
+other): the first frame cold (the config's init, ``steps_first`` iterations), every later frame
 started from the previous stylised frame warped by the optical flow, with ``steps`` iterations and the
-temporal term of :meth:`~nst_lightning.objective.Objective.set_temporal` (Ruder et al. 2016). Every file of
+temporal term of :meth:`~nst_lightning.core.objective.Objective.set_temporal` (Ruder et al. 2016). Every file of
 the work folder is written atomically and the previous frame is always read back from its PNG, so a run
 killed at any point resumes at the first frame without a stylised PNG and produces the same frames.
 """
@@ -25,18 +27,19 @@ import torch
 from lightning.pytorch.trainer.states import TrainerStatus
 from tqdm import tqdm
 
-from nst_lightning.callbacks import ImageWriter, partial_path
-from nst_lightning.data import StyleTransferDataModule
 from nst_lightning.errors import ImageError
-from nst_lightning.files import atomic_write, file_kind
-from nst_lightning.image_io import open_rgb, save_image
-from nst_lightning.module import StyleTransfer
-from nst_lightning.runlog import RunLogger
+from nst_lightning.io.files import atomic_write, file_kind
+from nst_lightning.io.image_io import open_rgb, save_image
+from nst_lightning.run.callbacks import ImageWriter, partial_path
+from nst_lightning.run.data import StyleTransferDataModule
+from nst_lightning.run.module import StyleTransfer
+from nst_lightning.run.runlog import RunLogger
 from nst_lightning.video.flow import optical_flow, reliability, warp
 
 WORK_SUFFIX = ".parts"
 """The work folder of OUT is OUT + this (``clip.mp4.parts/``): kept until OUT is written, so a run can resume."""
 SETTINGS_FILE = "settings.json"
+LOGS_FILE = "logs.txt"
 
 
 def to_tensor(pixels: np.ndarray) -> torch.Tensor:
@@ -45,12 +48,13 @@ def to_tensor(pixels: np.ndarray) -> torch.Tensor:
 
 
 def save_pixels(pixels: np.ndarray, path: Path) -> None:
-    """An (H, W, 3) uint8 array written losslessly and atomically (PNG, :func:`~nst_lightning.image_io.save_image`)."""
+    """An (H, W, 3) uint8 array written losslessly and atomically (PNG,
+    :func:`~nst_lightning.io.image_io.save_image`)."""
     save_image(to_tensor(pixels), path)
 
 
 def write_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """:func:`~nst_lightning.files.atomic_write`, whose ``OSError`` (a full disk...) names ``path``."""
+    """:func:`~nst_lightning.io.files.atomic_write`, whose ``OSError`` (a full disk...) names ``path``."""
     try:
         atomic_write(path, write)
     except OSError as err:
@@ -66,8 +70,8 @@ def read_pixels(path: Path) -> np.ndarray:
 
 class WorkFolder:
     """``OUT.parts/``: ``input/`` (the decoded frames at the stylisation size), ``flow/`` (forward and backward
-    flow per frame pair, computed once), ``init/`` (each warm start), ``stylised/`` (finished frames) and
-    ``frames.json`` (each finished frame's losses and time), with ``settings.json`` saying what made them."""
+    flow per frame pair, computed once), ``stylised/`` (finished frames, each with a JSON record of its losses and
+    time), with ``settings.json`` saying what made them and ``logs.txt`` where the TensorBoard run is."""
 
     def __init__(self, output: Path) -> None:
         self.root = output.with_name(output.name + WORK_SUFFIX)
@@ -81,14 +85,22 @@ class WorkFolder:
     def stylised(self, index: int) -> Path:
         return self._file("stylised", index)
 
-    def init(self, index: int) -> Path:
-        return self._file("init", index)
-
     def flow(self, index: int) -> Path:
         return self._file("flow", index, ".npz")
 
     def record(self, index: int) -> Path:
         return self._file("stylised", index, ".json")
+
+    def logs(self, base: Path) -> Path:
+        """The video's TensorBoard run: the next free ``base/version_N`` for a new work folder, recorded in it
+        (``logs.txt``), so that a resumed run, and every process of a ``--devices`` run, logs on into it."""
+        record = self.root / LOGS_FILE
+        if file_kind(record) == "file":
+            return Path(record.read_text().strip())
+        taken = [int(p.name[8:]) for p in base.glob("version_*") if p.name[8:].isdigit()] if base.is_dir() else []
+        logs = base / f"version_{max(taken, default=-1) + 1}"
+        write_file(record, lambda handle: handle.write(f"{logs}\n".encode()))
+        return logs
 
     def claim(self, settings: Mapping[str, Any]) -> bool:
         """Takes the folder for a run with ``settings``: True when it holds a run of the same settings to resume,
@@ -156,61 +168,126 @@ class VideoPlan:
     temporal_weight: float
     independent: bool
     """Every frame like the first: cold, ``steps_first`` iterations, no temporal term (the flickering baseline)."""
-    init: str
-    """The first frame's init (the config's ``model.init``)."""
     data: dict[str, Any]
     """The data module's settings; ``content`` is set per frame."""
     trainer: dict[str, Any]
-    """Trainer arguments of every frame's run (accelerator, precision)."""
+    """Trainer arguments of the run (accelerator, precision)."""
     logs: Path
-    """TensorBoard: one run per frame, ``logs/frame_000001``..."""
+    """TensorBoard: one run for the whole video, every frame's steps after the frames before."""
     cold: tuple[int, ...] = (0,)
     """The frames that start cold like the first: the first frame of each segment (``--devices``)."""
 
+    def warm(self, index: int) -> bool:
+        """Whether frame ``index`` starts from the previous stylised frame (with the temporal term)."""
+        return index not in self.cold and not self.independent
+
+    def frame_steps(self, index: int) -> int:
+        return self.steps if self.warm(index) else self.steps_first
+
+    def first_step(self, index: int) -> int:
+        """Frame ``index``'s first step in the video's TensorBoard run: the steps of every frame before it."""
+        cold = sum(1 for i in range(index) if not self.warm(i))
+        return cold * self.steps_first + (index - cold) * self.steps
+
+
+class VideoLogger(RunLogger):
+    """The video's one TensorBoard run (``logs``): each step logged at ``offset`` + the Trainer's step (the steps of
+    the frames before this process's first), so a resumed run or a segment of ``--devices`` carries on the same
+    curves; the settings logged once, and the event file kept open from one frame's fit to the next."""
+
+    def __init__(self, logs: Path, offset: int) -> None:
+        super().__init__(save_dir=logs.parent, name=None, version=logs.name)
+        self.offset = offset
+        self._settings_logged = False
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        if not self._settings_logged:
+            self._settings_logged = True
+            super().log_hyperparams(params, *args, **kwargs)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        super().log_metrics(metrics, None if step is None else step + self.offset)
+
+    def log_frame(self, image: torch.Tensor, index: int, step: int) -> None:
+        """A finished frame: the image and its number, at its last step."""
+        self.experiment.add_image("frame", image[0], global_step=step + self.offset)
+        self.log_metrics({"frame": index + 1}, step)
+        self.experiment.flush()  # a run killed later keeps it
+
+    def finalize(self, status: str) -> None:
+        if status == "success":  # a frame's fit: the next one logs on into the same event file
+            self.experiment.flush()
+            return
+        super().finalize(status)
+
+    def close(self) -> None:
+        super().finalize("success")
+
 
 class FrameRunner:
-    """Runs the frames of a :class:`VideoPlan` in order with one module, writing each as it finishes."""
+    """Runs the frames of a :class:`VideoPlan` in order with one module, one data module and one Trainer (fitted
+    again for each frame), writing each frame as it finishes."""
 
     def __init__(self, module: StyleTransfer, plan: VideoPlan, work: WorkFolder) -> None:
         self.module, self.plan, self.work = module, plan, work
+        self.trainer: L.Trainer | None = None
+        self.logger: VideoLogger | None = None
+        self.data: StyleTransferDataModule | None = None
+        self.writer: ImageWriter | None = None
 
-    def warm(self, index: int) -> bool:
-        return index not in self.plan.cold and not self.plan.independent
+    def _trainer(self, index: int) -> L.Trainer:
+        """The Trainer, built at the first frame this process runs."""
+        if self.trainer is None:
+            self.data = StyleTransferDataModule(**{**self.plan.data, "content": str(self.work.input(index))})
+            self.writer = ImageWriter(str(self.work.stylised(index)), log_image_every_n_steps=0, overwrite=True)
+            self.logger = VideoLogger(self.plan.logs, self.plan.first_step(index))
+            self.trainer = L.Trainer(
+                max_steps=0,
+                logger=self.logger,
+                callbacks=[self.writer],
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                log_every_n_steps=1,
+                **{"devices": 1, **self.plan.trainer},
+            )
+        return self.trainer
 
-    def prepare(self, index: int) -> None:
-        """The module's start and temporal term for frame ``index`` (see the module docstring)."""
-        objective, hparams = self.module.objective, self.module.hparams
-        self.module.image = None  # setup() builds a new image from the frame and the init
-        if not self.warm(index):
-            hparams.init = self.plan.init
+    def close(self) -> None:
+        """Closes the TensorBoard run (after the last frame, or a failure)."""
+        if self.logger is not None:
+            self.logger.close()
+
+    def prepare(self, index: int) -> torch.Tensor | None:
+        """The temporal term for frame ``index``, and its start: the previous stylised frame warped into it, or
+        None (the config's init) for a cold frame (see the module docstring)."""
+        objective = self.module.objective
+        if not self.plan.warm(index):
             objective.set_temporal(None)
-            return
+            return None
         forward, backward = frame_flows(self.work, index)
-        previous = read_pixels(self.work.stylised(index - 1))
-        warped = warp(previous, backward)
-        save_pixels(warped, self.work.init(index))
-        hparams.init = str(self.work.init(index))
-        mask = torch.from_numpy(reliability(forward, backward))[None, None]
-        objective.set_temporal(to_tensor(warped), mask, self.plan.temporal_weight)
+        warped = to_tensor(warp(read_pixels(self.work.stylised(index - 1)), backward))
+        objective.set_temporal(
+            warped, torch.from_numpy(reliability(forward, backward))[None, None], self.plan.temporal_weight
+        )
+        return warped
 
     def run(self, index: int) -> FrameResult:
         """Stylises frame ``index`` (its previous frame must be done) into the work folder."""
         started = time.perf_counter()
-        self.prepare(index)
-        steps = self.plan.steps if self.warm(index) else self.plan.steps_first
-        data = StyleTransferDataModule(**{**self.plan.data, "content": str(self.work.input(index))})
-        writer = ImageWriter(str(self.work.stylised(index)), log_image_every_n_steps=steps, overwrite=True)
-        logger = RunLogger(save_dir=self.plan.logs, name=None, version=f"frame_{index + 1:06d}")
-        trainer = L.Trainer(
-            max_steps=steps, logger=logger, callbacks=[writer], enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, log_every_n_steps=1, **{"devices": 1, **self.plan.trainer},
-        )  # fmt: skip
-        trainer.fit(self.module, datamodule=data)
+        trainer = self._trainer(index)
+        self.module.restart(self.prepare(index))
+        self.data.set_content(str(self.work.input(index)))
+        self.writer.path = self.work.stylised(index)
+        first = trainer.global_step
+        trainer.fit_loop.epoch_loop.max_steps = first + self.plan.frame_steps(index)  # the frame's steps
+        trainer.fit(self.module, datamodule=self.data)
         if trainer.state.status != TrainerStatus.FINISHED or file_kind(self.work.stylised(index)) != "file":
             raise ImageError(f"frame {index + 1} stopped before its last step: rerun the same command to resume")
         with torch.no_grad():
             losses = {k: float(v) for k, v in self.module(self.module.image).items() if not k.startswith("style_")}
-        result = FrameResult(index, trainer.global_step, time.perf_counter() - started, losses)
+        self.logger.log_frame(self.module.output_image(), index, trainer.global_step - 1)
+        result = FrameResult(index, trainer.global_step - first, time.perf_counter() - started, losses)
         record = {"steps": result.steps, "seconds": result.seconds, "losses": losses}
         write_file(self.work.record(index), lambda handle: handle.write(json.dumps(record).encode()))
         self.module.objective.set_temporal(None)
@@ -238,9 +315,15 @@ def run_frames(
     first, end = segment if segment is not None else (0, runner.plan.frames)
     desc = "frames" if segment is None else f"frames {first + 1}-{end}"
     bar = tqdm(
-        total=end - first, initial=start - first, desc=desc, unit="frame", disable=not sys.stderr.isatty(),
-        file=sys.stderr, dynamic_ncols=True, position=position,
-    )  # fmt: skip
+        total=end - first,
+        initial=start - first,
+        desc=desc,
+        unit="frame",
+        disable=not sys.stderr.isatty(),
+        file=sys.stderr,
+        dynamic_ncols=True,
+        position=position,
+    )
     results = []
     try:
         for index in range(start, end):
@@ -249,18 +332,30 @@ def run_frames(
             if report is not None:
                 report(result)
             bar.update()
+            if bar.disable:  # no terminal (a log file, a pipe): one line a frame
+                print(
+                    f"frame {index + 1}/{runner.plan.frames}: {result.steps} iterations, {result.seconds:.1f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         bar.close()
+        runner.close()
     return results
 
 
 def summary(
-    output: Path, results: list[FrameResult], total: int, resumed: int, seconds: float, logs: Path,
+    output: Path,
+    results: list[FrameResult],
+    total: int,
+    resumed: int,
+    seconds: float,
+    logs: Path,
     cold: tuple[int, ...] = (0,),
 ) -> str:
     """The last line of a video run; ``cold``: the first frame of each segment (several with ``--devices``),
     and ``resumed`` then counts the frames done before in all segments."""
-    from nst_lightning.console import duration, shown_path
+    from nst_lightning.io.console import duration, shown_path
 
     first = [r for r in results if r.index in cold]
     later = [r for r in results if r.index not in cold]
@@ -280,5 +375,4 @@ def summary(
         mean = sum(r.seconds for r in later) / len(later)
         parts.append(f"later frames {mean:.1f} s each ({later[0].steps} iterations)")
     parts.append(duration(seconds))
-    return f"done: {shown_path(output)} ({', '.join(parts)}); per-frame logs: tensorboard --logdir {shown_path(logs)}"
-
+    return f"done: {shown_path(output)} ({', '.join(parts)}); logs: tensorboard --logdir {shown_path(logs)}"

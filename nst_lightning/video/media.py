@@ -20,9 +20,9 @@ import av
 import numpy as np
 
 from nst_lightning.errors import ImageError
+from nst_lightning.io.files import new_mode
+from nst_lightning.video import VIDEO_SUFFIXES
 
-VIDEO_SUFFIXES = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska"}
-"""Output file endings and their container: H.264 video (any other OUT without an ending is a PNG folder)."""
 # A frame interval may differ from 1/rate by this fraction (timestamps rounded to the time base) and still
 # count as a constant frame rate.
 RATE_TOLERANCE = 0.05
@@ -148,7 +148,8 @@ def encode_video(
 ) -> None:
     """Writes ``frames`` ((H, W, 3) uint8 at the display size) as H.264 to ``output`` (.mp4, .mov or .mkv) at
     ``info``'s frame rate, with ``info``'s first audio stream copied unchanged; through a temporary file
-    renamed at the end, so ``output`` is never half-written."""
+    renamed at the end, so ``output`` is never half-written, with an image's permissions (a new file's under the
+    umask)."""
     container_format = VIDEO_SUFFIXES[output.suffix.lower()]
     temporary = _temporary(output)
     try:
@@ -166,6 +167,7 @@ def encode_video(
                 out.mux(stream.encode(frame))
             out.mux(stream.encode(None))
             del audio
+        os.chmod(temporary, new_mode())  # as an image is written (0644 under the usual umask), not mkstemp's 0600
         os.replace(temporary, output)
     except av.FFmpegError as err:
         raise ImageError(f"cannot write {output}: {' '.join(str(err).split())} (nothing was written)") from None
@@ -195,13 +197,15 @@ def _copy_audio(source: Path, out: av.container.OutputContainer, output: Path) -
 
 def write_png_sequence(frames: Iterator[np.ndarray], output: Path, save: Callable[[np.ndarray, Path], None]) -> int:
     """Writes ``frames`` as ``frame_000001.png``... into the new folder ``output``: into a temporary folder
-    beside it first, renamed to ``output`` once every frame is written. Returns the number of frames."""
+    beside it first, renamed to ``output`` once every frame is written (with a new folder's permissions under the
+    umask, as the frames have a new file's). Returns the number of frames."""
     temporary = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
     try:
         count = 0
         for index, pixels in enumerate(frames):
             save(pixels, temporary / f"frame_{index + 1:06d}.png")
             count += 1
+        os.chmod(temporary, new_mode(folder=True))  # 0755 under the usual umask, not mkdtemp's 0700
         if output.is_dir():  # --overwrite: the old folder goes only once the new one is complete
             old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".old"))
             os.replace(output, old / output.name)

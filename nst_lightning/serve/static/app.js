@@ -6,16 +6,43 @@ if (params.get("token")) sessionStorage.setItem("nst-token", params.get("token")
 const token = sessionStorage.getItem("nst-token") || "";
 const withToken = (url) => token ? url + (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token) : url;
 const $ = (id) => document.getElementById(id);
+const ACTIVE = ["queued", "running"];
 
 let contentFile = null;
 let styleFiles = [];
 let current = null;      // the job shown in the live panel
+let pinned = false;      // shown because "Watch" was clicked: kept until it finishes (else the panel follows the queue)
 let source = null;       // its EventSource
 let losses = [];         // [step, loss] of the job shown
+let messageFrom = null;  // what the banner is about: "form" (cleared by a change) or "list" (by the next refresh)
 
-function say(text) {
+function say(text, from = "form") {
   $("message").textContent = text;
   $("message").hidden = !text;
+  messageFrom = text ? from : null;
+}
+
+// The field each API key is shown in, for marking the one at fault.
+const FIELD_OF_KEY = { "data.image_size": "size", "trainer.max_steps": "steps", "model.style_weight": "style-weight",
+  "model.preserve_color": "preserve-color", "model.backbone": "backbone", "model.weights": "weights",
+  content: "content-drop", style: "style-drop" };
+
+function markBad(key) {
+  const id = FIELD_OF_KEY[key] || (key && key.startsWith("style") ? "style-drop" : null);
+  if (id) { $(id).classList.add("bad"); $(id).setAttribute("aria-invalid", "true"); }
+}
+
+// The user changed something: an error about the form is old news.
+function fixed() {
+  if (messageFrom === "form") say("");
+  for (const element of document.querySelectorAll(".bad")) {
+    element.classList.remove("bad");
+    element.removeAttribute("aria-invalid");
+  }
+}
+
+class ApiError extends Error {
+  constructor(message, key) { super(message); this.key = key; }
 }
 
 async function api(path, options = {}) {
@@ -23,32 +50,67 @@ async function api(path, options = {}) {
   if (token) headers["Authorization"] = "Bearer " + token;
   const response = await fetch("/api" + path, Object.assign({}, options, { headers }));
   if (!response.ok) {
-    let detail = response.statusText;
-    try { detail = (await response.json()).detail || detail; } catch (e) { /* not JSON */ }
-    throw new Error(detail);
+    let detail = response.statusText, key = null;
+    try { ({ detail = detail, key = null } = await response.json()); } catch (e) { /* not JSON */ }
+    throw new ApiError(detail, key);
   }
   return response.json();
 }
 
-// ------------------------------------------------------------------ picking images
+// ------------------------------------------------------------------ picking images (kept for a reload)
 
 function thumbs(element, files) {
   element.replaceChildren(...files.map((file) => {
     const img = document.createElement("img");
     img.src = URL.createObjectURL(file);
-    img.title = file.name;
+    img.alt = img.title = file.name;
     return img;
   }));
 }
 
-function setContent(files) {
+function setContent(files, keep = true) {
   contentFile = files[0] || null;
   thumbs($("content-thumbs"), contentFile ? [contentFile] : []);
+  if (keep) { keepFiles(); fixed(); }
 }
 
-function setStyles(files) {
+function setStyles(files, keep = true) {
   styleFiles = Array.from(files);
   thumbs($("style-thumbs"), styleFiles);
+  if (keep) { keepFiles(); fixed(); }
+}
+
+// The files chosen live in this browser's IndexedDB (sessionStorage holds text only, and too little of it).
+function filesStore(mode) {
+  return new Promise((resolve, reject) => {
+    if (typeof indexedDB === "undefined") { reject(new Error("no IndexedDB")); return; }
+    const opened = indexedDB.open("nst-lightning-page", 1);
+    opened.onupgradeneeded = () => opened.result.createObjectStore("files");
+    opened.onerror = () => reject(opened.error);
+    opened.onsuccess = () => resolve(opened.result.transaction("files", mode).objectStore("files"));
+  });
+}
+
+const done = (request) => new Promise((resolve, reject) => {
+  request.onsuccess = () => resolve(request.result);
+  request.onerror = () => reject(request.error);
+});
+
+function cannotKeepFiles() {
+  $("files-note").textContent = "This browser does not keep the images chosen: after a reload, choose them again.";
+}
+
+async function keepFiles() {
+  try { await done((await filesStore("readwrite")).put({ content: contentFile, styles: styleFiles }, "chosen")); }
+  catch (err) { cannotKeepFiles(); }
+}
+
+async function restoreFiles() {
+  try {
+    const kept = await done((await filesStore("readonly")).get("chosen"));
+    if (kept && kept.content && !contentFile) setContent([kept.content], false);
+    if (kept && kept.styles && kept.styles.length && !styleFiles.length) setStyles(kept.styles, false);
+  } catch (err) { cannotKeepFiles(); }
 }
 
 function dropZone(zone, input, take) {
@@ -62,12 +124,13 @@ function dropZone(zone, input, take) {
   });
 }
 
-// ------------------------------------------------------------------ settings
+// ------------------------------------------------------------------ settings (kept for a reload)
 
 function fill(select, values, chosen) {
   select.replaceChildren(...values.map((value) => new Option(value, value, false, value === chosen)));
 }
 
+const offers = (select, value) => Array.from(select.options).some((option) => option.value === value);
 let weightsBackbones = {};  // each offered weights name: the backbones it loads with (the server's list)
 
 // The backbone choices are those the chosen weights load with (a file: the backbone read from it).
@@ -76,40 +139,71 @@ function syncBackbone(preferred) {
   fill($("backbone"), allowed, allowed.includes(preferred) ? preferred : allowed[0]);
 }
 
+const FIELDS = { "data.image_size": "size", "trainer.max_steps": "steps", "model.style_weight": "style-weight",
+  "model.preserve_color": "preserve-color", "model.weights": "weights" };
+
 function applySettings(settings) {
-  const fields = { "data.image_size": "size", "trainer.max_steps": "steps", "model.style_weight": "style-weight",
-    "model.preserve_color": "preserve-color", "model.weights": "weights" };
-  for (const [key, id] of Object.entries(fields)) {
-    if (settings[key] !== undefined && settings[key] !== null) $(id).value = settings[key];
+  for (const [key, id] of Object.entries(FIELDS)) {
+    const value = settings[key];
+    if (value === undefined || value === null) continue;
+    if ($(id).tagName !== "SELECT" || offers($(id), String(value))) $(id).value = value;
   }
   syncBackbone(settings["model.backbone"]);
 }
 
+function keepFields() {
+  const kept = Object.fromEntries([...Object.entries(FIELDS), ["model.backbone", "backbone"]]
+    .map(([key, id]) => [key, $(id).value]));
+  sessionStorage.setItem("nst-fields", JSON.stringify(kept));
+}
+
+function restoreFields() {
+  let kept = null;
+  try { kept = JSON.parse(sessionStorage.getItem("nst-fields") || "null"); } catch (e) { /* none kept */ }
+  if (kept && typeof kept === "object") applySettings(kept);
+}
+
+// The settings as config keys; an empty field is left out, so that the server takes its default.
 function chosenSettings() {
-  const number = (id) => Number($(id).value);
-  return {
-    data: { image_size: number("size") },
-    trainer: { max_steps: number("steps") },
-    model: { style_weight: number("style-weight"), preserve_color: $("preserve-color").value,
-      backbone: $("backbone").value, weights: $("weights").value },
-  };
+  const settings = {};
+  const numbers = { "data.image_size": "size", "trainer.max_steps": "steps", "model.style_weight": "style-weight" };
+  for (const [key, id] of Object.entries(numbers)) {
+    if ($(id).value.trim() !== "") settings[key] = Number($(id).value);
+  }
+  for (const [key, id] of [["model.preserve_color", "preserve-color"], ["model.backbone", "backbone"],
+    ["model.weights", "weights"]]) {
+    if ($(id).value) settings[key] = $(id).value;
+  }
+  return settings;
 }
 
 async function start(event) {
   event.preventDefault();
-  if (!contentFile || !styleFiles.length) { say("Pick a content image and at least one style image first."); return; }
+  fixed();
+  if (!contentFile || !styleFiles.length) {
+    say("Pick a content image and at least one style image first.");
+    markBad(contentFile ? "style" : "content");
+    return;
+  }
+  for (const [key, id] of Object.entries(FIELDS)) {
+    if ($(id).validity && $(id).validity.badInput) {
+      say(`${key}: not a number (leave the field empty for the default)`);
+      markBad(key);
+      return;
+    }
+  }
   const form = new FormData();
   form.append("content", contentFile, contentFile.name);
   for (const file of styleFiles) form.append("style", file, file.name);
   form.append("settings", JSON.stringify(chosenSettings()));
   $("start").disabled = true;
   try {
-    const { id } = await api("/jobs", { method: "POST", body: form });
+    await api("/jobs", { method: "POST", body: form });
     say("");
-    watch(id);
-    refresh();
+    await refresh();  // the live panel shows it if nothing runs; else it keeps the running job
   } catch (err) {
     say(err.message);
+    markBad(err.key);
   } finally {
     $("start").disabled = false;
   }
@@ -141,31 +235,51 @@ function drawCurve() {
   ctx.stroke();
 }
 
+// The preview image, or "No image yet" (never a broken-image icon).
+function showPreview(url, step) {
+  const img = $("preview");
+  const empty = (yes) => { img.hidden = yes; $("preview-empty").hidden = !yes; };
+  if (!url) { img.removeAttribute("src"); delete img.dataset.step; empty(true); return; }
+  img.onload = () => empty(false);
+  img.onerror = () => empty(true);
+  img.src = url;
+  img.dataset.step = step;
+}
+
 function showStats(job) {
   const state = $("live-state");
   state.textContent = job.state;
   state.className = "state " + job.state;
+  if (job.names) $("live-name").textContent = `${job.names.content} × ${job.names.styles.join(" + ")}`;
   const eta = job.eta_s == null ? "" : ` · about ${Math.ceil(job.eta_s)} s left`;
   const loss = job.loss == null ? "" : ` · loss ${Number(job.loss).toPrecision(4)}`;
   const queue = job.state === "queued" && job.position ? ` · number ${job.position} in the queue` : "";
   const error = job.error ? ` · ${job.error}` : "";
   $("stats").textContent = `step ${job.step} of ${job.max_steps}${loss}${eta}${queue}${error}`;
-  $("cancel").disabled = !["queued", "running"].includes(job.state);
+  $("live-note").textContent = job.note || "";
+  $("live-note").hidden = !job.note;
+  $("cancel").disabled = !ACTIVE.includes(job.state);
 }
 
-function watch(id) {
+function watch(id, pin = false) {
+  pinned = pin;
+  if (current && current.id === id) return;
   if (source) source.close();
   current = { id, step: 0, max_steps: 0, state: "queued" };
+  $("live").dataset.job = id;
   losses = [];
   drawCurve();
-  $("preview").removeAttribute("src");
+  showPreview(null);
   source = new EventSource(withToken(`/api/jobs/${id}/events`));
+  const mine = source;
   source.addEventListener("state", (event) => {
+    if (source !== mine) return;
     current = Object.assign(current, JSON.parse(event.data));
     showStats(current);
-    if (!["queued", "running"].includes(current.state)) { source.close(); refresh(); }
+    if (!ACTIVE.includes(current.state)) { source.close(); refresh(); }
   });
   source.addEventListener("progress", (event) => {
+    if (source !== mine) return;
     const data = JSON.parse(event.data);
     losses.push(...data.losses);
     Object.assign(current, { step: data.step, max_steps: data.max_steps, loss: data.loss, eta_s: data.eta_s });
@@ -173,16 +287,25 @@ function watch(id) {
     drawCurve();
   });
   source.addEventListener("preview", (event) => {
+    if (source !== mine) return;
     const { step } = JSON.parse(event.data);
-    $("preview").src = withToken(`/api/jobs/${id}/preview?step=${step}`);
-    $("preview").dataset.step = step;
+    showPreview(withToken(`/api/jobs/${id}/preview?step=${step}`), step);
   });
-  source.onerror = () => { if (source.readyState === EventSource.CLOSED) refresh(); };
+  source.onerror = () => { if (source === mine && source.readyState === EventSource.CLOSED) refresh(); };
+}
+
+// The panel follows the queue: the running job, else the next queued one; a finished job stays until another starts.
+// A job picked with "Watch" stays until it finishes.
+function follow(jobs) {
+  const mine = current && jobs.find((job) => job.id === current.id);
+  if (pinned && mine && ACTIVE.includes(mine.state)) return;
+  const next = jobs.find((job) => job.state === "running") || jobs.filter((job) => job.state === "queued").pop();
+  if (next) watch(next.id);
 }
 
 async function cancel() {
   if (!current) return;
-  try { await api(`/jobs/${current.id}/cancel`, { method: "POST" }); } catch (err) { say(err.message); }
+  try { await api(`/jobs/${current.id}/cancel`, { method: "POST" }); refresh(); } catch (err) { say(err.message); }
 }
 
 // ------------------------------------------------------------------ the gallery
@@ -197,6 +320,7 @@ async function runAgain(job) {
     };
     setContent([await fetchInput("content", job.names.content)]);
     setStyles(await Promise.all(job.names.styles.map((shown, i) => fetchInput(`style${i}`, shown))));
+    keepFields();
     say("");
     $("new").scrollIntoView({ behavior: "smooth" });
   } catch (err) {
@@ -204,15 +328,50 @@ async function runAgain(job) {
   }
 }
 
+function downloadLink(job, url, text) {
+  const link = document.createElement("a");
+  link.href = withToken(url);
+  link.download = "";  // the server names it after the photo and the painting (Content-Disposition)
+  link.textContent = text;
+  link.className = "download";
+  return link;
+}
+
+// The job's image (the result, a stopped run's last image, or the preview), or a plain placeholder; a stopped
+// run's image, once it has loaded, gets a download link.
+function cardImage(job, actions) {
+  const frame = document.createElement("div");
+  const placeholder = () => {
+    const shown = document.createElement("div");
+    shown.className = "placeholder";
+    shown.textContent = { queued: "waiting", running: "starting" }[job.state] || "no image";
+    frame.replaceChildren(shown);
+  };
+  const base = `/api/jobs/${job.id}`;
+  const urls = { done: [`${base}/result`], running: [`${base}/preview`], queued: [] }[job.state]
+    || [`${base}/result?partial=true`, `${base}/preview`];
+  if (!urls.length) { placeholder(); return frame; }
+  const img = document.createElement("img");
+  img.alt = `${job.state}: ${job.names.content} × ${job.names.styles.join(" + ")}`;
+  let tried = 0;
+  img.onerror = () => { tried += 1; if (tried < urls.length) img.src = withToken(urls[tried]); else placeholder(); };
+  img.onload = () => {
+    if (job.state !== "done" && urls[tried].includes("partial")) {
+      actions.prepend(downloadLink(job, urls[tried], "Download last image"));
+    }
+  };
+  img.src = withToken(urls[0]);
+  frame.append(img);
+  return frame;
+}
+
 function card(job) {
   const element = document.createElement("div");
   element.className = "card";
   element.dataset.id = job.id;
-  const img = document.createElement("img");
-  if (job.state === "done") img.src = withToken(`/api/jobs/${job.id}/result`);
-  else if (job.state !== "queued") img.src = withToken(`/api/jobs/${job.id}/preview`);
-  img.alt = job.state;
-  img.onerror = () => img.removeAttribute("src");
+  element.dataset.state = job.state;
+  const actions = document.createElement("div");
+  actions.className = "actions";
   const title = document.createElement("div");
   title.innerHTML = `<span class="state ${job.state}"></span> <b></b>`;
   title.querySelector(".state").textContent = job.state;
@@ -222,15 +381,14 @@ function card(job) {
     .join(" · ");
   const progress = document.createElement("div");
   progress.textContent = `step ${job.step} of ${job.max_steps}` + (job.loss == null ? "" : `, loss ${job.loss.toPrecision(4)}`);
-  element.append(img, title, settings, progress);
-  if (job.error) {
-    const error = document.createElement("div");
-    error.className = "error";
-    error.textContent = job.error;
-    element.append(error);
+  element.append(cardImage(job, actions), title, settings, progress);
+  for (const [text, kind] of [[job.note, "note"], [job.error, "error"]]) {
+    if (!text) continue;
+    const shown = document.createElement("div");
+    shown.className = kind;
+    shown.textContent = text;
+    element.append(shown);
   }
-  const actions = document.createElement("div");
-  actions.className = "actions";
   const button = (text, action) => {
     const b = document.createElement("button");
     b.className = "plain";
@@ -238,15 +396,8 @@ function card(job) {
     b.addEventListener("click", action);
     actions.append(b);
   };
-  if (job.state === "done") {
-    const link = document.createElement("a");
-    link.href = withToken(`/api/jobs/${job.id}/result`);
-    link.download = `nst-${job.id.slice(0, 8)}.png`;
-    link.textContent = "Download";
-    link.className = "download";
-    actions.append(link);
-  }
-  if (["queued", "running"].includes(job.state)) button("Watch", () => watch(job.id));
+  if (job.state === "done") actions.append(downloadLink(job, `/api/jobs/${job.id}/result`, "Download"));
+  if (ACTIVE.includes(job.state)) button("Watch", () => watch(job.id, true));
   button("Run again", () => runAgain(job));
   button("Delete", async () => {
     if (!confirm("Delete this job and its images?")) return;
@@ -260,17 +411,15 @@ let shown = "";
 async function refresh() {
   try {
     const jobs = await api("/jobs");
+    if (messageFrom === "list") say("");
     const key = JSON.stringify(jobs.map((job) => [job.id, job.state, job.step]));
     if (key !== shown) {
       shown = key;
       $("gallery").replaceChildren(...jobs.map(card));
     }
-    if (!current) {
-      const active = jobs.find((job) => job.state === "running") || jobs.find((job) => job.state === "queued");
-      if (active) watch(active.id);
-    }
+    follow(jobs);
   } catch (err) {
-    say(err.message);
+    say(err.message, "list");
   }
 }
 
@@ -278,7 +427,10 @@ async function init() {
   dropZone($("content-drop"), $("content"), setContent);
   dropZone($("style-drop"), $("style"), setStyles);
   $("settings").addEventListener("submit", start);
+  $("settings").addEventListener("input", () => { keepFields(); fixed(); });
+  $("settings").addEventListener("change", () => { keepFields(); fixed(); });
   $("cancel").addEventListener("click", cancel);
+  restoreFiles();
   try {
     const options = await api("/options");
     const d = options.defaults;
@@ -286,9 +438,13 @@ async function init() {
     weightsBackbones = options.weights_backbones;
     fill($("weights"), options.weights, options.weights.includes(d["model.weights"]) ? d["model.weights"] : options.weights[0]);
     $("weights").addEventListener("change", () => syncBackbone($("backbone").value));
+    for (const [key, id] of [["data.image_size", "size"], ["trainer.max_steps", "steps"], ["model.style_weight", "style-weight"]]) {
+      $(id).placeholder = `default ${d[key]}`;
+    }
     applySettings(Object.assign({}, d, { "model.weights": $("weights").value }));
+    restoreFields();
   } catch (err) {
-    say(err.message + (token ? "" : " (open the address the server printed, with its ?token=)"));
+    say(err.message + (token ? "" : " (open the address the server printed, with its ?token=)"), "list");
   }
   refresh();
   setInterval(refresh, 3000);

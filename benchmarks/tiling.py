@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""Tiled against whole evaluation of the objective, in one run: the loss curve of the same L-BFGS run (the
+project's settings: history 50, DeviceLBFGS or strong Wolfe, one iteration a step; a whole run from a start
+perturbed by 1e-6 gives the spread of the whole run itself) evaluated whole, over tiles with the exact
+halo, and over tiles with smaller halos; and the time of one evaluation, tiled against whole, interleaved.
+
+    python benchmarks/tiling.py --size 512 --tile 256 --steps 50 [--weights ../shared/weights/vgg16_imagenet_keras.pth]
+
+Prints one table; --json keeps the curves.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import common
+from common import CONTENT, REPO, STYLE, median
+
+DEFAULT_WEIGHTS = REPO.parent / "shared" / "weights" / "vgg16_imagenet_keras.pth"
+
+
+def main() -> None:
+    parser = common.base_parser(__doc__)
+    parser.add_argument("--size", type=int, default=512, help="longest side of the image (default 512)")
+    parser.add_argument("--tile", type=int, default=256, help="tile core size in pixels (default 256)")
+    parser.add_argument("--steps", type=int, default=50, help="L-BFGS iterations of each curve (default 50)")
+    parser.add_argument("--halos", type=int, nargs="*", default=[32, 0], help="smaller halos to try (pixels)")
+    parser.add_argument("--timing-repeats", type=int, default=5, help="interleaved evaluations timed (default 5)")
+    parser.add_argument(
+        "--line-search",
+        default="backtrack",
+        choices=["backtrack", "strong_wolfe"],
+        help="backtrack: DeviceLBFGS, the default; strong_wolfe: torch's L-BFGS (default backtrack)",
+    )
+    parser.add_argument("--history", type=int, default=50, help="L-BFGS history (default 50)")
+    parser.add_argument("--timing-tiles", type=int, nargs="*", default=[], help="more tile sizes to time (pixels)")
+    parser.add_argument(
+        "--noise",
+        type=float,
+        default=1e-6,
+        help="the spread of the whole run itself: a whole run from the start plus noise of this size",
+    )
+    parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="VGG-16 weights file (default: the shared)")
+    args = parser.parse_args()
+    torch, threads = common.setup_torch(args.threads, args.device)
+
+    from nst_lightning import StyleTransferDataModule
+    from nst_lightning.core.features import FeatureExtractor
+    from nst_lightning.core.lbfgs import DeviceLBFGS, make_lbfgs
+    from nst_lightning.core.objective import Objective
+    from nst_lightning.core.tiling import exact_halo, layer_reach
+    from nst_lightning.names import CONTENT_LAYERS, STYLE_LAYERS
+
+    layers = list(CONTENT_LAYERS) + list(STYLE_LAYERS)
+    extractor = FeatureExtractor(layers, "vgg16", args.weights, normalize=True).to(args.device)
+    objective = Objective(extractor, CONTENT_LAYERS, STYLE_LAYERS, [1.0] * len(STYLE_LAYERS)).to(args.device)
+    data = StyleTransferDataModule(str(CONTENT), str(STYLE), image_size=args.size)
+    data.setup("fit")
+    with torch.no_grad():
+        objective.set_targets(data.inputs(), args.device)
+    start = data.inputs().content.to(args.device)
+    exact = exact_halo(layer_reach(extractor.body), layers)
+    sync = common.sync_fn(args.device)
+
+    def evaluate(image, tile, halo):
+        if tile is None:
+            losses = objective(image)
+            losses["total"].backward()
+            return losses
+        from nst_lightning.core.tiling import evaluate_tiled
+
+        return evaluate_tiled(objective, image, tile, lambda t: t.backward(), halo=halo)
+
+    def curve(tile, halo, noise=0.0) -> list[float]:
+        generator = torch.Generator().manual_seed(0)
+        image = torch.nn.Parameter(start + noise * torch.randn(start.shape, generator=generator).to(start.device))
+        optimizer = make_lbfgs(image, 1.0, args.history, args.line_search)
+        losses: list[float] = []
+
+        def closure():
+            optimizer.zero_grad()
+            return evaluate(image, tile, halo)["total"].detach()
+
+        for _ in range(args.steps):  # the loss where each step starts (DeviceLBFGS: its last accepted point)
+            loss = optimizer.step(closure)
+            losses.append(float(optimizer.accepted_loss() if isinstance(optimizer, DeviceLBFGS) else loss))
+        return losses
+
+    variants = [("whole", None, None, 0.0), (f"tiled, halo {exact} (exact)", args.tile, exact, 0.0)]
+    if args.noise:
+        variants.insert(1, (f"whole, start + {args.noise:g} noise", None, None, args.noise))
+    variants += [(f"tiled, halo {h}", args.tile, h, 0.0) for h in args.halos if h != exact]
+    curves = {name: curve(tile, halo, noise) for name, tile, halo, noise in variants} if args.steps else {}
+
+    # Time per evaluation, whole and exact-tiled in turn on the same image.
+    image = torch.nn.Parameter(start.clone())
+    timed = [("whole", None)] + [(f"tiled {t}", t) for t in dict.fromkeys([args.tile, *args.timing_tiles])]
+    times: dict[str, list[float]] = {name: [] for name, _ in timed}
+    for _ in range(args.timing_repeats):
+        for name, tile in timed:
+            image.grad = None
+            sync()
+            began = time.perf_counter()
+            evaluate(image, tile, exact)
+            sync()
+            times[name].append(time.perf_counter() - began)
+
+    height, width = start.shape[-2:]
+    print(f"{width}x{height} px, tiles of {args.tile} px, {args.steps} L-BFGS iterations, {threads} threads")
+    if curves:
+        whole = curves["whole"]
+        print(f"{'variant':<32} {'final loss':>12} {'vs whole':>9} {'worst step':>11}")
+        for name, losses in curves.items():
+            worst = max(abs(a / b - 1) for a, b in zip(losses, whole, strict=True))
+            print(f"{name:<32} {losses[-1]:>12.5g} {losses[-1] / whole[-1] - 1:>+9.2%} {worst:>11.2%}")
+    for name, _ in timed[1:]:
+        ratio = median(times[name]) / median(times["whole"])
+        took = f"whole {median(times['whole']):.3f} s, {name} px {median(times[name]):.3f} s"
+        print(f"one evaluation: {took}: {ratio:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps({"curves": curves, "times": times, "halo": exact}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Tiled evaluation against the whole image's: the same losses and gradient (exact halo), every loss term,
+masks and colour modes; the tile plan covers each activation once."""
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from nst_lightning.core.features import FeatureExtractor
+from nst_lightning.core.inputs import Inputs
+from nst_lightning.core.objective import Objective
+from nst_lightning.core.tiling import evaluate_tiled, exact_halo, layer_reach, plan_tiles
+from nst_lightning.errors import ConfigError
+from nst_lightning.main import cli_main
+from nst_lightning.run import memory, plan
+from tests.conftest import write_config
+
+CONTENT, STYLE = ["conv2_2"], ["conv1_1", "conv2_1", "conv3_1"]
+
+
+def objective(content=CONTENT, style=STYLE, backbone="vgg16", **kwargs) -> Objective:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        extractor = FeatureExtractor(content + style, backbone, weights="random", normalize=True)
+    return Objective(extractor, content, style, [1.0] * len(style), **kwargs)
+
+
+def inputs(height=72, width=100, masks=False, styles=1) -> Inputs:
+    generator = torch.Generator().manual_seed(0)
+    content = torch.rand(1, 3, height, width, generator=generator)
+    style_images = [torch.rand(1, 3, 40, 48, generator=generator) for _ in range(styles)]
+    regions = None
+    if masks:
+        left = torch.zeros(1, 1, height, width)
+        left[..., : width // 3] = 1
+        regions = [left, 1 - left]
+    return Inputs(content, style_images, [1.0 / styles] * styles, regions)
+
+
+def whole_and_tiled(loss: Objective, data: Inputs, tile: int, halo=None):
+    with torch.no_grad():
+        loss.set_targets(data)
+    start = loss.initial_image(data, "noise", seed=1)
+    whole = start.clone().requires_grad_()
+    expected = loss(whole)
+    expected["total"].backward()
+    tiled = start.clone().requires_grad_()
+    got = evaluate_tiled(loss, tiled, tile, lambda t: t.backward(), halo=halo)
+    return expected, whole.grad, got, tiled.grad
+
+
+@pytest.mark.parametrize(
+    "settings, data",
+    [
+        ({}, {}),
+        ({"preserve_color": "luminance"}, {}),
+        ({}, {"masks": True, "styles": 2}),
+        ({"preserve_color": "histogram"}, {"masks": True, "styles": 2, "height": 61, "width": 93}),
+    ],
+)
+def test_tiles_with_an_exact_halo_give_the_whole_images_losses_and_gradient(settings, data):
+    expected, grad, got, tiled_grad = whole_and_tiled(objective(**settings), inputs(**data), tile=24)
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value.detach(), rtol=2e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(tiled_grad, grad, rtol=2e-3, atol=1e-6 * float(grad.abs().max()))
+
+
+@pytest.mark.parametrize("data", [{}, {"masks": True, "styles": 2, "height": 77, "width": 100}])
+def test_the_mean_covariance_loss_through_tiles(data):
+    """At a layer whose covariance is well conditioned: conv1_1's 64 random filters span 27 dimensions, and a
+    region with fewer positions than channels (conv3_1 here) has a singular covariance; there the loss sums
+    square roots of near-zero eigenvalues, and in float32 two whole-image evaluations of one image differ
+    by 1% (its gradient by far more)."""
+    loss = objective(style=["conv2_1"], style_loss="mean_cov", tv_weight=5.0)
+    expected, grad, got, tiled_grad = whole_and_tiled(loss, inputs(**data), tile=24)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value.detach(), rtol=1e-3, atol=1e-6, msg=name)
+    torch.testing.assert_close(tiled_grad, grad, rtol=1e-2, atol=1e-3 * float(grad.abs().max()))
+
+
+def test_a_halo_below_the_receptive_field_is_an_approximation():
+    loss = objective()
+    halo = exact_halo(layer_reach(loss.extractor.body), list(loss.extractor.layers))
+    expected, grad, got, tiled_grad = whole_and_tiled(loss, inputs(), tile=24, halo=0)
+    assert halo > 0
+    assert not torch.allclose(tiled_grad, grad, rtol=2e-3)
+    assert not torch.allclose(got["total"], expected["total"].detach(), rtol=2e-4)
+
+
+def test_the_exact_halo_follows_the_receptive_field_of_a_vgg():
+    body = objective(content=["conv4_2"], style=["conv5_1"]).extractor.body
+    reach = layer_reach(body)
+    assert reach["conv5_1"].jump == 16 and reach["conv5_1"].left == 58 and reach["conv5_1"].right == 73
+    assert exact_halo(reach, ["conv4_2", "conv5_1"]) == 64  # max(58, 73 - 16 + 1) = 58, on the 16 px grid
+
+
+def test_a_residual_backbone_is_refused_by_name():
+    with pytest.raises(ValueError, match="tiling needs a VGG"):
+        layer_reach(objective(content=["layer2"], style=["layer1"], backbone="resnet18").extractor.body)
+
+
+@pytest.mark.parametrize("height, width, tile", [(100, 72, 24), (61, 93, 32), (16, 16, 64), (65, 40, 16)])
+def test_the_tile_cores_cover_every_pixel_once(height, width, tile):
+    tiles = plan_tiles(height, width, tile, halo=8, align=8)
+    cover = torch.zeros(height, width, dtype=torch.int64)
+    for part in tiles:
+        cover[part.core_rows, part.core_cols] += 1
+        assert part.rows.start <= part.core_rows.start and part.core_rows.stop <= part.rows.stop
+        assert part.rows.start % 8 == 0 and part.cols.start % 8 == 0
+    assert bool((cover == 1).all())
+
+
+@pytest.mark.parametrize("style_loss, masks", [("gram", False), ("gram", True), ("mean_cov", False)])
+def test_tiled_targets_equal_the_whole_images(style_loss, masks):
+    style = ["conv2_1", "conv3_1"] if style_loss == "mean_cov" else STYLE
+    whole, tiled = objective(style=style, style_loss=style_loss), objective(style=style, style_loss=style_loss)
+    tiled.tile_size = 24
+    data = inputs(masks=masks, styles=2 if masks else 1)
+    style = torch.rand(1, 3, 90, 70, generator=torch.Generator().manual_seed(5))  # larger than a tile
+    data = Inputs(data.content, [style] * len(data.styles), data.blend, data.masks)
+    with torch.no_grad():
+        whole.set_targets(data)
+        tiled.set_targets(data)
+    expected, got = whole.state_dict(), tiled.state_dict()
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    assert tiled.activation_scale[1] == whole.activation_scale[1]
+    assert abs(tiled.activation_scale[0] / whole.activation_scale[0] - 1) < 1e-5
+
+
+def test_the_objective_evaluates_over_tiles_when_it_has_a_tile_size():
+    loss = objective(tv_weight=1.0)
+    data = inputs()
+    with torch.no_grad():
+        loss.set_targets(data)
+    image = loss.initial_image(data, "noise", seed=2)
+    whole = image.clone().requires_grad_()
+    expected = loss.evaluate(whole, lambda t: t.backward())
+    loss.tile_size = 32
+    tiled = image.clone().requires_grad_()
+    got = loss.evaluate(tiled, lambda t: t.backward())
+    torch.testing.assert_close(got["total"], expected["total"].detach(), rtol=2e-4, atol=0)
+    torch.testing.assert_close(tiled.grad, whole.grad, rtol=2e-3, atol=1e-6 * float(whole.grad.abs().max()))
+
+
+class Sizes:
+    """The sizes a data module would give (an ImageSource without images)."""
+
+    style_scale, mask_count = 1.0, 0
+
+    def __init__(self, width: int, height: int) -> None:
+        self.image_size, self.shape = max(width, height), (width, height)
+
+    def content_size(self, size=None):
+        side = size or self.image_size
+        return round(self.shape[0] * side / self.image_size), round(self.shape[1] * side / self.image_size)
+
+    def style_sizes(self, size=None, style_scale=None):
+        return [self.content_size(size)]
+
+
+SETTINGS = {
+    "content_layers": ["relu4_2"],
+    "style_layers": ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"],
+    "backbone": "vgg16",
+    "pooling": "max",
+    "optimizer": "lbfgs",
+    "weights": "random",
+    "style_loss": "gram",
+    "lbfgs_history_size": 5,
+    "preserve_color": "none",
+}
+
+
+def test_the_memory_plan_tiles_only_what_does_not_fit_whole():
+    extractor = memory._shapes_only(("relu4_2", "relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"), "vgg16", "max")
+    images, sizes = Sizes(3000, 2250), [512, 1024, 3000]
+    whole = memory.estimate_peak(2250, 3000, backbone="vgg16", weights="random", history_size=5)
+    budget = whole.total - whole.runtime - 1  # just too little for the whole image
+    estimate, tiles, history = plan.plan_run(images, sizes, extractor, SETTINGS, "32-true", "cpu", available=budget)
+    assert tiles[:2] == [None, None] and tiles[-1] in plan.TILE_SIDES and tiles[-1] < 3000
+    assert estimate.total - estimate.runtime <= budget < whole.total - whole.runtime and history == 5
+    # Much less memory: smaller tiles; tiles asked for: those, at every scale larger than them.
+    _, small, _ = plan.plan_run(images, sizes, extractor, SETTINGS, "32-true", "cpu", available=budget // 3)
+    assert small[-1] < tiles[-1]
+    _, forced, _ = plan.plan_run(images, sizes, extractor, {**SETTINGS, "tile_size": 768}, "32-true", "cpu")
+    assert forced == [None, 768, 768]
+    with pytest.raises(ConfigError, match=r"over 128 px tiles needs about .* try data.image_size"):
+        plan.plan_run(images, sizes, extractor, SETTINGS, "32-true", "cpu", available=whole.runtime // 4)
+
+
+def test_a_tiled_run_through_the_command_line_matches_the_whole_one_and_resumes_exactly(tmp_path, images, monkeypatch):
+    """Forced small tiles (model.tile_size) at 96x72 px, shallow layers so that the halo leaves real tiles: the
+    run's image is the untiled run's (to rounding), and 2 + 2 steps resumed end on the bits of 4 in one go."""
+    monkeypatch.setattr(sys, "argv", ["cli.py"])
+    model = {"content_layers": ["conv2_2"], "style_layers": ["relu1_1", "relu2_1"]}
+
+    def run(folder: str, *args: str) -> Path:
+        (tmp_path / folder).mkdir(exist_ok=True)
+        config = write_config(tmp_path / folder, images, model=model, data={"image_size": 96})
+        cli_main(["fit", "--config", str(config), *args])
+        return sorted((tmp_path / folder / "runs" / "lightning_logs").glob("version_*/checkpoints/*.ckpt"))[-1]
+
+    whole = torch.load(run("whole"), weights_only=True)
+    tiled = torch.load(run("tiled", "--model.tile_size", "64"), weights_only=True)
+    assert tiled["hyper_parameters"]["tile_size"] == 64
+    # One evaluation agrees to 1e-6 (above); four L-BFGS steps, whose second is sized by the tiny first, grow
+    # that rounding to a few thousandths at most.
+    torch.testing.assert_close(tiled["state_dict"]["image"], whole["state_dict"]["image"], rtol=0, atol=1e-2)
+    half = run("split", "--model.tile_size", "64", "--trainer.max_steps", "2")
+    resumed = torch.load(
+        run("split", "--model.tile_size", "64", "--ckpt_path", str(half), "--overwrite"), weights_only=True
+    )
+    assert resumed["global_step"] == tiled["global_step"] == 4
+    assert torch.equal(resumed["state_dict"]["image"], tiled["state_dict"]["image"])
+
+
+def test_where_even_tiles_do_not_fit_the_plan_keeps_fewer_lbfgs_steps_before_it_takes_small_tiles():
+    extractor = memory._shapes_only(("relu4_2", "relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"), "vgg16", "max")
+    settings = {**SETTINGS, "lbfgs_history_size": 50}
+
+    def plan_within(tile: int, history: int):
+        small = memory.estimate_peak(2250, 3000, backbone="vgg16", weights="random", history_size=history, tile=tile)
+        budget = small.total - small.runtime
+        estimate, tiles, kept = plan.plan_run(
+            Sizes(3000, 2250), [3000], extractor, settings, "32-true", "cpu", available=budget
+        )
+        assert estimate.total - estimate.runtime <= budget
+        return tiles, kept
+
+    # 768 px tiles with 12 steps rather than 128 px tiles (4 times the work) with all 50.
+    assert plan_within(768, 12) == ([768], 12)
+    # Where no tile of 512 px or more fits with 12 steps, fewer steps (down to 5) and smaller tiles.
+    tiles, kept = plan_within(128, 12)
+    assert plan.MIN_HISTORY <= kept < 12 and tiles[0] <= 512
