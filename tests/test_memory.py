@@ -1,9 +1,13 @@
 import pytest
 
 from nst_lightning.errors import ConfigError
-from nst_lightning.run.memory import check_fits, estimate_peak, estimate_peak_bytes
+from nst_lightning.run.memory import check_fits, estimate_peak
 
 MIB = 2**20
+
+
+def estimate_peak_bytes(height: int, width: int, **kwargs) -> int:
+    return estimate_peak(height, width, **kwargs).total
 
 
 def test_estimate_grows_with_size_history_and_depth():

@@ -190,11 +190,6 @@ def estimate_peak(
     return replace(estimate, heap_slack=math.ceil((CPU_HEAP_SLACK - 1) * estimate.largest_phase))
 
 
-def estimate_peak_bytes(height: int, width: int, **kwargs) -> int:
-    """The estimated peak memory of a run in bytes (see :func:`estimate_peak` for the arguments)."""
-    return estimate_peak(height, width, **kwargs).total
-
-
 def fits_in(estimate: MemoryEstimate, free: int | None) -> bool:
     """Whether the run of ``estimate`` fits in ``free`` bytes (None: not known, so yes), the process's own aside."""
     return free is None or estimate.total - estimate.runtime <= free
