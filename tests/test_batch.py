@@ -144,6 +144,7 @@ def test_bad_settings(kwargs, message):
 # ---------------------------------------------------------------- runs
 
 
+@pytest.mark.slow
 def test_each_pair_gets_its_output_and_its_tensorboard_run(tmp_path, pairs_setup, capsys):
     files, config = pairs_setup
     status = run_batch(*batch_args(config, tmp_path, [files["c1"], files["c2"]], [files["s1"], files["s2"]]))
@@ -273,6 +274,7 @@ def test_sharding_needs_the_real_command_line(tmp_path, pairs_setup, capsys):
     _expect_one_line_error(capsys, args, "re-run the command line")
 
 
+@pytest.mark.slow
 def test_two_processes_share_the_pairs(tmp_path, pairs_setup):
     """The real command, sharded over 2 CPU processes by Lightning's launcher."""
     files, config = pairs_setup

@@ -13,6 +13,7 @@ import proxy_weights  # noqa: E402
 import time_to_quality  # noqa: E402
 
 
+@pytest.mark.slow
 def test_proxy_weights_give_every_convolution_unit_mean_square(tmp_path):
     from torch import nn
     from torchvision.models import vgg19
@@ -79,6 +80,7 @@ def test_time_to_quality_judges_every_run_by_the_final_size_objective_in_miniatu
     assert (Path(tmp_path) / "sheet.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "script, args, expected",
     [

@@ -61,6 +61,7 @@ def test_another_weights_file_or_a_changed_one_is_measured_again(fresh, weights_
     assert len(list(fresh.glob("layer_means/*.json"))) == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [b"", b"{not json", b'{"key": 1, "means": {}}', b'{"key": {}, "means": []}'])
 def test_a_damaged_cache_file_is_measured_again_and_rewritten(fresh, weights_file, monkeypatch, damage):
     first = measured(str(weights_file))

@@ -47,6 +47,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch
     assert os.listdir(tmp_path) == ["run.ckpt"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE")
 def test_a_full_disk_during_a_run_is_one_line_and_keeps_the_image(tmp_path, images):
     # The child may not write files over 1 MB (EFBIG, as a full disk gives ENOSPC): the images and

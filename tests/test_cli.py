@@ -159,6 +159,7 @@ OVERLAY_OVERRIDES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overlay", sorted(p.name for p in (REPO / "configs").glob("*.yaml") if p.name not in ("default.yaml", "batch.yaml"))
 )

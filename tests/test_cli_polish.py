@@ -44,6 +44,7 @@ def bar_frames(stderr: str) -> list[str]:
     return [frame.strip() for frame in re.split(r"[\r\n]", stderr) if frame.strip().startswith("stylising")]
 
 
+@pytest.mark.slow
 @posix_only
 def test_an_interrupted_run_resumes_in_its_own_run_folder_with_a_whole_bar(tmp_path, pair):
     stop = "--trainer.callbacks+={class_path: tests.test_guard.SendSignal, init_args: {at_step: 3, signum: 2}}"
@@ -71,6 +72,7 @@ def test_an_interrupted_run_resumes_in_its_own_run_folder_with_a_whole_bar(tmp_p
     assert frames[-1].endswith(f"loss={final}]"), (frames[-1], resumed.stdout)
 
 
+@pytest.mark.slow
 def test_a_batch_bar_shows_the_steps_of_the_pair_in_progress_and_skipped_pairs_do_not_count(tmp_path):
     for name in ("c1", "c2"):
         make_image(tmp_path / f"{name}.png", 32, 32, seed=len(name))
@@ -101,6 +103,7 @@ class SeesPartial(Callback):
                 Path(self.record).write_text(f"{image.size[0]}x{image.size[1]}")
 
 
+@pytest.mark.slow
 def test_the_neural_style_flags_reach_the_run(tmp_path, pair):
     make_image(tmp_path / "second.png", 24, 24, seed=3)
     watch = f"{{class_path: tests.test_cli_polish.SeesPartial, init_args: {{path: {tmp_path / 'out.partial.tif'}, "
@@ -185,6 +188,7 @@ def test_version_names_torch_lightning_and_the_device(tmp_path):
     assert done.stderr == ""
 
 
+@pytest.mark.slow
 def test_fit_help_shows_our_settings_first_and_lightnings_on_request(tmp_path):
     short = command(tmp_path, "fit", "--help").stdout
     assert short.startswith("usage: nst-lightning fit")
@@ -198,6 +202,7 @@ def test_fit_help_shows_our_settings_first_and_lightnings_on_request(tmp_path):
     assert len(short.splitlines()) < len(whole.splitlines()) / 2
 
 
+@pytest.mark.slow
 def test_the_readme_names_what_quick_writes_and_the_cpu_wheels(tmp_path):
     printed = command(tmp_path, "fit", "--config", "default", "--config", "quick", "--print_config").stdout
     path = yaml.safe_load(printed)["output"]["path"]

@@ -60,6 +60,7 @@ def one_error_line(capsys, args: list[str], message: str, code: int | None = Non
     return lines[0]
 
 
+@pytest.mark.slow
 def test_the_one_shot_command_writes_the_image_and_says_so_in_one_line(work):
     result = command(work, "content.png", "style.jpg", "-o", "out.png", *TINY)
     assert result.returncode == 0, result.stderr
@@ -81,6 +82,7 @@ def test_the_one_shot_command_writes_the_image_and_says_so_in_one_line(work):
     assert "stylising" in err and "2/2 iterations [" in err and "<00:00, loss=" in err
 
 
+@pytest.mark.slow
 def test_verbose_shows_what_lightning_says(work):
     result = command(work, "content.png", "style.jpg", "-o", "out.png", *TINY, "--verbose")
     assert result.returncode == 0, result.stderr
@@ -262,6 +264,7 @@ def test_the_top_level_help_and_version(capsys):
     assert ", Lightning " in lines[1] and lines[2].startswith("device (--device auto, the default): ")
 
 
+@pytest.mark.slow
 def test_a_zero_style_weight_says_what_the_run_makes(work):
     result = command(work, "content.png", "style.jpg", "-o", "out.png", *TINY, "--style-weight", "0")
     assert result.returncode == 0, result.stderr

@@ -81,6 +81,7 @@ def _mean_rectified(extractor, images, layer):
     return sum(float(extractor(image)[layer].clamp(min=0).mean()) for image in images) / len(images)
 
 
+@pytest.mark.slow
 def test_normalising_gives_every_layer_a_mean_activation_of_one(weights_file):
     layers = ["conv1_1", "relu2_1", "conv4_2", "pool3"]
     raw = FeatureExtractor(layers, weights=str(weights_file))

@@ -75,6 +75,7 @@ def check_files_complete(folder: Path) -> None:
         torch.load(path, weights_only=True)
 
 
+@pytest.mark.slow
 @posix_only
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_saves_image_and_checkpoint_and_the_run_resumes(tmp_path, images, signum, code, capsys):
@@ -158,6 +159,7 @@ class SlowDisk(Callback):
         trainer.strategy.checkpoint_io = StuckIO()
 
 
+@pytest.mark.slow
 @posix_only
 def test_a_second_ctrl_c_quits_at_once_without_damaging_files(tmp_path, images):
     # The first Ctrl-C stops the run; while its checkpoint is half written (the disk is stuck), a

@@ -157,6 +157,7 @@ class InterruptOnce(Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
+@pytest.mark.slow
 @posix_only
 def test_an_interrupted_batch_pair_is_never_taken_for_done_and_resumes(tmp_path, images, capsys):
     folder = tmp_path / "in"

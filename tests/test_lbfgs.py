@@ -142,6 +142,7 @@ def test_a_non_finite_evaluation_is_raised_when_read_with_the_last_finite_image(
     torch.testing.assert_close(x.detach(), torch.zeros(4))
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_is_bit_exact(tmp_path, images, monkeypatch):
     """Through the real command line: 6 steps in one run, and 3 + 3 resumed, end on the same bits."""
     monkeypatch.setattr(sys, "argv", ["cli.py"])

@@ -47,6 +47,7 @@ class Fails(Callback):
             raise RuntimeError("a fault mid-run")
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_every_steps_losses_logged_a_few_steps_late(tmp_path, images):
     steps = 23  # two full copies of 10 rows and a part, the first step's on its own
     assert FLUSH_EVERY == 10

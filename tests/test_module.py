@@ -191,6 +191,7 @@ def test_a_line_search_step_does_not_evaluate_its_end_point_twice(tmp_path, imag
     assert sum(counter.per_step[1:]) < 1.5 * len(counter.per_step[1:]), counter.per_step
 
 
+@pytest.mark.slow
 def test_compile_is_opt_in():
     assert make_module().objective._compiled_call_impl is None
     compiled = make_module(compile=True)  # compilation itself happens at the first call, not here

@@ -141,6 +141,7 @@ def test_arrows_point_down():
     assert not wrong, "imports that point up (or across the extras):\n" + "\n".join(sorted(wrong))
 
 
+@pytest.mark.slow
 def test_the_maths_loads_no_lightning_jsonargparse_or_pillow():
     """Importing every room of ``core`` loads neither Lightning nor jsonargparse; no core file imports Pillow
     (torchvision itself imports it, so ``sys.modules`` cannot tell)."""

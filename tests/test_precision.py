@@ -197,6 +197,7 @@ def test_compile_with_bf16_mixed_is_refused_on_a_gpu_only():
     check_trainer_settings(Trainer(trainer, precision="bf16-mixed"), compile=True)
 
 
+@pytest.mark.slow
 def test_compile_with_bf16_mixed_lowers_the_loss_on_a_cpu(tmp_path, images, monkeypatch):
     # The combination a GPU run is refused (measured broken there): on a CPU the compiled loss falls as the
     # eager one does. Dynamo and AOTAutograd (the autocast regions, the Gram product's own backward) as a

@@ -148,6 +148,7 @@ def test_the_token_is_needed_on_every_api_call(tmp_path, uploads):
         assert "random" in client.get("/api/options", headers={"X-Token": "s3cret"}).json()["weights"]
 
 
+@pytest.mark.slow
 def test_cancel_stops_a_run_and_keeps_its_image_and_takes_a_queued_job_off(tmp_path, uploads):
     data = tmp_path / "data"
     with TestClient(create_app(data)) as client:
@@ -171,6 +172,7 @@ def test_cancel_stops_a_run_and_keeps_its_image_and_takes_a_queued_job_off(tmp_p
         assert not (data / "jobs" / queued / "progress.jsonl").exists(), "the cancelled queued job never ran"
 
 
+@pytest.mark.slow
 def test_jobs_queue_run_stream_their_progress_survive_a_restart_and_are_deleted(tmp_path, uploads):
     data = tmp_path / "data"
     with TestClient(create_app(data)) as client:
@@ -228,6 +230,7 @@ def test_jobs_queue_run_stream_their_progress_survive_a_restart_and_are_deleted(
         assert [j["id"] for j in client.get("/api/jobs").json()] == [interrupted]
 
 
+@pytest.mark.slow
 def test_the_serve_command_starts_on_localhost_and_stops_on_ctrl_c(tmp_path):
     import signal
     import socket
@@ -280,6 +283,7 @@ def test_the_server_files_are_short_say_their_job_and_the_core_never_imports_the
         assert not serve or inside or path.name == "main.py", f"{path} imports {serve}"
 
 
+@pytest.mark.slow
 def test_serve_on_every_interface_prints_addresses_a_browser_opens_and_file_routes_answer_head(tmp_path):
     import httpx
 

@@ -56,6 +56,7 @@ def is_run(pid: int, job_id: str) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_a_locked_store_is_a_503_and_the_worker_carries_on(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(store, "STORE_TIMEOUT_SECONDS", 0.2)
     data, files = tmp_path / "data", upload_files(tmp_path)
@@ -98,6 +99,7 @@ def test_a_locked_store_is_a_503_and_the_worker_carries_on(tmp_path, monkeypatch
     assert "the job store can be written again" in said
 
 
+@pytest.mark.slow
 def test_a_second_server_on_one_data_folder_is_refused_and_leaves_the_first_alone(tmp_path):
     data = tmp_path / "data"
     first = Server(data, tmp_path / "first.err").wait_up()
@@ -118,6 +120,7 @@ def test_a_second_server_on_one_data_folder_is_refused_and_leaves_the_first_alon
         first.stop()
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_server_checkpoints_the_run_once_and_the_next_start_resumes_it(tmp_path):
     data = tmp_path / "data"
     server = Server(data, tmp_path / "first.err").wait_up()
@@ -210,6 +213,7 @@ def test_a_store_that_is_damaged_or_not_ours_is_refused_at_start(tmp_path, case)
     assert "move it away" in str(refused.value) and path.read_bytes() == before, "the file is left as it was"
 
 
+@pytest.mark.slow
 def test_the_serve_command_refuses_a_bad_store_in_one_line_before_serving(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -221,6 +225,7 @@ def test_the_serve_command_refuses_a_bad_store_in_one_line_before_serving(tmp_pa
     server.stop()
 
 
+@pytest.mark.slow
 def test_the_serve_command_on_a_read_only_data_folder_is_one_line(tmp_path):
     data = tmp_path / "data"
     create_app(data).state.store.close()  # a store made before the folder became read-only
@@ -259,6 +264,7 @@ def _small_files() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 19, 1 << 19))  # files over 512 kB fail (EFBIG), as on a full disk
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(resource, "RLIMIT_FSIZE"), reason="RLIMIT_FSIZE")
 def test_an_upload_that_meets_a_full_disk_is_one_json_error_and_keeps_nothing(tmp_path):
     data = tmp_path / "data"

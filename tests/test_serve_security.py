@@ -103,6 +103,7 @@ def test_no_setting_can_name_a_server_path(tmp_path, uploads, no_runs, extra, ke
         assert list((tmp_path / "data" / "jobs").iterdir()) == [], "nothing left behind"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "argument, key",
     [
@@ -166,6 +167,7 @@ def test_values_that_crashed_the_handler_are_a_422_naming_the_key(
         assert client.get("/api/jobs").json() == [], "the store holds nothing it cannot give back"
 
 
+@pytest.mark.slow
 def test_a_failed_jobs_error_names_no_server_path(tmp_path, uploads):
     weights = tmp_path / "secret-weights-folder"
     weights.mkdir()
@@ -212,6 +214,7 @@ def post_into(answers: list, client: TestClient, uploads: dict) -> None:
     answers.append(post_job(client, uploads).status_code)
 
 
+@pytest.mark.slow
 def test_uploads_are_decoded_a_few_at_a_time_and_a_jpeg_at_the_jobs_scale(tmp_path, uploads, no_runs, monkeypatch):
     import nst_lightning.io.image_io as image_io
 
@@ -308,6 +311,7 @@ def request(port: int, method: str, path: str, headers: dict | None = None, body
         connection.close()
 
 
+@pytest.mark.slow
 def test_other_sites_and_unknown_host_names_are_refused(served):
     port = served
     assert request(port, "GET", "/api/jobs", {"Host": "evil.example"}) == (

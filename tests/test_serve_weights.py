@@ -74,6 +74,7 @@ def test_imagenet_is_offered_for_the_backbones_whose_download_is_cached_and_whol
     assert any("vgg16-397923af.pth are not torchvision's" in line for line in app.state.weights_warnings)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("model", "key", "message"),
     [

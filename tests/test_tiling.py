@@ -51,6 +51,7 @@ def whole_and_tiled(loss: Objective, data: Inputs, tile: int, halo=None):
     return expected, whole.grad, got, tiled.grad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "settings, data",
     [
@@ -68,6 +69,7 @@ def test_tiles_with_an_exact_halo_give_the_whole_images_losses_and_gradient(sett
     torch.testing.assert_close(tiled_grad, grad, rtol=2e-3, atol=1e-6 * float(grad.abs().max()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data", [{}, {"masks": True, "styles": 2, "height": 77, "width": 100}])
 def test_the_mean_covariance_loss_through_tiles(data):
     """At a layer whose covariance is well conditioned: conv1_1's 64 random filters span 27 dimensions, and a
@@ -90,6 +92,7 @@ def test_a_halo_below_the_receptive_field_is_an_approximation():
     assert not torch.allclose(got["total"], expected["total"].detach(), rtol=2e-4)
 
 
+@pytest.mark.slow
 def test_the_exact_halo_follows_the_receptive_field_of_a_vgg():
     body = objective(content=["conv4_2"], style=["conv5_1"]).extractor.body
     reach = layer_reach(body)
@@ -216,6 +219,7 @@ def test_the_memory_plan_tiles_only_what_does_not_fit_whole():
         plan.plan_run(images, sizes, extractor, SETTINGS, "32-true", "cpu", available=whole.runtime // 4)
 
 
+@pytest.mark.slow
 def test_a_tiled_run_through_the_command_line_matches_the_whole_one_and_resumes_exactly(tmp_path, images, monkeypatch):
     """Forced small tiles (model.tile_size) at 96x72 px, shallow layers so that the halo leaves real tiles: the
     run's image is the untiled run's (to rounding), and 2 + 2 steps resumed end on the bits of 4 in one go."""

@@ -56,6 +56,7 @@ def run(tmp_path, *args: str) -> list[float]:
     return [event.value for event in events.Scalars("loss")]
 
 
+@pytest.mark.slow
 def test_the_default_config_stylises_on_a_trained_network(tmp_path):
     losses = run(tmp_path, "--data.image_size", "128", "--trainer.max_steps", "40")
     assert all(np.isfinite(losses)) and len(losses) == 40
@@ -84,6 +85,7 @@ SHRINK = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_shipped_config_starts_safely_on_a_trained_network(tmp_path, overlay):
     extra = [] if overlay == "default.yaml" else ["--config", str(REPO / "configs" / overlay)]

@@ -117,6 +117,7 @@ def usual_umask():
     os.umask(before)
 
 
+@pytest.mark.slow
 def test_output_keeps_frame_count_size_rate_and_audio(tmp_path, clip, style, capsys, usual_umask):
     out = tmp_path / "styled.mp4"
     cli_main(["video", str(clip), str(style), "-o", str(out), *FAST])
@@ -169,6 +170,7 @@ def temporal_frames(tmp_path_factory, clip, style) -> list[np.ndarray]:
     return read_frames(out)
 
 
+@pytest.mark.slow
 def test_temporal_mode_flickers_less_than_independent_frames(tmp_path, clip, style, temporal_frames, usual_umask):
     cli_main(["video", str(clip), str(style), "-o", str(tmp_path / "independent"), *FAST, "--independent"])
     folder = tmp_path / "independent"
@@ -180,6 +182,7 @@ def test_temporal_mode_flickers_less_than_independent_frames(tmp_path, clip, sty
     assert pan_flicker(temporal) < 0.5 * pan_flicker(independent)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_at_the_next_frame_and_gives_the_same_frames(tmp_path, clip, style, capsys, temporal_frames):
     args = ["video", str(clip), str(style), *FAST]
     # The command in a process of its own, killed (SIGKILL: no handler runs) once frame 2 is written.
@@ -374,6 +377,7 @@ def test_flicker_is_zero_for_a_frame_that_moved_with_the_flow():
     assert flicker(previous, previous, backward, mask) > 10
 
 
+@pytest.mark.slow
 def test_two_devices_split_the_frames_into_segments_the_first_as_one_run(
     tmp_path, clip, style, capsys, temporal_frames
 ):
@@ -460,6 +464,7 @@ def test_devices_above_one_needs_the_real_command_line(tmp_path, clip, style, ca
     assert not (tmp_path / "out.mp4.parts").exists()
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_frames_done(tmp_path, clip, style):
     import resource
 

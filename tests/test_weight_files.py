@@ -172,6 +172,7 @@ def saved_model_config(tmp_path: Path) -> dict:
     return yaml.safe_load(config.read_text())["model"]
 
 
+@pytest.mark.slow
 def test_fit_with_the_shipped_default_config_and_weights_alone(tmp_path, images, vgg16_file):
     result = run(
         tmp_path,
@@ -198,6 +199,7 @@ def test_fit_with_the_shipped_default_config_and_weights_alone(tmp_path, images,
     assert saved_model_config(tmp_path)["backbone"] == "vgg16"  # what was built, so a rerun builds it again
 
 
+@pytest.mark.slow
 def test_one_shot_with_a_vgg16_file_and_no_backbone(tmp_path, images, vgg16_file):
     content, style = str(images["content"]), str(images["style"])
     common = [content, style, "--weights", str(vgg16_file), "--size", "32", "--steps", "1"]
