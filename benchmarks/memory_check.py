@@ -56,7 +56,7 @@ def held_pairs(state: dict) -> int:
 
 def wide_style_child(size: int, steps: int) -> None:
     """(In a child process.) Peak RSS of a run on a ``size`` x 16 content with a 64x48 style upscaled to
-    ``size`` px, the estimate the run checks (:func:`~nst_lightning.run.plan.check_run`) and the content's alone."""
+    ``size`` px, the estimate the run checks (:func:`~nst_lightning.run.plan.plan_run`) and the content's alone."""
     import tempfile
     from pathlib import Path
 
@@ -66,7 +66,7 @@ def wide_style_child(size: int, steps: int) -> None:
 
     from nst_lightning import StyleTransfer, StyleTransferDataModule
     from nst_lightning.run.memory import estimate_peak
-    from nst_lightning.run.plan import check_run
+    from nst_lightning.run.plan import plan_run
 
     folder = Path(tempfile.mkdtemp(prefix="nst-wide-style-"))
     rng = np.random.default_rng(0)
@@ -76,7 +76,9 @@ def wide_style_child(size: int, steps: int) -> None:
     module = StyleTransfer(weights="random", lbfgs_history_size=5, content_layers=["relu4_2"])
     data = StyleTransferDataModule(str(folder / "content.png"), str(folder / "style.png"), image_size=size)
     data.setup("fit")
-    estimate = check_run(data, [size], module.objective.extractor, module.hparams, "32-true", "cpu", available=2**62)
+    estimate, _, _ = plan_run(
+        data, [size], module.objective.extractor, module.hparams, "32-true", "cpu", available=2**62
+    )
     content_only = estimate_peak(16, size, weights="random", history_size=5, content_layers=["relu4_2"])
     trainer = Trainer(
         accelerator="cpu",

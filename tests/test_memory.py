@@ -133,7 +133,7 @@ def test_a_refusal_for_a_large_style_names_a_style_scale_that_fits(tmp_path):
     import warnings
 
     from nst_lightning import StyleTransfer, StyleTransferDataModule
-    from nst_lightning.run.plan import check_run
+    from nst_lightning.run.plan import plan_run
     from tests.conftest import make_image
 
     thin, style = make_image(tmp_path / "thin.png", 1024, 16), make_image(tmp_path / "style.png", 32, 24)
@@ -145,7 +145,7 @@ def test_a_refusal_for_a_large_style_names_a_style_scale_that_fits(tmp_path):
 
     def check(style_scale: float):
         data = StyleTransferDataModule(str(thin), str(style), image_size=1024, style_scale=style_scale)
-        return check_run(data, [1024], extractor, settings, "32-true", "cpu", available=free)
+        return plan_run(data, [1024], extractor, settings, "32-true", "cpu", available=free)[0]
 
     assert check_fits(16, 1024, weights="random", available=free, history_size=5)  # the content alone would pass
     with pytest.raises(ConfigError, match=r"^a 1024x16 px run with a 1024x768 px style image needs") as err:

@@ -23,24 +23,6 @@ GOOD_TILE = 512
 tile's pass 1.56 times its core's, a 256 px tile's 2.25 times."""
 
 
-def check_run(
-    images: ImageSource,
-    sizes: Sequence[int],
-    extractor: FeatureExtractor,
-    settings: Mapping[str, Any],
-    precision: str,
-    device: str,
-    *,
-    temporal: bool = False,
-    available: int | None = None,
-) -> MemoryEstimate:
-    """The estimate of :func:`plan_run`'s run (which see), or :class:`ConfigError` where none fits."""
-    estimate, _, _ = plan_run(
-        images, sizes, extractor, settings, precision, device, temporal=temporal, available=available
-    )
-    return estimate
-
-
 def plan_run(
     images: ImageSource,
     sizes: Sequence[int],

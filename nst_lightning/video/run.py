@@ -30,7 +30,7 @@ from nst_lightning.io.files import file_kind
 from nst_lightning.io.image_io import fit_size, open_rgb, resized
 from nst_lightning.run import checks
 from nst_lightning.run.data import StyleTransferDataModule
-from nst_lightning.run.plan import check_run
+from nst_lightning.run.plan import plan_run
 from nst_lightning.video import Stopped
 from nst_lightning.video.frames import FrameRunner, VideoPlan, WorkFolder, run_frames, save_pixels, segments, summary
 from nst_lightning.video.media import VideoInfo, decode_frames, encode_video, probe, write_png_sequence
@@ -198,7 +198,7 @@ def _run(
     precision = str(trainer["precision"] or "32-true")
     device = "cuda" if trainer["accelerator"] in ("gpu", "cuda") else "cpu"
     extractor, temporal = module.objective.extractor, not args.independent
-    check_run(first, [side], extractor, module.hparams, precision, device, temporal=temporal)
+    plan_run(first, [side], extractor, module.hparams, precision, device, temporal=temporal)  # or ConfigError
     if len(layout) == 1:
         results, resumed = _segment(module, plan, work, layout[0], 0, 1, resuming)
     else:
