@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -66,16 +67,8 @@ def events(url: str, into: list[tuple[str, dict]]) -> None:
 
 
 def test_a_watched_run_is_live_in_the_browser_and_read_only(tmp_path, pair):
-    err_path = tmp_path / "stderr.txt"
-    args = [sys.executable, str(REPO / "cli.py"), *pair, "-o", "out.png", "--steps", "80", *TINY, "--watch", "0"]
-    with open(err_path, "w") as err:
-        run = subprocess.Popen(args, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=err, text=True)
+    run, err_path, url = start(tmp_path, *pair, "-o", "out.png", "--steps", "80", *TINY, "--watch", "0")
     try:
-        deadline = time.monotonic() + 60
-        while not (found := URL_LINE.search(err_path.read_text())):
-            assert run.poll() is None and time.monotonic() < deadline, err_path.read_text()
-            time.sleep(0.05)
-        url = found.group(1)
         seen: list[tuple[str, dict]] = []
         stream = threading.Thread(target=events, args=(url + "api/jobs/run/events", seen), daemon=True)
         stream.start()
@@ -101,7 +94,7 @@ def test_a_watched_run_is_live_in_the_browser_and_read_only(tmp_path, pair):
             time.sleep(0.05)
         assert len(steps) >= 2, f"the step advanced while the run ran: {steps}"
         assert image is not None and image.size == (32, 24)
-        stdout, _ = run.communicate(timeout=60)
+        stdout = run.communicate(timeout=60)[0].decode()
         stream.join(10)
     finally:
         run.kill()
@@ -116,6 +109,45 @@ def test_a_watched_run_is_live_in_the_browser_and_read_only(tmp_path, pair):
     assert [step for step, _ in losses] == list(range(1, last + 1)) and all(loss > 0 for _, loss in losses)
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(url, timeout=5)  # the server stopped with the command
+
+
+def start(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, Path, str]:
+    """The command with ``args`` in ``tmp_path``, its stderr to a file: (the process, that file, the page's address)."""
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "w") as err:
+        run = subprocess.Popen(
+            [sys.executable, str(REPO / "cli.py"), *args], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=err
+        )
+    deadline = time.monotonic() + 60
+    while not (found := URL_LINE.search(err_path.read_text())):
+        if run.poll() is not None or time.monotonic() > deadline:
+            run.kill()
+            pytest.fail(err_path.read_text())
+        time.sleep(0.05)
+    return run, err_path, found.group(1)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_stopped_run_tells_its_page_and_exits_as_without_watch(tmp_path, pair):
+    run, err_path, url = start(tmp_path, *pair, "-o", "out.png", "--steps", "5000", *TINY, "--watch", "0")
+    try:
+        seen: list[tuple[str, dict]] = []
+        stream = threading.Thread(target=events, args=(url + "api/jobs/run/events", seen), daemon=True)
+        stream.start()
+        deadline = time.monotonic() + 60
+        while json.loads(get(url + "api/jobs/run")[2])["step"] < 3:
+            assert run.poll() is None and time.monotonic() < deadline, err_path.read_text()
+            time.sleep(0.05)
+        run.send_signal(signal.SIGINT)
+        run.wait(timeout=60)
+        stream.join(10)
+    finally:
+        run.kill()
+    assert run.returncode == 130, err_path.read_text()
+    last = err_path.read_text().splitlines()[-1]
+    assert last.startswith("nst-lightning: interrupted: SIGINT: stopped after step") and "Traceback" not in last
+    assert seen[-1][0] == "state" and seen[-1][1]["state"] == "cancelled", seen[-3:]
+    assert (tmp_path / "out.partial.png").exists() and not (tmp_path / "out.png").exists()
 
 
 def test_the_output_and_the_exit_are_as_without_watch(tmp_path, pair):

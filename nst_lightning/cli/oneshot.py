@@ -104,7 +104,7 @@ def parser() -> argparse.ArgumentParser:
         nargs="?",
         const=WATCH_PORT,
         metavar="PORT",
-        help=f"show the run live in a browser at http://127.0.0.1:PORT/ (PORT {WATCH_PORT}; 0: a free one; '.[web]')",
+        help=f"show the run live in a browser at http://127.0.0.1:PORT/ ({WATCH_PORT}; 0: a free port; needs '.[web]')",
     )
     p.add_argument("--version", action="version", version=f"nst-lightning {__version__}")
     return p

@@ -152,5 +152,6 @@ def watching(listener: socket.socket, names: dict[str, Any]) -> Iterator[WatchFe
         raise
     finally:
         hub.finish(*finished_state(code))
-        hub.wait_streams(STREAMS_WAIT_SECONDS)
+        with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: the command ends at once all the same
+            hub.wait_streams(STREAMS_WAIT_SECONDS)
         server.stop()
