@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import socket
 import sys
 import time
 import warnings
@@ -94,8 +95,10 @@ def cli_main(args: list[str] | None = None) -> None:
     # Everything the command line alone can tell is checked before torch and Lightning load (seconds).
     from nst_lightning.cli import early
 
+    watch = None  # --watch's port and the names the page shows
     if command not in ("fit", "batch", "video"):
         try:
+            watch = _watch_request(argv)
             argv = oneshot.fit_arguments(argv)
         except NSTError as err:  # values that parse but cannot work, as fit's own checks say them
             _stop("error", str(err), EXIT_ERROR)
@@ -115,6 +118,7 @@ def cli_main(args: list[str] | None = None) -> None:
                 early.check_fit(argv[1:])
         except NSTError as err:
             _stop("error", str(err), EXIT_ERROR)
+    listener = _watch_listener(watch)
     if args is None:
         # This process is the command. Python's last garbage collection at exit went through every object of
         # torch and Lightning (about 1 s of CPU): frozen, after the other exit handlers, they are left to the
@@ -142,9 +146,50 @@ def cli_main(args: list[str] | None = None) -> None:
         elif argv[0] == "batch":  # a sharded batch's processes rerun the command line as it was typed (raw)
             _batch_main(argv[1:], raw[1:], verbose)
         else:
-            from nst_lightning.cli.fit import fit_main
+            _fit_main(argv, verbose, listener, watch)
 
-            fit_main(argv, verbose)
+
+def _watch_request(argv: list[str]) -> tuple[int, dict] | None:
+    """The one-shot form's ``--watch`` (its port and the names the page shows), once its extra is found to be
+    installed (looked for, not imported: torch is not loaded yet), or None without ``--watch``."""
+    from nst_lightning.cli import oneshot
+
+    watch = oneshot.watch_request(argv)
+    if watch is not None:
+        from nst_lightning.serve.watch import check_extras
+
+        try:
+            check_extras()
+        except NSTError as err:
+            _stop("error", str(err), EXIT_USAGE)
+    return watch
+
+
+def _watch_listener(watch: tuple[int, dict] | None) -> socket.socket | None:
+    """``--watch``'s port, listened on before torch loads (a port in use is one line); its address on stderr."""
+    if watch is None:
+        return None
+    from nst_lightning.serve.watch import listen, url
+
+    try:
+        listener = listen(watch[0])
+    except NSTError as err:
+        _stop("error", str(err), EXIT_ERROR)
+    print(f"nst-lightning: watch at {url(listener)}", file=sys.stderr, flush=True)
+    return listener
+
+
+def _fit_main(argv: list[str], verbose: bool, listener: socket.socket | None, watch: tuple[int, dict] | None) -> None:
+    """``fit``, with ``--watch``'s page served on ``listener`` while it runs (if given)."""
+    from nst_lightning.cli.fit import fit_main
+
+    if listener is None or watch is None:
+        fit_main(argv, verbose)
+        return
+    from nst_lightning.serve.watch_app import watching
+
+    with watching(listener, watch[1]) as feed:
+        fit_main(argv, verbose, callbacks=[feed])
 
 
 def _video_main(args: list[str], verbose: bool) -> None:

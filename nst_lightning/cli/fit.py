@@ -18,7 +18,7 @@ from typing import Any
 
 import lightning
 from jsonargparse import ActionConfigFile, Namespace
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ProgressBar as AnyProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -61,9 +61,17 @@ class StyleTransferCLI(LightningCLI):
     # Whether output.path is this command's image (a batch names its own outputs).
     writes_output_path = True
 
-    def __init__(self, *args, trainer_overrides: dict[str, Any] | None = None, verbose: bool = False, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        trainer_overrides: dict[str, Any] | None = None,
+        verbose: bool = False,
+        callbacks: Sequence[Callback] = (),
+        **kwargs,
+    ) -> None:
         self.started = time.perf_counter()
         self.trainer_overrides = dict(trainer_overrides or {})
+        self.more_callbacks = list(callbacks)  # besides the config's (the command's own: --watch's feed)
         self.verbose = verbose
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -226,7 +234,7 @@ class StyleTransferCLI(LightningCLI):
         plugins = checks.as_list(built.plugins)
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])
-        callbacks = [*checks.as_list(built.callbacks), RunRecord()]
+        callbacks = [*checks.as_list(built.callbacks), RunRecord(), *self.more_callbacks]
         if trainer.enable_progress_bar is not False and not any(isinstance(c, AnyProgressBar) for c in callbacks):
             callbacks.append(ProgressBar())
         kwargs.setdefault("callbacks", callbacks)
@@ -259,16 +267,17 @@ class StyleTransferCLI(LightningCLI):
         self._subcommand_config().model.layer_means = self.model.hparams.get("layer_means")
 
 
-def fit_main(argv: list[str], verbose: bool = False) -> None:
+def fit_main(argv: list[str], verbose: bool = False, callbacks: Sequence[Callback] = ()) -> None:
     """Runs ``fit`` (``argv`` starts with it) and turns what stops it into one line and an exit status (see
-    :func:`nst_lightning.main.cli_main`); the web app's job processes call this too."""
+    :func:`nst_lightning.main.cli_main`); the web app's job processes call this too. ``callbacks``: more of the
+    run's callbacks, besides those its config names (not saved in its config)."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from nst_lightning.cli.fithelp import shortened
 
     try:
         with shortened(argv, "fit") as args:  # --help: this tool's settings first; --help-all: all of Lightning's
-            StyleTransferCLI(args=args, verbose=verbose)
+            StyleTransferCLI(args=args, verbose=verbose, callbacks=callbacks)
     except Interrupted as err:
         stop("interrupted", str(err), err.exit_code)
     except NSTError as err:

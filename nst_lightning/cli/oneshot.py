@@ -24,7 +24,7 @@ OUTPUT_FOLDER = "outputs"
 # Options of fit that are not dotted keys but pass through all the same.
 FIT_OPTIONS = ("--ckpt_path", "--seed_everything")
 FIT_FLAGS = ("--print_config",)  # no value of their own
-USAGE = """nst-lightning CONTENT STYLE [STYLE ...] [-o OUT] [--size PX] [--steps N] [options]
+USAGE = """nst-lightning CONTENT STYLE [STYLE ...] [-o OUT] [--size PX] [--steps N] [--watch [PORT]] [options]
        nst-lightning {fit,batch} [--config FILE|NAME ...] [--KEY VALUE ...]
        nst-lightning serve [--host H] [--port P] [--data DIR] [--token T]
        nst-lightning video IN STYLE [STYLE ...] -o OUT [--steps-first N] [--steps N] [options]
@@ -57,6 +57,8 @@ FLAGS = (
     ("--print-every", int, "N", "print the loss every N steps on stderr (off; the bar shows it)"),
 )
 LOSS_PRINTER = "nst_lightning.io.console.LossPrinter"
+WATCH_PORT = 8765
+"""``--watch``'s port when it is given without one."""
 CONFIG_HELP = "a config file, or a shipped config by name (nst-lightning configs); several overlay"
 
 
@@ -96,8 +98,35 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other key: model.tv_weight=1")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (else it is refused)")
     p.add_argument("--verbose", action="store_true", help="also what Lightning says, and where warnings come from")
+    p.add_argument(
+        "--watch",
+        type=_port,
+        nargs="?",
+        const=WATCH_PORT,
+        metavar="PORT",
+        help=f"show the run live in a browser at http://127.0.0.1:PORT/ ({WATCH_PORT}; 0: a free port; needs '.[web]')",
+    )
     p.add_argument("--version", action="version", version=f"nst-lightning {__version__}")
     return p
+
+
+def _port(text: str) -> int:
+    """``--watch PORT``: a whole number from 0 to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: give a number from 0 to 65535 (0: a free one)")
+    return value
+
+
+def watch_request(argv: Sequence[str]) -> tuple[int, dict[str, object]] | None:
+    """``--watch``'s port and the names the page shows (``content``, ``styles``), or None without ``--watch``."""
+    args = parser().parse_args(split_fit_options(argv)[0])
+    if args.watch is None:
+        return None
+    return args.watch, {"content": Path(args.content).name, "styles": [Path(style).name for style in args.styles]}
 
 
 def split_fit_options(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 import time
 from typing import Any
@@ -57,8 +58,9 @@ async def job_events(job_id: str, request: Request, state: Server = Depends(serv
     async def shown() -> dict[str, Any]:
         return await run_in_threadpool(public, state, latest[0])
 
+    read = functools.partial(progress.read_progress, store.folder(job_id))
     stream = progress.job_events(
-        job_id, store.folder(job_id), state_of, shown, jobs.FINISHED, request.is_disconnected, EVENT_POLL_SECONDS
+        job_id, read, state_of, shown, jobs.FINISHED, request.is_disconnected, EVENT_POLL_SECONDS
     )
     headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
     return StreamingResponse(progress.with_keepalive(stream), media_type="text/event-stream", headers=headers)

@@ -139,6 +139,15 @@ def eta_seconds(records: list[dict[str, Any]]) -> float | None:
     return max(0.0, pace * (steps[-1]["max_steps"] - steps[-1]["step"]))
 
 
+def elapsed_seconds(records: list[dict[str, Any]]) -> float | None:
+    """Seconds from the start of the run (or its resumption) to its latest step."""
+    start = next((r for r in reversed(records) if "start" in r), None)
+    last = next((r for r in reversed(records) if "step" in r), None)
+    if start is None or last is None or last["time"] < start["time"]:
+        return None
+    return last["time"] - start["time"]
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
     """The newest ``interrupted.ckpt`` of the job's runs, from which the job resumes."""
     found = list((folder / "lightning_logs").glob(f"version_*/checkpoints/{INTERRUPTED_CHECKPOINT}"))
@@ -165,15 +174,16 @@ def sse(name: str, data: Any) -> str:
 
 async def job_events(
     job_id: str,
-    folder: Path,
+    read: Callable[[], list[dict[str, Any]]],
     state_of: Callable[[], Awaitable[str | None]],
     shown: Callable[[], Awaitable[dict[str, Any]]],
     finished: Collection[str],
     stop: Callable[[], Awaitable[bool]],
     poll: float = 0.25,
 ) -> AsyncIterator[str]:
-    """A run's Server-Sent Events, from its ``folder``'s progress file: ``progress`` (new steps and losses, the
-    ETA), ``preview`` (a new preview image), ``state`` (``shown()``: the job, each time ``state_of()`` changes;
+    """A run's Server-Sent Events, from its progress records (``read()``: a job's :func:`read_progress`, a watched
+    run's records in memory): ``progress`` (new steps and losses, the time so far and the ETA), ``preview`` (a new
+    preview image), ``state`` (``shown()``: the job, each time ``state_of()`` changes;
     ``{"id": job_id, "state": "deleted"}`` when it gives None). Ends once the state is one of ``finished``, or
     ``stop()`` is true (the client left). A server job and a watched command-line run (``--watch``) stream this."""
     current, sent_steps, sent_previews = None, 0, 0
@@ -182,7 +192,7 @@ async def job_events(
         if state is None:
             yield sse("state", {"id": job_id, "state": "deleted"})
             return
-        records = await asyncio.to_thread(read_progress, folder)
+        records = await asyncio.to_thread(read)
         steps = [r for r in records if "step" in r]
         previews = [r for r in records if "preview" in r]
         if len(steps) > sent_steps:
@@ -195,6 +205,7 @@ async def job_events(
                     "max_steps": last["max_steps"],
                     "loss": last.get("loss"),
                     "eta_s": eta_seconds(records),
+                    "elapsed_s": elapsed_seconds(records),
                     "losses": losses,
                 },
             )

@@ -7,6 +7,8 @@ const token = sessionStorage.getItem("nst-token") || "";
 const withToken = (url) => token ? url + (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token) : url;
 const $ = (id) => document.getElementById(id);
 const ACTIVE = ["queued", "running"];
+// A command-line run (nst-lightning ... --watch): its server marks the page with the one job it shows.
+const WATCHED = document.body.dataset.watch || null;
 
 let contentFile = null;
 let styleFiles = [];
@@ -252,10 +254,11 @@ function showStats(job) {
   state.className = "state " + job.state;
   if (job.names) $("live-name").textContent = `${job.names.content} × ${job.names.styles.join(" + ")}`;
   const eta = job.eta_s == null ? "" : ` · about ${Math.ceil(job.eta_s)} s left`;
+  const elapsed = job.elapsed_s == null ? "" : ` · ${Math.round(job.elapsed_s)} s so far`;
   const loss = job.loss == null ? "" : ` · loss ${Number(job.loss).toPrecision(4)}`;
   const queue = job.state === "queued" && job.position ? ` · number ${job.position} in the queue` : "";
   const error = job.error ? ` · ${job.error}` : "";
-  $("stats").textContent = `step ${job.step} of ${job.max_steps}${loss}${eta}${queue}${error}`;
+  $("stats").textContent = `step ${job.step} of ${job.max_steps}${loss}${elapsed}${eta}${queue}${error}`;
   $("live-note").textContent = job.note || "";
   $("live-note").hidden = !job.note;
   $("cancel").disabled = !ACTIVE.includes(job.state);
@@ -282,7 +285,8 @@ function watch(id, pin = false) {
     if (source !== mine) return;
     const data = JSON.parse(event.data);
     losses.push(...data.losses);
-    Object.assign(current, { step: data.step, max_steps: data.max_steps, loss: data.loss, eta_s: data.eta_s });
+    Object.assign(current, { step: data.step, max_steps: data.max_steps, loss: data.loss, eta_s: data.eta_s,
+      elapsed_s: data.elapsed_s });
     showStats(current);
     drawCurve();
   });
@@ -291,7 +295,14 @@ function watch(id, pin = false) {
     const { step } = JSON.parse(event.data);
     showPreview(withToken(`/api/jobs/${id}/preview?step=${step}`), step);
   });
-  source.onerror = () => { if (source === mine && source.readyState === EventSource.CLOSED) refresh(); };
+  source.onerror = () => {
+    if (source !== mine) return;
+    if (WATCHED && ACTIVE.includes(current.state)) {  // the command ended before its page heard how
+      source.close();
+      $("live-note").textContent = "The command has ended: its terminal says how.";
+      $("live-note").hidden = false;
+    } else if (source.readyState === EventSource.CLOSED) refresh();
+  };
 }
 
 // The panel follows the queue: the running job, else the next queued one; a finished job stays until another starts.
@@ -409,6 +420,7 @@ function card(job) {
 
 let shown = "";
 async function refresh() {
+  if (WATCHED) return;  // one run, no list
   try {
     const jobs = await api("/jobs");
     if (messageFrom === "list") say("");
@@ -423,7 +435,18 @@ async function refresh() {
   }
 }
 
+// The watch mode: the live panel of the one run, without the form, the gallery or Cancel (the page is read-only).
+function initWatch() {
+  for (const element of [$("new"), $("gallery").parentElement, $("cancel"), document.querySelector("header a")]) {
+    element.hidden = true;
+  }
+  document.querySelector("main").classList.add("single");
+  document.querySelector("#live h2").firstChild.textContent = "Command-line run ";
+  watch(WATCHED, true);
+}
+
 async function init() {
+  if (WATCHED) { initWatch(); return; }
   dropZone($("content-drop"), $("content"), setContent);
   dropZone($("style-drop"), $("style"), setStyles);
   $("settings").addEventListener("submit", start);
