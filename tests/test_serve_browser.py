@@ -79,6 +79,7 @@ def no_sideways_scroll(page) -> None:
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), "the page scrolls sideways"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: apt-get install chromium (.ci/run does)")
 def test_the_page_uploads_shows_the_image_forming_and_downloads_the_result(server, tmp_path):
     url, weights = server
@@ -184,3 +185,34 @@ def test_the_page_uploads_shows_the_image_forming_and_downloads_the_result(serve
             assert "/api/jobs/{job_id}/result" in page.inner_text("#routes")
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: apt-get install chromium (.ci/run does)")
+def test_the_watch_page_of_a_command_line_run_follows_it_to_the_end(tmp_path):
+    """``--watch`` (issue 24): the web app's page, form and queue hidden, shows the command's steps and image as
+    they come and its end; nothing on it can start or change a run."""
+    from tests.conftest import make_image
+    from tests.test_watch import TINY, start
+
+    make_image(tmp_path / "photo.png", 40, 30, seed=1)
+    make_image(tmp_path / "painting.jpg", 32, 32, seed=2)
+    run, _, url = start(tmp_path, "photo.png", "painting.jpg", "-o", "out.png", "--steps", "60", *TINY, "--watch", "0")
+    try:
+        with playwright.sync_playwright() as driver:
+            browser = driver.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            try:
+                page = browser.new_page(viewport={"width": 1200, "height": 820})
+                page.goto(url)
+                page.wait_for_function("/step [1-9]/.test(document.querySelector('#stats').textContent)")
+                assert not page.is_visible("#start") and not page.is_visible("#cancel")
+                assert "Command-line run" in page.inner_text("#live h2")
+                page.wait_for_function("document.querySelector('#live-state').textContent === 'done'", timeout=90_000)
+                page.wait_for_function("document.querySelector('#preview').naturalWidth > 0")
+                no_broken_images(page)
+                no_sideways_scroll(page)
+            finally:
+                browser.close()
+        assert run.wait(timeout=60) == 0 and (tmp_path / "out.png").exists()
+    finally:
+        run.kill()

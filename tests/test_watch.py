@@ -66,6 +66,7 @@ def events(url: str, into: list[tuple[str, dict]]) -> None:
                 into.append((name, json.loads(line[len("data: ") :])))
 
 
+@pytest.mark.slow
 def test_a_watched_run_is_live_in_the_browser_and_read_only(tmp_path, pair):
     run, err_path, url = start(tmp_path, *pair, "-o", "out.png", "--steps", "80", *TINY, "--watch", "0")
     try:
@@ -127,6 +128,7 @@ def start(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, Path, str]:
     return run, err_path, found.group(1)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_a_stopped_run_tells_its_page_and_exits_as_without_watch(tmp_path, pair):
     run, err_path, url = start(tmp_path, *pair, "-o", "out.png", "--steps", "5000", *TINY, "--watch", "0")
@@ -150,6 +152,7 @@ def test_a_stopped_run_tells_its_page_and_exits_as_without_watch(tmp_path, pair)
     assert (tmp_path / "out.partial.png").exists() and not (tmp_path / "out.png").exists()
 
 
+@pytest.mark.slow
 def test_the_output_and_the_exit_are_as_without_watch(tmp_path, pair):
     plain = command(tmp_path, *pair, "-o", "plain.png", "--steps", "3", *TINY)
     watched = command(tmp_path, *pair, "-o", "watched.png", "--steps", "3", *TINY, "--watch", "0")
