@@ -226,3 +226,24 @@ def test_device_lbfgs_keeps_float32_under_a_mixed_precision_step():
 
     plain = run(contextlib.nullcontext)
     assert torch.equal(run(lambda: torch.autocast("cpu", dtype=torch.bfloat16)), plain)
+
+
+def test_last_accepted_is_the_image_until_a_point_is_accepted():
+    # A print run failed inside its first 3000 px step: the optimiser's state existed (zeros), no point was accepted
+    # yet, and the partial image written was black.
+    from nst_lightning.core.lbfgs import last_accepted
+
+    image = torch.nn.Parameter(torch.full((1, 3, 4, 4), 0.5))
+    optimizer = DeviceLBFGS([image], lr=1.0, history_size=3)
+    optimizer._state()  # made, as by a step that fails after its evaluation
+    assert torch.equal(last_accepted(image, [optimizer]), image)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = ((image - 1.0) ** 2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)  # accepts the start and moves the image to its first trial point
+    assert torch.equal(last_accepted(image, [optimizer]), torch.full((1, 3, 4, 4), 0.5))
+    assert not torch.equal(image.detach(), torch.full((1, 3, 4, 4), 0.5))

@@ -45,11 +45,13 @@ def make_lbfgs(image: Tensor, lr: float, history_size: int, line_search: str | N
 
 
 def last_accepted(image: Tensor, optimizers: Sequence[torch.optim.Optimizer]) -> Tensor:
-    """``image``, or where a DeviceLBFGS among ``optimizers`` optimises it, the last point it accepted (a view):
-    the image itself then holds the next trial step, not yet evaluated, which may yet be undone."""
+    """``image``, or where a DeviceLBFGS among ``optimizers`` optimises it, the last point it accepted: the image
+    itself then holds the next trial step, not yet evaluated, which may yet be undone. Before it has accepted any
+    (a run that failed in a scale's first step) its state holds zeros, and the image is the point."""
     for optimizer in optimizers:
         if isinstance(optimizer, DeviceLBFGS) and optimizer.param is image and image in optimizer.state:
-            return optimizer.state[image]["x"].view_as(image)
+            state = optimizer.state[image]
+            return torch.where(state["n_iter"] > 0, state["x"].view_as(image), image)  # no host read
     return image
 
 
