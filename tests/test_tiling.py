@@ -239,3 +239,22 @@ def test_where_even_tiles_do_not_fit_the_plan_keeps_fewer_lbfgs_steps_before_it_
     # Where no tile of 512 px or more fits with 12 steps, fewer steps (down to 5) and smaller tiles.
     tiles, kept = plan_within(128, 12)
     assert plan.MIN_HISTORY <= kept < 12 and tiles[0] <= 512
+
+
+def test_the_run_record_evaluates_the_final_image_over_the_runs_tiles(monkeypatch):
+    # A 3000 px print ran its 236 steps over tiles, wrote its image and checkpoint, then died computing the final
+    # losses of the whole image at once (1.7 GB for one convolution under ulimit -v 12000000).
+    import nst_lightning.core.objective as objective_module
+    from nst_lightning import StyleTransfer
+
+    calls = []
+
+    def tiled(objective, image, tile, backward, halo=None, context=None):
+        calls.append(tile)
+        return {"total": torch.zeros(())}
+
+    monkeypatch.setattr(objective_module, "evaluate_tiled", tiled)
+    module = StyleTransfer(weights="random", tile_size=64)
+    module.image = torch.nn.Parameter(torch.zeros(1, 3, 8, 8))
+    module.objective.tile_size = 64
+    assert module.final_losses()["total"] == 0 and calls == [64]
