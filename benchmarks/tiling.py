@@ -2,7 +2,8 @@
 """Tiled against whole evaluation of the objective, in one run: the loss curve of the same L-BFGS run (the
 project's settings: history 50, DeviceLBFGS or strong Wolfe, one iteration a step; a whole run from a start
 perturbed by 1e-6 gives the spread of the whole run itself) evaluated whole, over tiles with the exact
-halo, and over tiles with smaller halos; and the time of one evaluation, tiled against whole, interleaved.
+halo, and over tiles with smaller halos; one evaluation at the start, tiled against whole (loss and gradient,
+float32 and under bf16 autocast); and the time of one evaluation, tiled against whole, interleaved.
 
     python benchmarks/tiling.py --size 512 --tile 256 --steps 50 [--weights ../shared/weights/vgg16_imagenet_keras.pth]
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 
 import common
 from common import CONTENT, REPO, STYLE, median
@@ -41,6 +43,13 @@ def main() -> None:
         default=1e-6,
         help="the spread of the whole run itself: a whole run from the start plus noise of this size",
     )
+    parser.add_argument(
+        "--agreement",
+        nargs="*",
+        default=["32-true", "bf16-mixed"],
+        choices=["32-true", "bf16-mixed"],
+        help="precisions of the one-evaluation agreement at the start (default both)",
+    )
     parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="VGG-16 weights file (default: the shared)")
     args = parser.parse_args()
     torch, threads = common.setup_torch(args.threads, args.device)
@@ -63,14 +72,15 @@ def main() -> None:
     exact = exact_halo(layer_reach(extractor.body), layers)
     sync = common.sync_fn(args.device)
 
-    def evaluate(image, tile, halo):
+    def evaluate(image, tile, halo, context=nullcontext):
         if tile is None:
-            losses = objective(image)
+            with context():
+                losses = objective(image)
             losses["total"].backward()
             return losses
         from nst_lightning.core.tiling import evaluate_tiled
 
-        return evaluate_tiled(objective, image, tile, lambda t: t.backward(), halo=halo)
+        return evaluate_tiled(objective, image, tile, lambda t: t.backward(), halo=halo, context=context)
 
     def curve(tile, halo, noise=0.0) -> list[float]:
         generator = torch.Generator().manual_seed(0)
@@ -93,6 +103,8 @@ def main() -> None:
     variants += [(f"tiled, halo {h}", args.tile, h, 0.0) for h in args.halos if h != exact]
     curves = {name: curve(tile, halo, noise) for name, tile, halo, noise in variants} if args.steps else {}
 
+    agreement = start_agreement(torch, evaluate, start, args.agreement, args.tile, [exact, *args.halos])
+
     # Time per evaluation, whole and exact-tiled in turn on the same image.
     image = torch.nn.Parameter(start.clone())
     timed = [("whole", None)] + [(f"tiled {t}", t) for t in dict.fromkeys([args.tile, *args.timing_tiles])]
@@ -114,12 +126,36 @@ def main() -> None:
         for name, losses in curves.items():
             worst = max(abs(a / b - 1) for a, b in zip(losses, whole, strict=True))
             print(f"{name:<32} {losses[-1]:>12.5g} {losses[-1] / whole[-1] - 1:>+9.2%} {worst:>11.2%}")
+    if agreement:
+        print(f"{'start, one evaluation':<32} {'loss vs whole':>14} {'gradient: max error / max':>26}")
+        for precision, name, loss_error, grad_error in agreement:
+            print(f"{precision + ', tiled, ' + name:<32} {loss_error:>+14.1e} {grad_error:>26.1e}")
     for name, _ in timed[1:]:
         ratio = median(times[name]) / median(times["whole"])
         took = f"whole {median(times['whole']):.3f} s, {name} px {median(times[name]):.3f} s"
         print(f"one evaluation: {took}: {ratio:.2f}x")
     if args.json:
-        args.json.write_text(json.dumps({"curves": curves, "times": times, "halo": exact}, indent=1))
+        record = {"curves": curves, "times": times, "halo": exact, "agreement": agreement}
+        args.json.write_text(json.dumps(record, indent=1))
+
+
+def start_agreement(torch, evaluate, start, precisions, tile, halos) -> list[tuple[str, str, float, float]]:
+    """One evaluation at the start, tiled (each of ``halos``) against whole: the loss's relative difference and the
+    gradient's largest difference over its largest value, float32 and under bf16 autocast."""
+    rows = []
+    for precision in precisions:
+        dtype = {"32-true": None, "bf16-mixed": torch.bfloat16}[precision]
+        context = (lambda d=dtype: torch.autocast(start.device.type, dtype=d)) if dtype else nullcontext
+        results = {}
+        for name, size, halo in [("whole", None, None), *[(f"halo {h}", tile, h) for h in halos]]:
+            image = torch.nn.Parameter(start.clone())
+            loss = float(evaluate(image, size, halo, context)["total"])
+            results[name] = (loss, image.grad.detach().clone())
+        loss, grad = results.pop("whole")
+        for name, (other, other_grad) in results.items():
+            error = float((other_grad - grad).abs().max() / grad.abs().max())
+            rows.append((precision, name, other / loss - 1, error))
+    return rows
 
 
 if __name__ == "__main__":

@@ -115,6 +115,7 @@ def test_time_to_quality_judges_every_run_by_the_final_size_objective_in_miniatu
             "| 32 (24x32) | tutorial loop | 32-true |",
         ),
         ("logging_overhead.py", ["--size", "32", "--steps", "2", "--repeats", "1"], "logging overhead:"),
+        ("print_sizes.py", ["--available", "4", "--sizes", "512"], "| 4 GiB | 512 px |"),
     ],
 )
 def test_each_benchmark_runs_alone_in_miniature(script, args, expected):

@@ -1,11 +1,13 @@
 """Checkpoints: atomic writes (a simulated full disk), safe reads, refusal of foreign or mismatched ones."""
 
 import inspect
+import io
 import os
 import re
 import resource
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -44,6 +46,23 @@ def test_a_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch
     with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint there is unchanged"):
         checkpoint_io.save_checkpoint({"state_dict": {"image": torch.ones(2)}}, target)
     assert target.read_bytes() == before
+    assert os.listdir(tmp_path) == ["run.ckpt"]
+
+
+def test_a_checkpoint_the_memory_cannot_copy_is_streamed_to_its_file(tmp_path, monkeypatch):
+    # A 3000 px run under `ulimit -v 12000000` had its image written and then died serialising its L-BFGS history
+    # into memory (MemoryError, reported by torch's zip writer as "unexpected pos"): the checkpoint is streamed.
+    import nst_lightning.run.checkpoint as checkpoint_module
+
+    class NoRoom(io.BytesIO):
+        def write(self, data):
+            raise MemoryError
+
+    monkeypatch.setattr(checkpoint_module, "io", types.SimpleNamespace(BytesIO=NoRoom))  # torch's own io untouched
+    target = tmp_path / "run.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"image": torch.arange(6.0)}}, target)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(target, weights_only=True)["state_dict"]["image"], torch.arange(6.0))
     assert os.listdir(tmp_path) == ["run.ckpt"]
 
 

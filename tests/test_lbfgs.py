@@ -202,3 +202,49 @@ def test_a_checkpoint_of_torchs_lbfgs_resumes_with_its_setting_and_only_with_it(
     cli_main(["fit", "--config", str(config), "--ckpt_path", str(ckpt), "--trainer.max_steps", "4", "--overwrite"])
     [resumed] = (tmp_path / "runs" / "lightning_logs").glob("version_*/checkpoints/*step=4.ckpt")
     assert torch.load(resumed, weights_only=True)["optimizer_states"][0]["state"][0]["n_iter"] == 4
+
+
+def test_device_lbfgs_keeps_float32_under_a_mixed_precision_step():
+    # Lightning runs a bf16-mixed training_step, and so the optimiser's step, under autocast: the history's inner
+    # products stay float32 (no half-precision copy of the history: a 3000 px run under `ulimit -v` died of it).
+    target = torch.linspace(-1.0, 1.0, 4096)
+    weight = torch.linspace(0.5, 3.0, 4096)
+
+    def run(context) -> torch.Tensor:
+        image = torch.nn.Parameter(torch.zeros(4096))
+        optimizer = DeviceLBFGS([image], lr=1.0, history_size=5)
+
+        def closure():
+            optimizer.zero_grad()
+            loss = (weight * (image - target) ** 2).sum()  # elementwise: autocast leaves it float32
+            loss.backward()
+            return loss
+
+        for _ in range(8):
+            with context():
+                optimizer.step(closure)
+        return image.detach()
+
+    plain = run(contextlib.nullcontext)
+    assert torch.equal(run(lambda: torch.autocast("cpu", dtype=torch.bfloat16)), plain)
+
+
+def test_last_accepted_is_the_image_until_a_point_is_accepted():
+    # A print run failed inside its first 3000 px step: the optimiser's state existed (zeros), no point was accepted
+    # yet, and the partial image written was black.
+    from nst_lightning.core.lbfgs import last_accepted
+
+    image = torch.nn.Parameter(torch.full((1, 3, 4, 4), 0.5))
+    optimizer = DeviceLBFGS([image], lr=1.0, history_size=3)
+    optimizer._state()  # made, as by a step that fails after its evaluation
+    assert torch.equal(last_accepted(image, [optimizer]), image)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = ((image - 1.0) ** 2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)  # accepts the start and moves the image to its first trial point
+    assert torch.equal(last_accepted(image, [optimizer]), torch.full((1, 3, 4, 4), 0.5))
+    assert not torch.equal(image.detach(), torch.full((1, 3, 4, 4), 0.5))

@@ -45,11 +45,13 @@ def make_lbfgs(image: Tensor, lr: float, history_size: int, line_search: str | N
 
 
 def last_accepted(image: Tensor, optimizers: Sequence[torch.optim.Optimizer]) -> Tensor:
-    """``image``, or where a DeviceLBFGS among ``optimizers`` optimises it, the last point it accepted (a view):
-    the image itself then holds the next trial step, not yet evaluated, which may yet be undone."""
+    """``image``, or where a DeviceLBFGS among ``optimizers`` optimises it, the last point it accepted: the image
+    itself then holds the next trial step, not yet evaluated, which may yet be undone. Before it has accepted any
+    (a run that failed in a scale's first step) its state holds zeros, and the image is the point."""
     for optimizer in optimizers:
         if isinstance(optimizer, DeviceLBFGS) and optimizer.param is image and image in optimizer.state:
-            return optimizer.state[image]["x"].view_as(image)
+            state = optimizer.state[image]
+            return torch.where(state["n_iter"] > 0, state["x"].view_as(image), image)  # no host read
     return image
 
 
@@ -160,6 +162,14 @@ class DeviceLBFGS(torch.optim.Optimizer):
         """Evaluates ``closure`` once at the image, then moves the image to the next point to evaluate."""
         with torch.enable_grad():
             loss = closure()
+        # Lightning runs a mixed-precision training_step, and so this step, under autocast: its inner products
+        # would run in half precision, over a half-precision copy of the whole history (m image-sized vectors'
+        # worth of memory that the memory plan does not count; a 3000 px run under `ulimit -v` died of it).
+        with torch.autocast(self.param.device.type, enabled=False):
+            return self._advance(loss)
+
+    def _advance(self, loss: Tensor) -> Tensor:
+        """:meth:`step` after its evaluation: the curvature pair, the direction, the next point."""
         group, state, p = self.param_groups[0], self._state(), self.param
         m, lr = group["history_size"], group["lr"]
         x, g = p.view(-1), p.grad.reshape(-1)

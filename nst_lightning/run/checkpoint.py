@@ -210,6 +210,19 @@ def estimate_checkpoint_bytes(height: int, width: int, hparams: Mapping[str, Any
     return estimate.optimizer + estimate.targets + 2**16  # plus Lightning's metadata
 
 
+def _serialise(checkpoint: dict[str, Any]) -> io.BytesIO | None:
+    """``checkpoint`` serialised in memory, or None where the memory runs out on the way (torch's zip writer
+    may report that MemoryError as a RuntimeError raised while it closes; the partial copy goes with it)."""
+    buffer = io.BytesIO()
+    try:
+        torch.save(checkpoint, buffer)
+    except (MemoryError, RuntimeError) as err:
+        if not isinstance(err, MemoryError) and not isinstance(err.__context__, MemoryError):
+            raise
+        return None
+    return buffer
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's ``TorchCheckpointIO``, made safe for local files.
 
@@ -224,12 +237,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         # Serialised in memory first (as Lightning does): a write that fails half way then surfaces as
-        # the OSError it is (ENOSPC, EFBIG...) rather than as an assertion inside torch's zip writer.
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
+        # the OSError it is (ENOSPC, EFBIG...) rather than as an assertion inside torch's zip writer. Where the
+        # memory cannot hold a second copy (a print-size run's L-BFGS history under `ulimit -v`), it is
+        # streamed into the temporary file instead, and a failed write is whatever torch's writer raises.
+        serialised = _serialise(checkpoint)
         try:
-            atomic_write(path, lambda handle: handle.write(buffer.getbuffer()))
-        except OSError as err:
+            if serialised is None:
+                atomic_write(path, lambda handle: torch.save(checkpoint, handle))
+            else:
+                atomic_write(path, lambda handle: handle.write(serialised.getbuffer()))
+        except (OSError, RuntimeError) as err:
+            if isinstance(err, RuntimeError) and serialised is not None:
+                raise
             raise CheckpointError(
                 f"cannot write checkpoint {path}: {_first_line(err)} (free some disk space or point "
                 "trainer.default_root_dir at a folder with room; any previous checkpoint there is unchanged)"

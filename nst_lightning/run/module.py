@@ -326,7 +326,8 @@ class StyleTransfer(L.LightningModule):
         return self.image
 
     def final_losses(self) -> dict[str, Tensor]:
-        return self(self.image)
+        # Over the run's tiles where it has them: the whole image's activations at a print size are what did not fit.
+        return self.objective.evaluate(self.image, lambda _: None)
 
     def output_size(self) -> tuple[int, int] | None:
         return None if self.images is None else self.images.content_size()
