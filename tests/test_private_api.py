@@ -63,6 +63,10 @@ def test_the_bf16_query_still_exists():
     assert bf16_is_native_on_cpu() == torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+# The top-level modules of the optional extras (pyproject.toml: web, video), which serve/ and video/ import.
+EXTRAS = {"fastapi", "starlette", "uvicorn", "multipart", "python_multipart", "av", "cv2", "numpy"}
+
+
 def _private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
 
@@ -72,7 +76,12 @@ def _foreign_private_names(path) -> set[str]:
     (or ``cls``), ``self._y`` where no code of the class sets or defines ``_y``, and a method ``_y`` that
     overrides one of a base class from another package."""
     tree = ast.parse(path.read_text())
-    module = importlib.import_module(".".join(path.relative_to(REPO).with_suffix("").parts))
+    try:
+        module = importlib.import_module(".".join(path.relative_to(REPO).with_suffix("").parts))
+    except ModuleNotFoundError as err:  # serve/ or video/ where its extra is not installed (CI's floors venv)
+        if (err.name or "").split(".")[0] not in EXTRAS:
+            raise
+        module = None  # its own names are still read from its source; its base classes cannot be (hasattr: False)
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and _private(node.attr):
