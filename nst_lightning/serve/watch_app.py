@@ -118,7 +118,9 @@ class WatchServer:
 
     def __init__(self, hub: Hub, listener: socket.socket) -> None:
         app = create_watch_app(hub)
-        quiet = {"log_config": None, "log_level": "warning", "access_log": False}
+        # A client's misbehaviour (a body sent to a read-only route, a connection cut) is the client's business:
+        # uvicorn would log it with a traceback on the user's terminal, amid the run's own lines.
+        quiet = {"log_config": None, "log_level": "critical", "access_log": False}
         self.server = uvicorn.Server(uvicorn.Config(app, lifespan="off", timeout_graceful_shutdown=1, **quiet))
         self.listener = listener
         self.thread = threading.Thread(target=self._serve, name="nst-watch", daemon=True)
