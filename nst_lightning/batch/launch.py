@@ -4,7 +4,7 @@ one's single-device Trainer placement, and the rank-zero switch a per-process Tr
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -33,6 +33,22 @@ def start_fabric(accelerator: str, devices: int, num_nodes: int, accelerator_fla
             f"cannot start {devices} process(es) per node on {num_nodes} node(s) with "
             f"{accelerator_flag} {accelerator}: {' '.join(str(err).split())}"
         ) from None
+
+
+def launch(fabric: Any, body: Callable[[Any], Any]) -> Any:
+    """``fabric.launch(body)``: runs ``body(fabric)`` in every process and returns what it returns. Each process
+    destroys its process group on the way out: one left to the interpreter's exit can abort the process
+    (Gloo's worker threads outlive it: "terminate called without an active exception", exit -6)."""
+    import torch.distributed as dist
+
+    def guarded(fabric: Any) -> Any:
+        try:
+            return body(fabric)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    return fabric.launch(guarded)
 
 
 def device_placement(fabric: Any) -> dict[str, Any]:

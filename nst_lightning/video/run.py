@@ -21,7 +21,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from nst_lightning import __version__
-from nst_lightning.batch.launch import as_rank_zero, device_placement, start_fabric
+from nst_lightning.batch.launch import as_rank_zero, device_placement, launch, start_fabric
 from nst_lightning.cli import configs, early, oneshot
 from nst_lightning.cli.fit import StyleTransferCLI
 from nst_lightning.errors import ConfigError, ImageError, NSTError
@@ -205,7 +205,7 @@ def _run(
         if not isinstance(trainer["accelerator"], str):
             raise ConfigError("--devices above 1 needs trainer.accelerator as a name: auto, cpu or gpu")
         fabric = start_fabric(trainer["accelerator"], len(layout), 1, "--device")
-        gathered = fabric.launch(lambda fabric: _shared(fabric, module, plan, work, layout, resuming))
+        gathered = launch(fabric, lambda fabric: _shared(fabric, module, plan, work, layout, resuming))
         if gathered is None:  # a process other than the first: its segment is done, the first writes OUT
             return
         results, resumed = gathered
