@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The largest image the memory plan (nst_lightning/run/plan.py) accepts, with tiles forbidden
 (model.tile_size 0) and allowed (the default), in a given amount of memory; and what the plan decides
-(tile size, L-BFGS history) at the sizes asked for. Estimates only: nothing is allocated, so it takes
-seconds whatever the sizes.
+(tiles, the layers over them, L-BFGS history, the predicted cost per evaluation) at the sizes asked for.
+Estimates only: nothing is allocated, so it takes seconds whatever the sizes.
 
     python benchmarks/print_sizes.py [--available GIB ...] [--ulimit-kib 12000000] [--sizes 3000 ...]
 
@@ -40,6 +40,7 @@ def main() -> None:
     common.setup_torch(1, "cpu")
 
     from nst_lightning import StyleTransfer, StyleTransferDataModule
+    from nst_lightning.core.tiles import relative_cost
     from nst_lightning.errors import ConfigError
     from nst_lightning.run import runtime
     from nst_lightning.run.plan import plan_run
@@ -68,7 +69,9 @@ def main() -> None:
         data = StyleTransferDataModule(str(CONTENT), str(STYLE), image_size=side)
         extractor, settings = module.objective.extractor, module.hparams
         estimate, tiles, history = plan_run(data, [side], extractor, settings, args.precision, "cpu", available=free)
-        return estimate, tiles[-1], history
+        tiling = tiles[-1]
+        cost = relative_cost(extractor, *reversed(data.content_size(side)), tiling)  # (height, width)
+        return estimate, (str(tiling) if tiling else None), history, cost
 
     def largest(module, free: int) -> int:
         """The largest longest side (a multiple of 16) whose plan fits in ``free`` bytes, by bisection."""
@@ -85,29 +88,33 @@ def main() -> None:
     rows = []
     print(f"{args.backbone}, {args.precision}, the sample pair (content 4:3, the style at the same size)")
     print()
-    print("| memory | largest side, tiles forbidden | largest side, tiled | pixels, tiled/whole | tile, history |")
+    print(
+        "| memory | largest side, tiles forbidden | largest side, tiled | pixels, tiled/whole | tiles, history, cost |"
+    )
     print("|---|---|---|---|---|")
     for label, free in budgets:
         whole, tiled = (largest(module, free) for module in modules.values())
-        _, tile, history = plan(modules["tiled (default)"], tiled, free)
-        _, _, whole_history = plan(modules["whole (tile_size 0)"], whole, free)
+        _, tile, history, cost = plan(modules["tiled (default)"], tiled, free)
+        _, _, whole_history, _ = plan(modules["whole (tile_size 0)"], whole, free)
         ratio = f"{tiled**2 / whole**2:.1f}x" if whole else "-"
-        print(f"| {label} | {whole} px (history {whole_history}) | {tiled} px | {ratio} | {tile} px, {history} |")
+        plan_text = f"{tile}, {history}, {cost:.2f}x"
+        print(f"| {label} | {whole} px (history {whole_history}) | {tiled} px | {ratio} | {plan_text} |")
         rows.append({"memory": label, "bytes": free, "whole": whole, "tiled": tiled, "tile": tile, "history": history})
     print()
-    print("| memory | size | tiles forbidden: needs | tiled: needs | tile | L-BFGS history |")
-    print("|---|---|---|---|---|---|")
+    print("| memory | size | tiles forbidden: needs | tiled: needs | tiles | L-BFGS history | cost |")
+    print("|---|---|---|---|---|---|---|")
     for label, free in budgets:
         for side in args.sizes:
             found = []
             for module in modules.values():
                 try:
-                    estimate, tile, history = plan(module, side, free)
-                    found.append((f"{(estimate.total - estimate.runtime) / GIB:.1f} GiB", tile, history))
+                    estimate, tile, history, cost = plan(module, side, free)
+                    found.append((f"{(estimate.total - estimate.runtime) / GIB:.1f} GiB", tile, history, cost))
                 except ConfigError:
-                    found.append(("refused", None, None))
-            (whole, _, _), (need, tile, history) = found
-            print(f"| {label} | {side} px | {whole} | {need} | {tile or 'none'} | {history} |")
+                    found.append(("refused", None, None, None))
+            (whole, _, _, _), (need, tile, history, cost) = found
+            cost = f"{cost:.2f}x" if cost else "-"
+            print(f"| {label} | {side} px | {whole} | {need} | {tile or 'none'} | {history} | {cost} |")
             rows.append({"memory": label, "size": side, "whole": whole, "need": need, "tile": tile, "history": history})
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

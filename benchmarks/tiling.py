@@ -5,7 +5,10 @@ perturbed by 1e-6 gives the spread of the whole run itself) evaluated whole, ove
 halo, and over tiles with smaller halos; one evaluation at the start, tiled against whole (loss and gradient,
 float32 and under bf16 autocast); and the time of one evaluation, tiled against whole, interleaved.
 
-    python benchmarks/tiling.py --size 512 --tile 256 --steps 50 [--weights ../shared/weights/vgg16_imagenet_keras.pth]
+    python benchmarks/tiling.py --size 512 --tile 256 --steps 50 [--splits none pool2 pool3] [--weights FILE]
+
+"Through pool2": the layers through pool2 over tiles, the rest over the whole image (core/tiling.py); "none": every
+layer over tiles. The cost the memory plan predicts (core/tiling.py: relative_cost) is printed beside each timing.
 
 Prints one table; --json keeps the curves.
 """
@@ -38,6 +41,12 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=50, help="L-BFGS history (default 50)")
     parser.add_argument("--timing-tiles", type=int, nargs="*", default=[], help="more tile sizes to time (pixels)")
     parser.add_argument(
+        "--splits",
+        nargs="*",
+        default=["none", "pool2", "pool3"],
+        help="the last layer over the tiles, each compared (none: every layer; default none pool2 pool3)",
+    )
+    parser.add_argument(
         "--noise",
         type=float,
         default=1e-6,
@@ -58,7 +67,8 @@ def main() -> None:
     from nst_lightning.core.features import FeatureExtractor
     from nst_lightning.core.lbfgs import DeviceLBFGS, make_lbfgs
     from nst_lightning.core.objective import Objective
-    from nst_lightning.core.tiling import exact_halo, layer_reach
+    from nst_lightning.core.tiles import Tiling, exact_halo, layer_reach, relative_cost, tiled_layers
+    from nst_lightning.core.tiling import evaluate_tiled
     from nst_lightning.names import CONTENT_LAYERS, STYLE_LAYERS
 
     layers = list(CONTENT_LAYERS) + list(STYLE_LAYERS)
@@ -69,20 +79,21 @@ def main() -> None:
     with torch.no_grad():
         objective.set_targets(data.inputs(), args.device)
     start = data.inputs().content.to(args.device)
-    exact = exact_halo(layer_reach(extractor.body), layers)
+    splits = [None if split == "none" else split for split in args.splits]
+    exact = {
+        split: exact_halo(layer_reach(extractor.body), tiled_layers(extractor.body, layers, split)) for split in splits
+    }
     sync = common.sync_fn(args.device)
 
-    def evaluate(image, tile, halo, context=nullcontext):
-        if tile is None:
+    def evaluate(image, tiling, halo, context=nullcontext):
+        if tiling is None:
             with context():
                 losses = objective(image)
             losses["total"].backward()
             return losses
-        from nst_lightning.core.tiling import evaluate_tiled
+        return evaluate_tiled(objective, image, tiling, lambda t: t.backward(), halo=halo, context=context)
 
-        return evaluate_tiled(objective, image, tile, lambda t: t.backward(), halo=halo, context=context)
-
-    def curve(tile, halo, noise=0.0) -> list[float]:
+    def curve(tiling, halo, noise=0.0) -> list[float]:
         generator = torch.Generator().manual_seed(0)
         image = torch.nn.Parameter(start + noise * torch.randn(start.shape, generator=generator).to(start.device))
         optimizer = make_lbfgs(image, 1.0, args.history, args.line_search)
@@ -90,31 +101,40 @@ def main() -> None:
 
         def closure():
             optimizer.zero_grad()
-            return evaluate(image, tile, halo)["total"].detach()
+            return evaluate(image, tiling, halo)["total"].detach()
 
         for _ in range(args.steps):  # the loss where each step starts (DeviceLBFGS: its last accepted point)
             loss = optimizer.step(closure)
             losses.append(float(optimizer.accepted_loss() if isinstance(optimizer, DeviceLBFGS) else loss))
         return losses
 
-    variants = [("whole", None, None, 0.0), (f"tiled, halo {exact} (exact)", args.tile, exact, 0.0)]
+    def named(split):
+        return "all layers" if split is None else f"through {split}"
+
+    exact_tilings = [
+        (f"tiled {named(split)}, halo {exact[split]} (exact)", Tiling(args.tile, split)) for split in splits
+    ]
+    variants = [("whole", None, None, 0.0)] + [(name, tiling, None, 0.0) for name, tiling in exact_tilings]
     if args.noise:
         variants.insert(1, (f"whole, start + {args.noise:g} noise", None, None, args.noise))
-    variants += [(f"tiled, halo {h}", args.tile, h, 0.0) for h in args.halos if h != exact]
-    curves = {name: curve(tile, halo, noise) for name, tile, halo, noise in variants} if args.steps else {}
+    variants += [(f"tiled, halo {h}", Tiling(args.tile), h, 0.0) for h in args.halos if h != exact.get(None)]
+    curves = {name: curve(tiling, halo, noise) for name, tiling, halo, noise in variants} if args.steps else {}
 
-    agreement = start_agreement(torch, evaluate, start, args.agreement, args.tile, [exact, *args.halos])
+    compared = [(named(split), Tiling(args.tile, split), None) for split in splits]
+    compared += [(f"all layers, halo {h}", Tiling(args.tile), h) for h in args.halos]
+    agreement = start_agreement(torch, evaluate, start, args.agreement, compared)
 
     # Time per evaluation, whole and exact-tiled in turn on the same image.
     image = torch.nn.Parameter(start.clone())
-    timed = [("whole", None)] + [(f"tiled {t}", t) for t in dict.fromkeys([args.tile, *args.timing_tiles])]
+    sides = dict.fromkeys([args.tile, *args.timing_tiles])
+    timed = [("whole", None)] + [(f"{t} px, {named(s)}", Tiling(t, s)) for t in sides for s in splits]
     times: dict[str, list[float]] = {name: [] for name, _ in timed}
     for _ in range(args.timing_repeats):
-        for name, tile in timed:
+        for name, tiling in timed:
             image.grad = None
             sync()
             began = time.perf_counter()
-            evaluate(image, tile, exact)
+            evaluate(image, tiling, None)
             sync()
             times[name].append(time.perf_counter() - began)
 
@@ -127,29 +147,42 @@ def main() -> None:
             worst = max(abs(a / b - 1) for a, b in zip(losses, whole, strict=True))
             print(f"{name:<32} {losses[-1]:>12.5g} {losses[-1] / whole[-1] - 1:>+9.2%} {worst:>11.2%}")
     if agreement:
-        print(f"{'start, one evaluation':<32} {'loss vs whole':>14} {'gradient: max error / max':>26}")
+        print(f"{'start, one evaluation':<40} {'loss vs whole':>14} {'gradient: max error / max':>26}")
         for precision, name, loss_error, grad_error in agreement:
-            print(f"{precision + ', tiled, ' + name:<32} {loss_error:>+14.1e} {grad_error:>26.1e}")
-    for name, _ in timed[1:]:
-        ratio = median(times[name]) / median(times["whole"])
-        took = f"whole {median(times['whole']):.3f} s, {name} px {median(times[name]):.3f} s"
-        print(f"one evaluation: {took}: {ratio:.2f}x")
+            print(f"{precision + ', tiled, ' + name:<40} {loss_error:>+14.1e} {grad_error:>26.1e}")
+    if args.timing_repeats:
+        print_times(times, [(name, relative_cost(extractor, height, width, tiling)) for name, tiling in timed[1:]])
     if args.json:
-        record = {"curves": curves, "times": times, "halo": exact, "agreement": agreement}
+        record = {
+            "curves": curves,
+            "times": times,
+            "halo": {str(k): v for k, v in exact.items()},
+            "agreement": agreement,
+        }
         args.json.write_text(json.dumps(record, indent=1))
 
 
-def start_agreement(torch, evaluate, start, precisions, tile, halos) -> list[tuple[str, str, float, float]]:
-    """One evaluation at the start, tiled (each of ``halos``) against whole: the loss's relative difference and the
-    gradient's largest difference over its largest value, float32 and under bf16 autocast."""
+def print_times(times: dict[str, list[float]], predictions: list[tuple[str, float]]) -> None:
+    """The median time of one evaluation, whole and each tiling's, with its ratio and the predicted one."""
+    print(f"{'one evaluation':<32} {'seconds':>8} {'vs whole':>9} {'predicted':>10}")
+    print(f"{'whole':<32} {median(times['whole']):>8.3f}")
+    for name, predicted in predictions:
+        ratio = median(times[name]) / median(times["whole"])
+        print(f"{'tiles of ' + name:<32} {median(times[name]):>8.3f} {ratio:>8.2f}x {predicted:>9.2f}x")
+
+
+def start_agreement(torch, evaluate, start, precisions, compared) -> list[tuple[str, str, float, float]]:
+    """One evaluation at the start, tiled (each of ``compared``: name, tiling, halo) against whole: the loss's
+    relative difference and the gradient's largest difference over its largest value, float32 and under bf16
+    autocast."""
     rows = []
     for precision in precisions:
         dtype = {"32-true": None, "bf16-mixed": torch.bfloat16}[precision]
         context = (lambda d=dtype: torch.autocast(start.device.type, dtype=d)) if dtype else nullcontext
         results = {}
-        for name, size, halo in [("whole", None, None), *[(f"halo {h}", tile, h) for h in halos]]:
+        for name, tiling, halo in [("whole", None, None), *compared]:
             image = torch.nn.Parameter(start.clone())
-            loss = float(evaluate(image, size, halo, context)["total"])
+            loss = float(evaluate(image, tiling, halo, context)["total"])
             results[name] = (loss, image.grad.detach().clone())
         loss, grad = results.pop("whole")
         for name, (other, other_grad) in results.items():

@@ -11,7 +11,8 @@ import torch
 from nst_lightning.core.features import FeatureExtractor
 from nst_lightning.core.inputs import Inputs
 from nst_lightning.core.objective import Objective
-from nst_lightning.core.tiling import evaluate_tiled, exact_halo, layer_reach, plan_tiles
+from nst_lightning.core.tiles import Tiling, exact_halo, layer_reach, plan_tiles, relative_cost, split_points
+from nst_lightning.core.tiling import evaluate_tiled
 from nst_lightning.errors import ConfigError
 from nst_lightning.main import cli_main
 from nst_lightning.run import memory, plan
@@ -39,7 +40,7 @@ def inputs(height=72, width=100, masks=False, styles=1) -> Inputs:
     return Inputs(content, style_images, [1.0 / styles] * styles, regions)
 
 
-def whole_and_tiled(loss: Objective, data: Inputs, tile: int, halo=None):
+def whole_and_tiled(loss: Objective, data: Inputs, tile: int, halo=None, split=None):
     with torch.no_grad():
         loss.set_targets(data)
     start = loss.initial_image(data, "noise", seed=1)
@@ -47,22 +48,26 @@ def whole_and_tiled(loss: Objective, data: Inputs, tile: int, halo=None):
     expected = loss(whole)
     expected["total"].backward()
     tiled = start.clone().requires_grad_()
-    got = evaluate_tiled(loss, tiled, tile, lambda t: t.backward(), halo=halo)
+    got = evaluate_tiled(loss, tiled, Tiling(tile, split), lambda t: t.backward(), halo=halo)
     return expected, whole.grad, got, tiled.grad
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "settings, data",
+    "settings, data, split",
     [
-        ({}, {}),
-        ({"preserve_color": "luminance"}, {}),
-        ({}, {"masks": True, "styles": 2}),
-        ({"preserve_color": "histogram"}, {"masks": True, "styles": 2, "height": 61, "width": 93}),
+        ({}, {}, None),
+        ({}, {}, "pool1"),
+        ({}, {}, "pool2"),
+        ({"preserve_color": "luminance"}, {}, "pool1"),
+        ({}, {"masks": True, "styles": 2}, None),
+        ({}, {"masks": True, "styles": 2}, "pool1"),
+        ({"preserve_color": "histogram"}, {"masks": True, "styles": 2, "height": 61, "width": 93}, "pool2"),
     ],
 )
-def test_tiles_with_an_exact_halo_give_the_whole_images_losses_and_gradient(settings, data):
-    expected, grad, got, tiled_grad = whole_and_tiled(objective(**settings), inputs(**data), tile=24)
+def test_tiles_with_an_exact_halo_give_the_whole_images_losses_and_gradient(settings, data, split):
+    """Every layer over the tiles (split None), or those through a pooling with the rest over the whole map."""
+    expected, grad, got, tiled_grad = whole_and_tiled(objective(**settings), inputs(**data), tile=24, split=split)
     assert set(got) == set(expected)
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value.detach(), rtol=2e-4, atol=1e-6, msg=name)
@@ -71,13 +76,14 @@ def test_tiles_with_an_exact_halo_give_the_whole_images_losses_and_gradient(sett
 
 @pytest.mark.slow
 @pytest.mark.parametrize("data", [{}, {"masks": True, "styles": 2, "height": 77, "width": 100}])
-def test_the_mean_covariance_loss_through_tiles(data):
+@pytest.mark.parametrize("split", [None, "pool1"])
+def test_the_mean_covariance_loss_through_tiles(data, split):
     """At a layer whose covariance is well conditioned: conv1_1's 64 random filters span 27 dimensions, and a
     region with fewer positions than channels (conv3_1 here) has a singular covariance; there the loss sums
     square roots of near-zero eigenvalues, and in float32 two whole-image evaluations of one image differ
     by 1% (its gradient by far more)."""
     loss = objective(style=["conv2_1"], style_loss="mean_cov", tv_weight=5.0)
-    expected, grad, got, tiled_grad = whole_and_tiled(loss, inputs(**data), tile=24)
+    expected, grad, got, tiled_grad = whole_and_tiled(loss, inputs(**data), tile=24, split=split)
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value.detach(), rtol=1e-3, atol=1e-6, msg=name)
     torch.testing.assert_close(tiled_grad, grad, rtol=1e-2, atol=1e-3 * float(grad.abs().max()))
@@ -120,7 +126,7 @@ def test_the_tile_cores_cover_every_pixel_once(height, width, tile):
 def test_tiled_targets_equal_the_whole_images(style_loss, masks):
     style = ["conv2_1", "conv3_1"] if style_loss == "mean_cov" else STYLE
     whole, tiled = objective(style=style, style_loss=style_loss), objective(style=style, style_loss=style_loss)
-    tiled.tile_size = 24
+    tiled.tiling = Tiling(24)
     data = inputs(masks=masks, styles=2 if masks else 1)
     style = torch.rand(1, 3, 90, 70, generator=torch.Generator().manual_seed(5))  # larger than a tile
     data = Inputs(data.content, [style] * len(data.styles), data.blend, data.masks)
@@ -143,11 +149,26 @@ def test_the_objective_evaluates_over_tiles_when_it_has_a_tile_size():
     image = loss.initial_image(data, "noise", seed=2)
     whole = image.clone().requires_grad_()
     expected = loss.evaluate(whole, lambda t: t.backward())
-    loss.tile_size = 32
-    tiled = image.clone().requires_grad_()
-    got = loss.evaluate(tiled, lambda t: t.backward())
-    torch.testing.assert_close(got["total"], expected["total"].detach(), rtol=2e-4, atol=0)
-    torch.testing.assert_close(tiled.grad, whole.grad, rtol=2e-3, atol=1e-6 * float(whole.grad.abs().max()))
+    for split in [None, *split_points(loss.extractor.body, loss.extractor.layers)]:
+        loss.tiling = Tiling(32, split)
+        tiled = image.clone().requires_grad_()
+        got = loss.evaluate(tiled, lambda t: t.backward())
+        torch.testing.assert_close(got["total"], expected["total"].detach(), rtol=2e-4, atol=0)
+        torch.testing.assert_close(tiled.grad, whole.grad, rtol=2e-3, atol=1e-6 * float(whole.grad.abs().max()))
+        # Without gradients (the run record's final losses): the same losses, no second pass, no gradient.
+        calls = []
+        with torch.no_grad():
+            quiet = loss.evaluate(image.clone().requires_grad_(), calls.append)
+        assert calls == [] and set(quiet) == set(got)
+        for name, value in got.items():
+            torch.testing.assert_close(quiet[name], value, rtol=2e-5, atol=1e-7, msg=name)
+
+
+def test_the_network_splits_after_each_pooling_before_its_deepest_layer():
+    body = objective(content=["conv4_2"], style=["relu1_1", "relu5_1"]).extractor.body
+    assert split_points(body, ["conv4_2", "relu1_1", "relu5_1"]) == ["pool1", "pool2", "pool3", "pool4"]
+    assert split_points(body, ["conv2_1", "relu1_1"]) == ["pool1"]
+    assert split_points(body, ["relu1_1"]) == []
 
 
 def test_tiles_under_bf16_autocast_agree_with_the_whole_image_under_it():
@@ -165,12 +186,13 @@ def test_tiles_under_bf16_autocast_agree_with_the_whole_image_under_it():
 
     whole = image.clone().requires_grad_()
     expected = loss.evaluate(whole, lambda t: t.backward(), context=bf16)
-    loss.tile_size = 32
-    tiled = image.clone().requires_grad_()
-    got = loss.evaluate(tiled, lambda t: t.backward(), context=bf16)
-    torch.testing.assert_close(got["total"].float(), expected["total"].detach().float(), rtol=1e-4, atol=0)
-    cosine = torch.nn.functional.cosine_similarity(tiled.grad.flatten(), whole.grad.flatten(), dim=0)
-    assert float(cosine) > 0.9999
+    for split in (None, "pool1"):
+        loss.tiling = Tiling(32, split)
+        tiled = image.clone().requires_grad_()
+        got = loss.evaluate(tiled, lambda t: t.backward(), context=bf16)
+        torch.testing.assert_close(got["total"].float(), expected["total"].detach().float(), rtol=1e-4, atol=0)
+        cosine = torch.nn.functional.cosine_similarity(tiled.grad.flatten(), whole.grad.flatten(), dim=0)
+        assert float(cosine) > 0.9999
 
 
 class Sizes:
@@ -208,19 +230,50 @@ def test_the_memory_plan_tiles_only_what_does_not_fit_whole():
     whole = memory.estimate_peak(2250, 3000, backbone="vgg16", weights="random", history_size=5)
     budget = whole.total - whole.runtime - 1  # just too little for the whole image
     estimate, tiles, history = plan.plan_run(images, sizes, extractor, SETTINGS, "32-true", "cpu", available=budget)
-    assert tiles[:2] == [None, None] and tiles[-1] in plan.TILE_SIDES and tiles[-1] < 3000
+    assert tiles[:2] == [None, None] and tiles[-1].tile in plan.TILE_SIDES and tiles[-1].tile < 3000
     assert estimate.total - estimate.runtime <= budget < whole.total - whole.runtime and history == 5
-    # Much less memory: smaller tiles; tiles asked for: those, at every scale larger than them.
+    # Just too little for the whole image: the early layers over tiles, the rest whole, at little extra cost.
+    cost = relative_cost(extractor, 2250, 3000, tiles[-1])
+    assert tiles[-1].split is not None and cost < 1.2
+    # Much less memory: a costlier tiling (smaller tiles, or more layers over them); tiles asked for: those, at
+    # every scale larger than them.
     _, small, _ = plan.plan_run(images, sizes, extractor, SETTINGS, "32-true", "cpu", available=budget // 3)
-    assert small[-1] < tiles[-1]
+    assert relative_cost(extractor, 2250, 3000, small[-1]) > cost
     _, forced, _ = plan.plan_run(images, sizes, extractor, {**SETTINGS, "tile_size": 768}, "32-true", "cpu")
-    assert forced == [None, 768, 768]
+    assert forced[0] is None and forced[1].tile == forced[2].tile == 768
     with pytest.raises(ConfigError, match=r"over 128 px tiles needs about .* try data.image_size"):
         plan.plan_run(images, sizes, extractor, SETTINGS, "32-true", "cpu", available=whole.runtime // 4)
 
 
+def test_a_smaller_scale_that_does_not_fit_whole_gets_the_cheapest_tiling_that_fits_at_its_own_size():
+    extractor = memory._shapes_only(("relu4_2", "relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"), "vgg16", "max")
+    final = memory.estimate_peak(
+        2250, 3000, backbone="vgg16", weights="random", history_size=12, tile=512, split="pool3", previous=(2048, 1536)
+    )
+    settings = {**SETTINGS, "lbfgs_history_size": 12}
+    sizes = [512, 1024, 2048, 3000]
+    budget = final.total - final.runtime
+    _, tiles, _ = plan.plan_run(Sizes(3000, 2250), sizes, extractor, settings, "32-true", "cpu", available=budget)
+    assert tiles[:2] == [None, None] and None not in tiles[2:]
+    assert relative_cost(extractor, 1536, 2048, tiles[2]) < relative_cost(extractor, 1536, 2048, tiles[3])
+
+
+def test_the_cost_of_a_tiling_counts_the_halo_and_the_first_pass_over_the_tiled_layers():
+    extractor = memory._shapes_only(("relu4_2", "relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"), "vgg16", "max")
+    assert relative_cost(extractor, 2250, 3000, None) == 1.0
+    # One tile, all layers: a first pass (a third of a whole evaluation) on top of the whole one.
+    assert relative_cost(extractor, 2250, 3000, Tiling(4096)) == pytest.approx(4 / 3)
+    # The halo: smaller tiles cost more; fewer layers over the tiles cost less.
+    costs = [relative_cost(extractor, 2250, 3000, Tiling(side)) for side in (1536, 768, 256)]
+    assert 4 / 3 < costs[0] < costs[1] < costs[2]
+    splits = [relative_cost(extractor, 2250, 3000, Tiling(768, split)) for split in ("pool1", "pool2", "pool3", None)]
+    assert 1 < splits[0] < splits[1] < splits[2] < splits[3] == costs[1]
+
+
 @pytest.mark.slow
-def test_a_tiled_run_through_the_command_line_matches_the_whole_one_and_resumes_exactly(tmp_path, images, monkeypatch):
+def test_a_tiled_run_through_the_command_line_matches_the_whole_one_and_resumes_exactly(
+    tmp_path, images, monkeypatch, capsys
+):
     """Forced small tiles (model.tile_size) at 96x72 px, shallow layers so that the halo leaves real tiles: the
     run's image is the untiled run's (to rounding), and 2 + 2 steps resumed end on the bits of 4 in one go."""
     monkeypatch.setattr(sys, "argv", ["cli.py"])
@@ -235,7 +288,12 @@ def test_a_tiled_run_through_the_command_line_matches_the_whole_one_and_resumes_
         return sorted((tmp_path / folder / "runs" / "lightning_logs").glob("version_*/checkpoints/*.ckpt"))[-1]
 
     whole = torch.load(run("whole"), weights_only=True)
+    capsys.readouterr()
     tiled = torch.load(run("tiled", "--model.tile_size", "64"), weights_only=True)
+    # The plan says what it chose: the tiles, and the layers over them (the rest run whole).
+    assert (
+        "the network runs over tiles (model.tile_size): 96 px over 64 px tiles through pool1" in capsys.readouterr().err
+    )
     assert tiled["hyper_parameters"]["tile_size"] == 64
     # One evaluation agrees to 1e-6 (above); four L-BFGS steps, whose second is sized by the tiny first, grow
     # that rounding to a few thousandths at most.
@@ -248,24 +306,29 @@ def test_a_tiled_run_through_the_command_line_matches_the_whole_one_and_resumes_
     assert torch.equal(resumed["state_dict"]["image"], tiled["state_dict"]["image"])
 
 
-def test_where_even_tiles_do_not_fit_the_plan_keeps_fewer_lbfgs_steps_before_it_takes_small_tiles():
+def test_where_even_tiles_do_not_fit_the_plan_keeps_fewer_lbfgs_steps_before_it_takes_costly_tiles():
     extractor = memory._shapes_only(("relu4_2", "relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"), "vgg16", "max")
     settings = {**SETTINGS, "lbfgs_history_size": 50}
 
-    def plan_within(tile: int, history: int):
-        small = memory.estimate_peak(2250, 3000, backbone="vgg16", weights="random", history_size=history, tile=tile)
+    def plan_within(tiling: Tiling, history: int):
+        small = memory.estimate_peak(
+            2250, 3000, backbone="vgg16", weights="random", history_size=history, tile=tiling.tile, split=tiling.split
+        )
         budget = small.total - small.runtime
         estimate, tiles, kept = plan.plan_run(
             Sizes(3000, 2250), [3000], extractor, settings, "32-true", "cpu", available=budget
         )
         assert estimate.total - estimate.runtime <= budget
-        return tiles, kept
+        return tiles[0], kept
 
-    # 768 px tiles with 12 steps rather than 128 px tiles (4 times the work) with all 50.
-    assert plan_within(768, 12) == ([768], 12)
-    # Where no tile of 512 px or more fits with 12 steps, fewer steps (down to 5) and smaller tiles.
-    tiles, kept = plan_within(128, 12)
-    assert plan.MIN_HISTORY <= kept < 12 and tiles[0] <= 512
+    # Where a tiling that costs at most 1.5 times a whole evaluation fits with 12 steps: that, not all 50 steps over
+    # costlier tiles.
+    cheap = Tiling(768, "pool3")
+    tiling, kept = plan_within(cheap, 12)
+    assert kept >= 12 and relative_cost(extractor, 2250, 3000, tiling) <= relative_cost(extractor, 2250, 3000, cheap)
+    # Where none does, fewer steps (down to 5) and costlier tiles.
+    tiling, kept = plan_within(Tiling(128), 12)
+    assert plan.MIN_HISTORY <= kept < 12 and relative_cost(extractor, 2250, 3000, tiling) > plan.GOOD_COST
 
 
 def test_the_run_record_evaluates_the_final_image_over_the_runs_tiles(monkeypatch):
@@ -276,12 +339,30 @@ def test_the_run_record_evaluates_the_final_image_over_the_runs_tiles(monkeypatc
 
     calls = []
 
-    def tiled(objective, image, tile, backward, halo=None, context=None):
-        calls.append(tile)
+    def tiled(objective, image, tiling, backward, halo=None, context=None):
+        calls.append((tiling, torch.is_grad_enabled()))
         return {"total": torch.zeros(())}
 
     monkeypatch.setattr(objective_module, "evaluate_tiled", tiled)
     module = StyleTransfer(weights="random", tile_size=64)
     module.image = torch.nn.Parameter(torch.zeros(1, 3, 8, 8))
-    module.objective.tile_size = 64
-    assert module.final_losses()["total"] == 0 and calls == [64]
+    module.objective.tiling = Tiling(64)
+    assert module.final_losses()["total"] == 0 and calls == [(Tiling(64), False)]
+
+
+def test_a_tight_run_hands_freed_memory_back(tmp_path, images, monkeypatch):
+    """Under ulimit -v 12000000 the print config's 3000 px scale ran out of address space after 2048 px, and a 3000 px
+    run alone at its second iteration: the heap kept for speed (runtime.keep_freed_memory) never shrinks. A run the
+    plan tiles hands freed memory back; a run that fits whole keeps it."""
+    import nst_lightning.run.module as module_file
+
+    calls: list[str] = []
+    monkeypatch.setattr(module_file, "return_freed_memory", lambda: calls.append("returned") or True)
+    model = {"content_layers": ["conv2_2"], "style_layers": ["relu1_1", "relu2_1"], "scales": [48, 96]}
+    model |= {"scale_steps": [2, 2]}
+    for folder, tiles in (("whole", []), ("tiled", ["--model.tile_size", "64"])):
+        (tmp_path / folder).mkdir()
+        config = write_config(tmp_path / folder, images, model=model, data={"image_size": 96})
+        calls.clear()
+        cli_main(["fit", "--config", str(config), "--trainer.precision", "32-true", "--trainer.max_steps", "4", *tiles])
+        assert calls == ([] if folder == "whole" else ["returned"]), folder

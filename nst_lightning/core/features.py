@@ -248,13 +248,26 @@ class FeatureExtractor(nn.Module):
             out = self.body(torch.zeros(1, 3, probe, probe))
         return max(1, math.ceil(probe / out.shape[-1]))
 
-    def forward(self, image: Tensor) -> dict[str, Tensor]:
-        x = ((image - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+    def run(self, x: Tensor, after: str | None = None, through: str | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The layers after ``after`` (None: from the image in [0, 1], normalised here) through ``through`` (None:
+        the deepest) over ``x``: the last one's output and the requested layers' activations among them,
+        undivided (a VGG's divisors are folded in: the network in parts, for tiling.py)."""
+        if after is None:
+            x = ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
         out: dict[str, Tensor] = {}
+        started = after is None
         for name, layer in self.body.named_children():
-            x = layer(x)
-            if name in self.layers:
-                out[name] = x
+            if started:
+                x = layer(x)
+                if name in self.layers:
+                    out[name] = x
+            started = started or name == after
+            if name == through:
+                break
+        return x, out
+
+    def forward(self, image: Tensor) -> dict[str, Tensor]:
+        _, out = self.run(image)
         if self.divisors is not None:
             out = {name: out[name] / divisor for name, divisor in zip(self.layers, self.divisors.tolist(), strict=True)}
         return out

@@ -21,6 +21,7 @@ from nst_lightning.core.features import FeatureExtractor
 from nst_lightning.core.inputs import Inputs
 from nst_lightning.core.losses import temporal_loss, total_variation
 from nst_lightning.core.targets import STYLE_TARGETS, ContentTarget, image_statistics, resize_mask
+from nst_lightning.core.tiles import Tiling
 from nst_lightning.core.tiling import evaluate_tiled, tiled_maps, tiled_statistics
 
 
@@ -66,8 +67,8 @@ class Objective(nn.Module):
         # The largest mean activation of a layer in use: what a message about an overflow can point to.
         self.activation_scale: tuple[float, str] = (0.0, "")
         self._style_key: tuple[Any, ...] | None = None  # what the style targets were computed from
-        self.tile_size: int | None = None
-        """Run the network over tiles of this many pixels a side (tiling.py), or over the whole image (None)."""
+        self.tiling: Tiling | None = None
+        """Run the network over tiles (tiling.py), or over the whole image (None)."""
 
     def prepare(self, inputs: Inputs) -> tuple[Tensor, list[Tensor]]:
         """The content and style images as the optimisation sees them (colour control, Gatys et al. 2017):
@@ -93,13 +94,13 @@ class Objective(nn.Module):
         """
         content, styles = self.prepare(inputs)
         content, styles = content.to(device), [style.to(device) for style in styles]
-        if self.tile_size is None:
+        if self.tiling is None:
             content_features = self.extractor(content)
             self.activation_scale = max((float(f.clamp(min=0).mean()), layer) for layer, f in content_features.items())
             shapes = {layer: tuple(f.shape[-2:]) for layer, f in content_features.items()}
         else:  # the network over tiles (see tiling.py): the same targets, by parts
             content_features, shapes, self.activation_scale = tiled_maps(
-                self.extractor, content, self.content_layers, self.tile_size
+                self.extractor, content, self.content_layers, self.tiling.tile
             )
         self.content_image = inputs.content.to(device)
         self.content_targets = nn.ModuleDict(
@@ -110,14 +111,14 @@ class Objective(nn.Module):
         if _same_key(self._style_key, key):  # the same style images (a video's next frame): the targets stay
             return
         self._style_key = key
-        if self.tile_size is None:
+        if self.tiling is None:
             style_statistics = [
                 {layer: image_statistics(self.style_loss, f[layer]) for layer in self.style_layers}
                 for f in map(self.extractor, styles)
             ]
         else:
             style_statistics = [
-                tiled_statistics(self.extractor, style, self.style_layers, self.style_loss, self.tile_size)
+                tiled_statistics(self.extractor, style, self.style_layers, self.style_loss, self.tiling.tile)
                 for style in styles
             ]
         target_class = STYLE_TARGETS[self.style_loss]
@@ -144,9 +145,9 @@ class Objective(nn.Module):
         context: Callable[[], AbstractContextManager] = nullcontext,
     ) -> dict[str, Tensor]:
         """The losses of ``image`` (as :meth:`forward`, its passes under ``context``), their gradient taken through
-        ``backward``: of the total, or tile by tile where :attr:`tile_size` is set (see tiling.py)."""
-        if self.tile_size is not None:
-            return evaluate_tiled(self, image, self.tile_size, backward, context=context)
+        ``backward``: of the total, or tile by tile where :attr:`tiling` is set (see tiling.py)."""
+        if self.tiling is not None:
+            return evaluate_tiled(self, image, self.tiling, backward, context=context)
         with context():
             losses = self(image)
         backward(losses["total"])

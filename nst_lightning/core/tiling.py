@@ -1,26 +1,35 @@
 """Tiled evaluation of the objective: an image larger than the network's activations allow, exactly.
 
-The image (and the optimiser's state) stay whole; the network runs over overlapping tiles. Every term of
-the objective is a sum over positions or a function of such sums:
+The image (and the optimiser's state) stay whole; the network's early layers run over overlapping tiles, its
+later ones over the whole image (:class:`Tiling`). Every term of the objective is a sum over positions or a
+function of such sums:
 
 * a content loss is ``sum((F - T)^2) / n``: each tile's core adds its share, with its gradient;
 * a style statistic (a Gram matrix, a mean and covariance) is a function of ``sum w f f^T``, ``sum w f`` and
   ``sum w`` (:func:`~nst_lightning.core.losses.position_sums`).
 
-So one evaluation takes two passes. The first, without gradients, accumulates the whole image's style
-sums tile by tile; the style loss and its gradient with respect to those sums follow (a few C x C
-matrices). The second runs each tile forward and backward with the surrogate
-``<dL/dS, S_tile> + content share``, whose gradient with respect to the tile's pixels is exactly that
-tile's part of the whole image's gradient (the style loss is linear in each tile's sums once ``dL/dS``
-is fixed). The total variation and temporal terms are cheap and taken on the whole image.
+So one evaluation takes three steps. A first pass over the tiles, without gradients, accumulates the whole
+image's style sums of the tiled layers and writes the split layer's map (a pooling's output), core by core,
+into one whole map. The layers after the split run over that map, whole, with gradients: the style loss
+follows from the sums and those layers' activations, and its gradient with respect to the sums (a few C x C
+matrices) and to the map. A second pass runs each tile forward and backward with the surrogate
+``<dL/dS, S_tile> + <dL/dM, M_tile> + content share``, whose gradient with respect to the tile's pixels is
+exactly that tile's part of the whole image's gradient (the loss is linear in each tile's sums and map once
+``dL/dS`` and ``dL/dM`` are fixed). The total variation and temporal terms are cheap and taken on the whole
+image.
+
+Why split: a VGG's first blocks hold most of its activations (64 channels at full resolution) for a third of
+its arithmetic, while each later block costs about the same arithmetic on a quarter of the positions. Tiling
+only the first blocks keeps the memory of the tiles and adds only their share of recomputation; tiling every
+layer (``split`` None, where nothing else fits) repeats the whole forward pass and the deepest layer's wide halo.
 
 **Exact where the halo covers the receptive field.** Each tile is its core plus a halo on every side
 (clipped at the image's border). A core activation equals the whole image's when every pixel it depends
-on lies inside the tile: the halo must reach as far as the deepest layer's receptive field
-(:func:`layer_reach`), and tiles start on the deepest layer's pixel grid so that pooling windows line
-up. Then the result equals the untiled one up to float32 summation order. A smaller halo is an
-approximation: the activations near each core's edge see the tile's zero padding instead of the
-neighbouring pixels (``benchmarks/tiling.py`` measures what that costs).
+on lies inside the tile: the halo must reach as far as the deepest tiled layer's receptive field
+(:func:`layer_reach`), and tiles start on that layer's pixel grid so that pooling windows line up. Then the
+result equals the untiled one up to float32 summation order. A smaller halo is an approximation: the
+activations near each core's edge see the tile's zero padding instead of the neighbouring pixels
+(``benchmarks/tiling.py`` measures what that costs).
 
 Departure from a "write back each tile's gradient without its halo" scheme: a pixel in a tile's halo
 feeds that tile's core activations, so every tile's whole gradient (halo included) is added in; the
@@ -29,121 +38,21 @@ cores partition the activations, not the pixels.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from nst_lightning.core.color import grey_rgb
 from nst_lightning.core.losses import position_sums, temporal_loss, total_variation
-
-
-@dataclass(frozen=True)
-class Reach:
-    """How one layer's activations sit on the image: activation ``i`` spans ``jump`` pixels and depends on
-    pixels ``i * jump - left`` to ``i * jump + right``."""
-
-    jump: int
-    left: int
-    right: int
-
-
-def layer_reach(body: nn.Sequential) -> dict[str, Reach]:
-    """:class:`Reach` of every layer of a sequential network of convolutions, poolings and point-wise
-    layers (a VGG); a ValueError names a layer of any other kind (a residual block: tiling needs a VGG)."""
-    jump, left, right = 1, 0, 0
-    reach: dict[str, Reach] = {}
-    for name, layer in body.named_children():
-        if isinstance(layer, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-            kernel, stride, padding = (_pair(getattr(layer, k))[0] for k in ("kernel_size", "stride", "padding"))
-            dilation = _pair(getattr(layer, "dilation", 1))[0]
-            span = dilation * (kernel - 1)
-            left, right = left + padding * jump, right + (span - padding) * jump
-            jump *= stride
-        elif not isinstance(layer, (nn.ReLU, nn.Identity, nn.Dropout)):
-            raise ValueError(f"cannot tile through layer {name} ({type(layer).__name__}): tiling needs a VGG backbone")
-        reach[name] = Reach(jump, left, right)
-    return reach
-
-
-def can_tile(body: nn.Sequential) -> bool:
-    """Whether a network can run over tiles (see :func:`layer_reach`)."""
-    try:
-        layer_reach(body)
-    except ValueError:
-        return False
-    return True
-
-
-# The tile sizes (pixels a side, the halo aside) a run that does not fit whole tries, largest first.
-TILE_SIDES = (4096, 3072, 2048, 1536, 1024, 768, 512, 384, 256, 192, 128)
-
-
-def _pair(value: int | tuple[int, ...]) -> tuple[int, ...]:
-    return value if isinstance(value, tuple) else (value, value)
-
-
-def exact_halo(reach: dict[str, Reach], layers: list[str]) -> int:
-    """The smallest halo (pixels, a multiple of the deepest layer's jump) with which every activation of
-    ``layers`` in a tile's core equals the whole image's."""
-    align = max(reach[layer].jump for layer in layers)
-    need = max(max(reach[layer].left, reach[layer].right - reach[layer].jump + 1) for layer in layers)
-    return math.ceil(need / align) * align
-
-
-@dataclass(frozen=True)
-class Tile:
-    """One tile: the pixels fed to the network (``rows`` x ``cols``, core plus halo) and its core."""
-
-    rows: slice
-    cols: slice
-    core_rows: slice
-    core_cols: slice
-
-    def core_of(self, reach: Reach, shape: tuple[int, int]) -> tuple[slice, slice, slice, slice]:
-        """The core's activations of a layer with ``reach``, whose map over this tile is ``shape``: as
-        slices of the tile's map, then of the whole image's map."""
-        out = []
-        for pixels, core, size in ((self.rows, self.core_rows, shape[0]), (self.cols, self.core_cols, shape[1])):
-            start = (core.start - pixels.start) // reach.jump
-            # The last tile's core runs to the end of the map (an image side need not be a multiple of the jump).
-            stop = size if core.stop >= pixels.stop else (core.stop - pixels.start) // reach.jump
-            offset = pixels.start // reach.jump
-            out.append((slice(start, stop), slice(start + offset, stop + offset)))
-        (tile_rows, image_rows), (tile_cols, image_cols) = out
-        return tile_rows, tile_cols, image_rows, image_cols
-
-
-def plan_tiles(height: int, width: int, tile: int, halo: int, align: int) -> list[Tile]:
-    """Tiles whose cores (``tile`` pixels a side, rounded down to a multiple of ``align``) cover the image,
-    each with ``halo`` pixels around it where the image has them."""
-    core = max(align, tile // align * align)
-
-    def spans(side: int) -> list[tuple[slice, slice]]:
-        starts = list(range(0, side, core))
-        if len(starts) > 1 and side - starts[-1] < align:  # too thin to hold an activation: join the one before
-            starts.pop()
-        stops = starts[1:] + [side]
-        return [(slice(max(0, a - halo), min(side, b + halo)), slice(a, b)) for a, b in zip(starts, stops, strict=True)]
-
-    return [Tile(r, c, cr, cc) for r, cr in spans(height) for c, cc in spans(width)]
-
-
-def _tiles(extractor: nn.Module, height: int, width: int, tile: int, halo: int | None = None):
-    reach = layer_reach(extractor.body)
-    layers = list(extractor.layers)
-    halo = exact_halo(reach, layers) if halo is None else halo
-    align = max(reach[layer].jump for layer in layers)
-    return reach, plan_tiles(height, width, tile, halo, align)
+from nst_lightning.core.tiles import Tile, Tiling, map_shapes, tiled_layers, tiles_of
 
 
 def _core_features(extractor: nn.Module, image: Tensor, tile: int):
     """Each tile's activations, cropped to its core, with where they go in the whole image's maps (no
     gradient): ``(layer, core activations, rows, cols)`` per layer and tile, and the maps' shapes."""
-    reach, tiles = _tiles(extractor, image.shape[-2], image.shape[-1], tile)
+    reach, tiles = tiles_of(extractor, image.shape[-2], image.shape[-1], Tiling(tile))
     for part in tiles:
         pixels = image[..., part.rows, part.cols]
         with torch.no_grad():
@@ -208,89 +117,169 @@ def tiled_statistics(
 def evaluate_tiled(
     objective: nn.Module,
     image: Tensor,
-    tile: int,
+    tiling: Tiling,
     backward: Callable[[Tensor], None],
     halo: int | None = None,
     context: Callable[[], AbstractContextManager] = nullcontext,
 ) -> dict[str, Tensor]:
     """The losses of ``image`` as :class:`~nst_lightning.core.objective.Objective` computes them (detached), with
-    their gradient added into ``image.grad`` through ``backward``, the network run over tiles of ``tile``
-    pixels (plus ``halo``, by default :func:`exact_halo`), each pass under ``context`` (autocast's choice)."""
-    extractor = objective.extractor
-    reach, tiles = _tiles(extractor, image.shape[-2], image.shape[-1], tile, halo)
-    weights = objective.weights
-    styles = [(layer, g, target) for layer, group in objective.style_targets.items() for g, target in enumerate(group)]
-
-    def features(part: Tile) -> tuple[dict[str, Tensor], Callable[[str], tuple[slice, ...]]]:
-        pixels = image[..., part.rows, part.cols]
-        with context():
-            out = extractor(grey_rgb(pixels) if pixels.shape[1] == 1 else pixels)
-        return out, lambda layer: part.core_of(reach[layer], tuple(out[layer].shape[-2:]))
-
-    # Pass 1: the whole image's style sums, tile by tile. The last tile's pass keeps its graph: pass 2 runs the
-    # tiles in the opposite order and starts with it, so one forward pass of the network is saved.
-    sums: dict[tuple[str, int], list[Tensor]] = {}
-    kept = None
-    if styles:
-        for index, part in enumerate(tiles):
-            last = index == len(tiles) - 1
-            with torch.set_grad_enabled(last and torch.is_grad_enabled()):
-                out, core = features(part)
-            if last:
-                kept = (out, core)
-            for layer, g, target in styles:
-                rows, cols, image_rows, image_cols = core(layer)
-                with torch.no_grad():
-                    tile_sums = target.sums(out[layer][..., rows, cols], image_rows, image_cols)
-                before = sums.get((layer, g), [0.0] * len(tile_sums))
-                sums[(layer, g)] = [a + b for a, b in zip(before, tile_sums, strict=True)]
-    # The style loss from the sums, and its gradient with respect to them.
-    leaves = {key: [s.requires_grad_() for s in value] for key, value in sums.items()}
+    their gradient added into ``image.grad`` through ``backward`` (where gradients are enabled), the network's
+    layers through ``tiling.split`` run over tiles (plus ``halo``, by default :func:`exact_halo`), the rest over
+    the whole image, each pass under ``context`` (autocast's choice)."""
+    run = _Evaluation(objective, image, tiling, halo, context)
+    if run.first_pass_needed():
+        run.first_pass()
+    slopes = run.whole_part()
+    if run.gradient:
+        run.second_pass(slopes, backward)
+    weights, zero = objective.weights, run.zero
     losses: dict[str, Tensor] = {}
-    zero = image.new_zeros((), dtype=torch.float32)
-    style, per_layer = zero, {}
-    with torch.enable_grad():
-        for layer, g, target in styles:
-            if (layer, g) in leaves:
-                term = objective.group_weights[g] * target.loss_from_sums(*leaves[(layer, g)])
-                per_layer[layer] = per_layer.get(layer, zero) + term
-        for layer, term in per_layer.items():
-            style = style + objective.style_layer_weights[layer] * term
-        flat = [s for value in leaves.values() for s in value]
-        slopes = list(torch.autograd.grad(weights["style"] * style, flat)) if flat and style.requires_grad else []
-    # dL/dS for each target's sums, in the order of its sums.
-    slope = {key: [slopes.pop(0) for _ in value] for key, value in leaves.items()} if slopes else {}
-    # Pass 2: each tile forward and backward against the fixed slopes; the content term's shares on the way.
-    content = zero
-    n_content = max(len(objective.content_layers), 1)
-    for index, part in enumerate(reversed(tiles)):
-        out, core = kept if index == 0 and kept is not None else features(part)
-        kept = None  # its graph goes with this tile's backward
-        surrogate = zero
-        for layer, target in objective.content_targets.items():
-            rows, cols, image_rows, image_cols = core(layer)
-            share = target.partial(out[layer][..., rows, cols], image_rows, image_cols) / n_content
-            content = content + share.detach()
-            surrogate = surrogate + weights["content"] * share
-        for layer, g, target in styles:
-            if (layer, g) not in slope:
-                continue
-            rows, cols, image_rows, image_cols = core(layer)
-            tile_sums = target.sums(out[layer][..., rows, cols], image_rows, image_cols)
-            surrogate = surrogate + sum((d * s).sum() for d, s in zip(slope[(layer, g)], tile_sums, strict=True))
-        if surrogate.requires_grad:
-            backward(surrogate)
-    # The whole-image terms.
-    whole = zero
-    tv = total_variation(image) if weights["tv"] > 0 else zero
-    whole = whole + weights["tv"] * tv
-    if objective.temporal_target is not None:
-        temporal = temporal_loss(image, objective.temporal_target, objective.temporal_mask)
-        whole = whole + objective.temporal_weight * temporal
-        losses["temporal"] = temporal.detach()
+    with torch.set_grad_enabled(run.gradient):  # the whole-image terms
+        tv = total_variation(image) if weights["tv"] > 0 else zero
+        whole = weights["tv"] * tv
+        if objective.temporal_target is not None:
+            temporal = temporal_loss(image, objective.temporal_target, objective.temporal_mask)
+            whole = whole + objective.temporal_weight * temporal
+            losses["temporal"] = temporal.detach()
     if whole.requires_grad:
         backward(whole)
-    losses.update({f"style_{layer}": term.detach() for layer, term in per_layer.items()})
-    total = weights["content"] * content + weights["style"] * style.detach() + whole.detach()
-    losses.update(total=total, content=content, style=style.detach(), tv=tv.detach())
+    losses.update({f"style_{layer}": term.detach() for layer, term in run.per_layer.items()})
+    total = weights["content"] * run.content + weights["style"] * run.style + whole.detach()
+    losses.update(total=total, content=run.content, style=run.style, tv=tv.detach())
     return losses
+
+
+class _Evaluation:
+    """One evaluation of :func:`evaluate_tiled`, in its three parts: a first pass over the tiles without gradients
+    (the tiled layers' style sums and content shares, the split layer's whole map), the style loss from the sums
+    and the layers after the split over the whole map (with the loss's gradient with respect to the sums and the
+    map), and a second pass over the tiles, each forward and backward against those fixed gradients."""
+
+    def __init__(self, objective, image: Tensor, tiling: Tiling, halo: int | None, context) -> None:
+        self.objective, self.image, self.split, self.context = objective, image, tiling.split, context
+        self.extractor = objective.extractor
+        self.reach, self.tiles = tiles_of(self.extractor, image.shape[-2], image.shape[-1], tiling, halo)
+        self.tiled = set(tiled_layers(self.extractor.body, self.extractor.layers, tiling.split))
+        groups = objective.style_targets.items()
+        self.styles = [(layer, g, target) for layer, group in groups for g, target in enumerate(group)]
+        self.contents = list(objective.content_targets.items())
+        self.n_content = max(len(objective.content_layers), 1)
+        self.gradient = torch.is_grad_enabled() and image.requires_grad
+        self.zero = image.new_zeros((), dtype=torch.float32)
+        self.content, self.style, self.per_layer = self.zero, self.zero, {}
+        self.sums: dict[tuple[str, int], list[Tensor]] = {}
+        self.kept = None  # the first pass's last tile, with its graph
+        self.whole_map: Tensor | None = None
+
+    def features(self, part: Tile) -> tuple[Tensor, dict[str, Tensor], Callable[[str], tuple[slice, ...]]]:
+        """A tile's pass through the tiled layers: the split layer's map, the activations, and where each
+        layer's core lies (:meth:`Tile.core_of`)."""
+        pixels = self.image[..., part.rows, part.cols]
+        with self.context():
+            last, out = self.extractor.run(grey_rgb(pixels) if pixels.shape[1] == 1 else pixels, through=self.split)
+        return last, out, lambda layer: part.core_of(self.reach[layer], tuple(out.get(layer, last).shape[-2:]))
+
+    def first_pass_needed(self) -> bool:
+        return not self.gradient or self.split is not None or any(layer in self.tiled for layer, _, _ in self.styles)
+
+    def first_pass(self) -> None:
+        # The last tile keeps its graph: the second pass runs the tiles in the opposite order and starts with it,
+        # which saves one tile's forward pass.
+        for index, part in enumerate(self.tiles):
+            keep = self.gradient and index == len(self.tiles) - 1
+            with torch.set_grad_enabled(keep):
+                last, out, core = self.features(part)
+            self.kept = (last, out, core) if keep else None
+            with torch.no_grad():
+                self._add_tile(last, out, core)
+
+    def _tile_terms(self, out: dict[str, Tensor], core) -> tuple[Tensor, dict[tuple[str, int], tuple[Tensor, ...]]]:
+        """A tile's share of the content loss and each style target's sums, over the tiled layers' cores."""
+        content = self.zero
+        for layer, target in self.contents:
+            if layer in self.tiled:
+                rows, cols, image_rows, image_cols = core(layer)
+                share = target.partial(out[layer][..., rows, cols], image_rows, image_cols)
+                content = content + share / self.n_content
+        sums = {}
+        for layer, g, target in self.styles:
+            if layer in self.tiled:
+                rows, cols, image_rows, image_cols = core(layer)
+                sums[(layer, g)] = target.sums(out[layer][..., rows, cols], image_rows, image_cols)
+        return content, sums
+
+    def _add_tile(self, last: Tensor, out: dict[str, Tensor], core) -> None:
+        content, sums = self._tile_terms(out, core)
+        self.content = self.content + content
+        for key, tile_sums in sums.items():
+            before = self.sums.get(key, [0.0] * len(tile_sums))
+            self.sums[key] = [a + b for a, b in zip(before, tile_sums, strict=True)]
+        if self.split is not None:
+            rows, cols, image_rows, image_cols = core(self.split)
+            if self.whole_map is None:
+                shape = map_shapes(self.extractor.body, *self.image.shape[-2:])[self.split]
+                self.whole_map = torch.empty(
+                    (*last.shape[:2], *shape),
+                    dtype=last.dtype,
+                    device=last.device,
+                    memory_format=self.extractor.memory_format,
+                )
+            self.whole_map[..., image_rows, image_cols] = last[..., rows, cols]
+
+    def whole_part(self) -> dict:
+        """The style loss from the sums and the layers after the split over the whole map; returns the gradient
+        of the style loss and of those layers' content loss with respect to each target's sums (by key, in the
+        order of its sums) and to the whole map (under the key None)."""
+        objective, everything = self.objective, (slice(None), slice(None))
+        leaves = {key: [s.requires_grad_(self.gradient) for s in value] for key, value in self.sums.items()}
+        whole_map = self.whole_map
+        self.whole_map = None
+        with torch.set_grad_enabled(self.gradient):
+            deep: dict[str, Tensor] = {}
+            if whole_map is not None:
+                whole_map.requires_grad_(self.gradient)
+                with self.context():
+                    _, deep = self.extractor.run(whole_map, after=self.split)
+            style, per_layer = self.zero, {}
+            for layer, g, target in self.styles:
+                term_sums = leaves.get((layer, g)) or target.sums(deep[layer], *everything)
+                term = objective.group_weights[g] * target.loss_from_sums(*term_sums)
+                per_layer[layer] = per_layer.get(layer, self.zero) + term
+            for layer, term in per_layer.items():
+                style = style + objective.style_layer_weights[layer] * term
+            content = sum(
+                (t.partial(deep[layer], *everything) for layer, t in self.contents if layer in deep), self.zero
+            )
+            content = content / self.n_content
+            part = objective.weights["style"] * style + objective.weights["content"] * content
+            inputs = [s for value in leaves.values() for s in value] + ([whole_map] if whole_map is not None else [])
+            found = torch.autograd.grad(part, inputs, allow_unused=True) if self.gradient and inputs else []
+        self.style, self.per_layer = style.detach(), per_layer
+        self.content = self.content + content.detach()
+        slopes, found = {}, list(found)
+        for key, value in leaves.items():
+            slopes[key] = found[: len(value)]
+            del found[: len(value)]
+        if found:
+            slopes[None] = found[0]
+        return slopes
+
+    def second_pass(self, slopes: dict, backward: Callable[[Tensor], None]) -> None:
+        weights, counted = self.objective.weights, self.first_pass_needed()
+        for index, part in enumerate(reversed(self.tiles)):
+            last, out, core = self.kept if index == 0 and self.kept is not None else self.features(part)
+            self.kept = None  # its graph goes with this tile's backward
+            content, sums = self._tile_terms(out, core)
+            if not counted:  # the content shares, where no first pass counted them
+                self.content = self.content + content.detach()
+            surrogate = weights["content"] * content
+            for key, tile_sums in sums.items():
+                pairs = zip(slopes[key], tile_sums, strict=True)
+                surrogate = surrogate + sum((d * s).sum() for d, s in pairs if d is not None)
+            if slopes.get(None) is not None:
+                rows, cols, image_rows, image_cols = core(self.split)
+                map_slope = slopes[None][..., image_rows, image_cols].float()
+                surrogate = surrogate + (map_slope * last[..., rows, cols].float()).sum()
+            del last, out
+            if surrogate.requires_grad:
+                backward(surrogate)

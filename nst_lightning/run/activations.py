@@ -37,12 +37,21 @@ def tensor_bytes(tensor: torch.Tensor, floating: int = 4) -> int:
     return tensor.numel() * (floating if tensor.is_floating_point() else tensor.element_size())
 
 
-def saved_activations(extractor: FeatureExtractor, height: int, width: int, activation_bytes: int) -> tuple[int, int]:
-    """(bytes autograd saves for the backward pass, elements of the largest of those tensors) in a forward
-    pass of ``extractor`` (on the meta device) over a ``height`` x ``width`` image whose gradient is
-    wanted, with the activations it returns (which the losses keep). Each tensor counts once;
+def saved_activations(
+    extractor: FeatureExtractor,
+    height: int,
+    width: int,
+    activation_bytes: int,
+    after: str | None = None,
+    through: str | None = None,
+) -> tuple[int, int, dict[str, int]]:
+    """(bytes autograd saves for the backward pass, elements of the largest of those tensors, elements of each
+    returned activation) in a forward pass of ``extractor``'s layers after ``after`` (None: from the image)
+    through ``through`` (None: the deepest), on the meta device, over a ``height`` x ``width`` image whose
+    gradient is wanted, with the activations it returns (which the losses keep). Each tensor counts once;
     floating-point ones at ``activation_bytes`` per element (2 under mixed precision), integer ones (max
-    pooling's indices) at their own size; the weights not at all."""
+    pooling's indices) at their own size; the weights not at all. After ``after``, its map (the input here, held
+    whole between the two parts of a tiled run: tiling.py) counts as one of them."""
     weights = {id(t) for t in [*extractor.parameters(), *extractor.buffers()]}
     saved: dict[int, torch.Tensor] = {}
 
@@ -51,14 +60,18 @@ def saved_activations(extractor: FeatureExtractor, height: int, width: int, acti
             saved.setdefault(id(tensor), tensor)
         return tensor
 
-    image = torch.empty(1, 3, height, width, device=extractor.mean.device, requires_grad=True)
+    image = torch.empty(1, 3, height, width, device=extractor.mean.device)
+    if after is not None:
+        with torch.no_grad():
+            image, _ = extractor.run(image, through=after)
+    image.requires_grad_()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        features = extractor(image)
+        _, features = extractor.run(image, after=after, through=through)
     for tensor in features.values():  # the losses keep the activations they compare for their own backward
         pack(tensor)
     total = sum(tensor_bytes(t, activation_bytes) for t in saved.values())
-    largest = max([3 * height * width, *(t.numel() for t in saved.values())])
-    return total, largest
+    largest = max([image.numel(), *(t.numel() for t in saved.values())])
+    return total, largest, {name: tensor.numel() for name, tensor in features.items()}
 
 
 def forward_peak(extractor: FeatureExtractor, height: int, width: int) -> tuple[int, int]:
@@ -148,13 +161,16 @@ def target_pass(extractor: FeatureExtractor, height: int, width: int, options: M
     return held + peak
 
 
-def tile_extent(extractor: FeatureExtractor, height: int, width: int, tile: int) -> tuple[int, int]:
-    """(height, width) of the largest tile, halo included, that the network sees in a tiled run over a
-    ``height`` x ``width`` image with cores of ``tile`` pixels (see :mod:`nst_lightning.core.tiling`)."""
-    from nst_lightning.core.tiling import exact_halo, layer_reach
+def tile_extent(
+    extractor: FeatureExtractor, height: int, width: int, tile: int, split: str | None = None
+) -> tuple[int, int]:
+    """(height, width) of the largest tile, halo included, that the network's layers through ``split`` (None: all)
+    see in a tiled run over a ``height`` x ``width`` image with cores of ``tile`` pixels (see
+    :mod:`nst_lightning.core.tiling`)."""
+    from nst_lightning.core.tiles import exact_halo, layer_reach, tiled_layers
 
     reach = layer_reach(extractor.body)
-    layers = list(extractor.layers)
+    layers = tiled_layers(extractor.body, extractor.layers, split)
     align = max(reach[layer].jump for layer in layers)
     side = max(align, tile // align * align) + 2 * exact_halo(reach, layers)
     return min(height, side), min(width, side)

@@ -135,7 +135,7 @@ class Evaluator:
         return losses
 
     def _tiled(self) -> bool:
-        return getattr(self.objective, "tile_size", None) is not None  # an objective of another kind has no tiles
+        return getattr(self.objective, "tiling", None) is not None  # an objective of another kind has no tiles
 
     def _losses_and_gradient(self, image: nn.Parameter, float32: bool) -> dict[str, Tensor]:
         """The losses of ``image`` and its gradient (in ``image.grad``): over tiles where the objective has them."""
