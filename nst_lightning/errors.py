@@ -35,6 +35,10 @@ class NumericalError(NSTError):
     """The optimisation produced a non-finite loss or gradient."""
 
 
+class OutOfMemory(NSTError):
+    """The device ran out of memory during a run that its memory plan let start (see ``run.memory.out_of_memory``)."""
+
+
 class CheckpointError(NSTError):
     """A checkpoint that cannot be read, written, or resumed from with this configuration."""
 

@@ -334,9 +334,8 @@ def test_cli_numerical_fault_is_one_line_and_the_output_holds_the_last_finite_im
     assert output.shape == (1, 3, 24, 32) and torch.isfinite(output).all()
 
 
-def test_cli_absurd_style_weight_names_it_and_leaves_the_old_output(tmp_path, images, capsys):
-    # 1e44 times the (small, random-weights) style loss overflows float32 at the first evaluation.
-    config = write_config(tmp_path, images, model={"style_weight": 1e44})
+def _one_error_line_and_the_old_output_kept(tmp_path, config, capsys) -> str:
+    """Runs ``config`` with ``--overwrite`` over an existing output; returns the one error line it must end with."""
     output = tmp_path / "out" / "result.png"
     output.parent.mkdir()
     Image.new("RGB", (4, 4), (1, 2, 3)).save(output)
@@ -344,11 +343,40 @@ def test_cli_absurd_style_weight_names_it_and_leaves_the_old_output(tmp_path, im
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["fit", "--config", str(config), "--overwrite"])
     assert exit_info.value.code == 1
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nst-lightning: error:")]
-    assert (
-        len(lines) == 1 and "at step 0: model.style_weight=1e+44" in lines[0] and "lower model.style_weight" in lines[0]
-    )
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("nst-lightning: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
     assert output.read_bytes() == before, "nothing better than the old output was computed"
+    return lines[0]
+
+
+def test_cli_out_of_memory_is_one_line_and_keeps_the_partial_image(tmp_path, images, capsys, monkeypatch):
+    """The allocator failing mid-run (the memory plan's estimate short, as under a tight ulimit -v): one line
+    naming the settings that give headroom, the image so far in the .partial file, the old output untouched."""
+    forward, calls = Objective.forward, []
+
+    def failing(self, image):
+        calls.append(1)
+        if len(calls) > 6:  # a few steps in: there is an image to keep
+            raise RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                "tried to allocate 215808000 bytes. Error code 12 (Cannot allocate memory)"
+            )
+        return forward(self, image)
+
+    monkeypatch.setattr(Objective, "forward", failing)
+    config = write_config(tmp_path, images, trainer={"max_steps": 50})
+    line = _one_error_line_and_the_old_output_kept(tmp_path, config, capsys)
+    assert "out of memory (asked for 206 MiB more)" in line and "model.tile_size" in line, line
+    assert load_image(tmp_path / "out" / "result.partial.png").shape == (1, 3, 24, 32)
+
+
+def test_cli_absurd_style_weight_names_it_and_leaves_the_old_output(tmp_path, images, capsys):
+    # 1e44 times the (small, random-weights) style loss overflows float32 at the first evaluation.
+    line = _one_error_line_and_the_old_output_kept(
+        tmp_path, write_config(tmp_path, images, model={"style_weight": 1e44}), capsys
+    )
+    assert "at step 0: model.style_weight=1e+44" in line and "lower model.style_weight" in line
 
 
 def test_interrupted_message_and_exit_codes():

@@ -1,7 +1,8 @@
 import pytest
+import torch
 
 from nst_lightning.errors import ConfigError
-from nst_lightning.run.memory import check_fits, estimate_peak
+from nst_lightning.run.memory import check_fits, estimate_peak, out_of_memory
 
 MIB = 2**20
 
@@ -84,9 +85,16 @@ def test_the_activations_are_those_of_the_real_extractor():
         shapes = FeatureExtractor(layers, weights=None)
     assert saved_activations(shapes, 40, 56, 4) == saved_activations(real, 40, 56, 4)
     # Mixed precision halves the floating-point activations, not max pooling's int64 indices.
-    full, _ = saved_activations(shapes, 40, 56, 4)
-    half, _ = saved_activations(shapes, 40, 56, 2)
+    full, largest, _ = saved_activations(shapes, 40, 56, 4)
+    half, _, _ = saved_activations(shapes, 40, 56, 2)
     assert full / 2 < half < full
+    # Split after pool2 (tiling.py): the early layers' part and the later layers' part over pool2's map hold
+    # exactly the whole pass's tensors between them; the later part's largest (256 channels on a sixteenth of the
+    # positions) is a quarter of the whole pass's (64 channels at full resolution).
+    early, _, returned = saved_activations(shapes, 40, 56, 4, through="pool2")
+    late, late_largest, late_returned = saved_activations(shapes, 40, 56, 4, after="pool2")
+    assert set(returned) == {"relu1_1", "relu2_1"} and set(late_returned) == set(layers) - set(returned)
+    assert early + late == full and late_largest * 4 == largest
 
 
 def test_every_tensor_of_the_run_is_counted():
@@ -164,3 +172,24 @@ def test_masks_count_in_the_images_prepared():
 
     assert input_bytes((100, 50), [(40, 40)], masks=2)[0] > input_bytes((100, 50), [(40, 40)])[0]
     assert input_bytes((100, 50), [(40, 40)], masks=2)[1] == input_bytes((100, 50), [(40, 40)])[1]
+
+
+@pytest.mark.parametrize(
+    "error, asked",
+    [
+        (RuntimeError("CPUAllocator: can't allocate memory: you tried to allocate 2147483648 bytes."), "2048 MiB"),
+        (RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1048576 bytes."), "1 MiB"),
+        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0)"), "2.00 GiB"),
+        (MemoryError(), None),
+    ],
+)
+def test_an_allocation_failure_becomes_one_line_naming_the_headroom(error, asked):
+    shortage = out_of_memory(error)
+    assert shortage is not None and str(shortage).startswith("out of memory")
+    assert "model.tile_size" in str(shortage) and "model.lbfgs_history_size" in str(shortage)
+    assert (f"asked for {asked} more" in str(shortage)) if asked else "asked for" not in str(shortage)
+
+
+def test_other_errors_are_not_taken_for_a_shortage():
+    assert out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert out_of_memory(ValueError("out of memory")) is None

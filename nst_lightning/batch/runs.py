@@ -27,7 +27,7 @@ import lightning as L
 import torch
 from tqdm import tqdm
 
-from nst_lightning.batch.launch import as_rank_zero, device_placement, start_fabric
+from nst_lightning.batch.launch import as_rank_zero, device_placement, launch, start_fabric
 from nst_lightning.batch.pairs import (
     BatchSettings,
     Pair,
@@ -44,6 +44,7 @@ from nst_lightning.errors import ConfigError, Interrupted, NSTError
 from nst_lightning.io.files import check_outputs_apart, check_replaceable, file_kind, remove_file
 from nst_lightning.io.image_io import check_writable
 from nst_lightning.run.callbacks import partial_path
+from nst_lightning.run.memory import out_of_memory
 
 
 class StepProgress(L.Callback):
@@ -141,9 +142,12 @@ def _run_pair(runner: PairRunner, pair: Pair, placement: dict[str, Any], rank: i
         raise
     except NSTError as err:  # the user's problem: the message says it all
         result.error = " ".join(str(err).split())
-    except Exception as err:  # a bug or a crash (out of memory...): keep the traceback for a report
-        result.error = f"{type(err).__name__}: {' '.join(str(err).split())}"
-        report(traceback.format_exc().rstrip())
+    except Exception as err:  # out of memory: one line; a bug or another crash: keep the traceback for a report
+        if (shortage := out_of_memory(err)) is not None:
+            result.error = str(shortage)
+        else:
+            result.error = f"{type(err).__name__}: {' '.join(str(err).split())}"
+            report(traceback.format_exc().rstrip())
     finally:
         result.seconds = time.perf_counter() - start
         gc.collect()
@@ -299,7 +303,7 @@ def _launch(runner: PairRunner, pairs: list[Pair], args: list[str], started: flo
             "torchrun), or set batch.num_nodes 1"
         )
     fabric = start_fabric(accelerator, settings.devices, settings.num_nodes, "trainer.accelerator")
-    return fabric.launch(functools.partial(_sharded, runner=runner, pairs=pairs, started=started))
+    return launch(fabric, functools.partial(_sharded, runner=runner, pairs=pairs, started=started))
 
 
 def other_nodes_announced() -> bool:

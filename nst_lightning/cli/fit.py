@@ -36,6 +36,7 @@ from nst_lightning.run.callbacks import ImageWriter, partial_path
 from nst_lightning.run.checkpoint import AtomicCheckpointIO, check_same_config, read_checkpoint
 from nst_lightning.run.data import StyleTransferDataModule, check_files_fit
 from nst_lightning.run.guard import RunGuard
+from nst_lightning.run.memory import out_of_memory
 from nst_lightning.run.module import StyleTransfer
 from nst_lightning.run.precision import choose_precision
 from nst_lightning.run.runlog import RunLogger, RunRecord, resumed_version, run_summary
@@ -286,6 +287,10 @@ def fit_main(argv: list[str], verbose: bool = False, callbacks: Sequence[Callbac
         stop("interrupted", "SIGTERM before the optimisation started: nothing was written", 143)
     except KeyboardInterrupt:
         stop("interrupted", "Ctrl-C before the optimisation started: nothing was written", 130)
+    except Exception as err:  # noqa: BLE001 - the device ran out of memory: one line; anything else is a bug
+        if (shortage := out_of_memory(err)) is None:
+            raise
+        stop("error", str(shortage), EXIT_ERROR)
     except SystemExit as exit_:
         # Lightning answers a Ctrl-C inside fit, before RunGuard is armed, with sys.exit(1).
         if isinstance(exit_.__context__, KeyboardInterrupt):

@@ -49,7 +49,8 @@ def last_accepted(image: Tensor, optimizers: Sequence[torch.optim.Optimizer]) ->
     itself then holds the next trial step, not yet evaluated, which may yet be undone. Before it has accepted any
     (a run that failed in a scale's first step) its state holds zeros, and the image is the point."""
     for optimizer in optimizers:
-        if isinstance(optimizer, DeviceLBFGS) and optimizer.param is image and image in optimizer.state:
+        # An empty state: its first step failed while allocating it (out of memory), nothing accepted.
+        if isinstance(optimizer, DeviceLBFGS) and optimizer.param is image and optimizer.state.get(image):
             state = optimizer.state[image]
             return torch.where(state["n_iter"] > 0, state["x"].view_as(image), image)  # no host read
     return image

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 
@@ -25,7 +26,7 @@ import torch
 
 from nst_lightning.core.backbones import backbone_spec
 from nst_lightning.core.features import FeatureExtractor
-from nst_lightning.errors import ConfigError
+from nst_lightning.errors import ConfigError, OutOfMemory
 from nst_lightning.io.files import file_bytes
 from nst_lightning.names import CONTENT_LAYERS, IMAGENET_FILE_BYTES, LBFGS_HISTORY_SIZE, MIXED_PRECISIONS, STYLE_LAYERS
 from nst_lightning.run import runtime
@@ -44,7 +45,9 @@ BACKWARD_ACTIVATIONS = 3
 # is kept in the heap (``runtime.keep_freed_memory``: no mmap, no trimming), where the holes left by the
 # weights' loading and by earlier, smaller tensors are too small for the next large ones. Measured with
 # ``benchmarks/memory_check.py --quick --wide-style 768`` (2 threads, a CPU build of torch): the peak RSS
-# above the process's own footprint was 1.39 to 1.53 times the tensors counted here.
+# above the process's own footprint was 1.39 to 1.53 times the tensors counted here. A run the plan tiles or whose
+# history it shortens hands freed memory back instead (``runtime.return_freed_memory``) and peaks below this: at
+# 3000 px under ``ulimit -v 12000000`` its address space grew 5.4 GiB against an estimate of 7.7.
 CPU_HEAP_SLACK = 1.6
 # Bytes per pixel a video frame's temporal term holds during its run: the warped previous frame
 # (3 x float32) and the reliability mask held, the difference and its square saved for the backward.
@@ -118,6 +121,7 @@ def estimate_peak(
     preserve_color: str = "none",
     temporal: bool = False,
     tile: int | None = None,
+    split: str | None = None,
 ) -> MemoryEstimate:
     """The peak memory of a run on a ``height`` x ``width`` image, by component.
 
@@ -137,6 +141,8 @@ def estimate_peak(
         temporal: a video frame (its flows and temporal term).
         tile: the network run over tiles of this many pixels a side (plus their halo; see tiling.py): its
             passes hold a tile's activations, the image, its optimiser and its targets stay whole.
+        split: with ``tile``, the last layer run over tiles (None: all); the layers after it hold the whole
+            image's activations, from the split layer's map.
     """
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got {width}x{height}")
@@ -146,15 +152,23 @@ def estimate_peak(
     for style in styles or []:
         extractor.check_image_size(style, "style")
     act = 2 if precision in MIXED_PRECISIONS else 4
-    # What one pass of the network sees: the whole image, or a tile with its halo.
-    net_height, net_width = (height, width) if tile is None else tile_extent(extractor, height, width, tile)
-    saved, largest = saved_activations(extractor, net_height, net_width, act)
-    with torch.no_grad():
-        features = extractor(torch.empty(1, 3, net_height, net_width, device="meta"))
+    # What one pass of the network sees: the whole image, or a tile with its halo (and the layers after the
+    # split over the whole image, from the split layer's map; its gradient held through the tiles' second pass).
+    if tile is None:
+        saved, largest, features = saved_activations(extractor, height, width, act)
+    else:
+        extent = tile_extent(extractor, height, width, tile, split)
+        saved, largest, features = saved_activations(extractor, *extent, act, through=split)
+        if split is not None:
+            deep, deep_largest, deep_features = saved_activations(extractor, height, width, act, after=split)
+            saved, largest, features = saved + deep, max(largest, deep_largest), features | deep_features
+            with torch.no_grad():
+                split_map, _ = extractor.run(torch.empty(1, 3, height, width, device="meta"), through=split)
+            saved += act * split_map.numel()
     if act != 4:  # the losses take float32 copies of half-precision activations
-        saved += sum(features[name].numel() * 4 for name in wanted)
+        saved += sum(features[name] * 4 for name in wanted)
     # With masks, each style layer's activations times each mask are saved (float32).
-    saved += masks * sum(features[name].numel() * 4 for name in style_layers)
+    saved += masks * sum(features[name] * 4 for name in style_layers)
     options = {
         "optimizer": optimizer,
         "history_size": history_size if optimizer == "lbfgs" else 0,
@@ -272,3 +286,33 @@ def check_fits(
 
 def times16(k: int) -> int:
     return 16 * k
+
+
+# What torch's allocators say when they cannot get memory: the CPU's (``DefaultCPUAllocator: can't allocate
+# memory`` / ``not enough memory``), CUDA's and MPS's (``out of memory``).
+_ALLOCATION_FAILED = re.compile(r"can't allocate memory|not enough memory|out of memory", re.IGNORECASE)
+_REQUESTED = re.compile(r"allocate (\d+) bytes|[Tt]ried to allocate ([\d.]+ [KMGT]i?B)")
+
+
+def out_of_memory(err: BaseException) -> OutOfMemory | None:
+    """The one-line error for ``err`` if it says the device ran out of memory (a ``MemoryError``, torch's
+    ``OutOfMemoryError``, or an allocator's ``RuntimeError``), else None: what to set for more headroom. The
+    memory plan let the run start, so its estimate fell short (under a tight ``ulimit -v``, say)."""
+    out_of_memory_type = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    message = " ".join(str(err).split())
+    if not (
+        isinstance(err, (MemoryError, out_of_memory_type))
+        or (isinstance(err, RuntimeError) and _ALLOCATION_FAILED.search(message))
+    ):
+        return None
+    found = _REQUESTED.search(message)
+    if found is None:
+        asked = ""
+    elif found.group(1):
+        asked = f" (asked for {int(found.group(1)) / 2**20:.0f} MiB more)"
+    else:
+        asked = f" (asked for {found.group(2)} more)"
+    return OutOfMemory(
+        f"out of memory{asked}: the run needed more than the memory plan estimated; give it headroom with "
+        "--set model.tile_size=512 --set model.lbfgs_history_size=6, or a smaller --size (data.image_size)"
+    )
