@@ -116,6 +116,24 @@ def test_time_to_quality_judges_every_run_by_the_final_size_objective_in_miniatu
         ),
         ("logging_overhead.py", ["--size", "32", "--steps", "2", "--repeats", "1"], "logging overhead:"),
         ("print_sizes.py", ["--available", "4", "--sizes", "512"], "| 4 GiB | 512 px |"),
+        (
+            "allocator.py",
+            [
+                "--size",
+                "64",
+                "--tile",
+                "32",
+                "--split",
+                "pool1",
+                "--rounds",
+                "1",
+                "--repeats",
+                "1",
+                "--weights",
+                "random",
+            ],
+            "returned / kept:",
+        ),
     ],
 )
 def test_each_benchmark_runs_alone_in_miniature(script, args, expected):

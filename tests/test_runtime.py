@@ -1,12 +1,20 @@
+import os
 import platform
 import resource
+import subprocess
 import sys
 
 import pytest
 import torch
 
 from nst_lightning.run import runtime
-from nst_lightning.run.runtime import ALLOCATOR_VARIABLES, keep_freed_memory, physical_cores, set_default_threads
+from nst_lightning.run.runtime import (
+    ALLOCATOR_VARIABLES,
+    keep_freed_memory,
+    physical_cores,
+    return_freed_memory,
+    set_default_threads,
+)
 
 
 def test_physical_cores_is_a_positive_count():
@@ -46,6 +54,45 @@ def test_freed_memory_is_reused_without_page_faults(monkeypatch):
     # settle the blocks' alignment slack).
     faults = [_page_faults_of_a_fresh_block() for _ in range(8)]
     assert min(faults) < 1000, faults
+
+
+_RETURNED_BLOCK_PROBE = """
+import torch
+from nst_lightning.run.runtime import keep_freed_memory, return_freed_memory
+
+def address_space():
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize:"))
+
+def grown_and_left(mib):
+    before = address_space()
+    block = torch.empty(mib * 2**18)
+    block.fill_(1.0)
+    grown = address_space() - before
+    del block
+    return grown, address_space() - before
+
+assert keep_freed_memory()
+kept = grown_and_left(256)
+assert return_freed_memory()
+returned = grown_and_left(256)
+print(kept[1] >> 20, returned[0] >> 20, returned[1] >> 20, return_freed_memory())
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
+def test_a_tight_run_gives_freed_memory_back():
+    # Under ulimit -v what counts is the address space: a kept heap never shrinks, a returned block's goes at once.
+    # A fresh process: in the suite's own, a hole left by an earlier test can hold the block without a new mapping.
+    env = {k: v for k, v in os.environ.items() if k not in (*ALLOCATOR_VARIABLES, "LD_PRELOAD")}
+    probe = subprocess.run(
+        [sys.executable, "-c", _RETURNED_BLOCK_PROBE], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert probe.returncode == 0, probe.stderr
+    kept_left, returned_grown, returned_left, again = probe.stdout.split()
+    assert int(kept_left) >= 250, "the kept heap holds the freed block"
+    assert int(returned_grown) >= 250, "a returned block is a mapping of its own"
+    assert int(returned_left) < 4, "and it goes when it is freed"
+    assert again == "False", "once is enough"
 
 
 def test_the_allocator_is_left_alone_where_the_user_tunes_it(monkeypatch):

@@ -24,6 +24,7 @@ from nst_lightning.core.features import FeatureExtractor, Pooling
 from nst_lightning.core.inputs import ImageSource, Inputs
 from nst_lightning.core.lbfgs import DeviceLBFGS, last_accepted, make_lbfgs
 from nst_lightning.core.objective import Objective
+from nst_lightning.core.tiles import Tiling
 from nst_lightning.errors import ConfigError, NumericalError
 from nst_lightning.io.console import detail, note
 from nst_lightning.io.image_io import load_image
@@ -42,6 +43,7 @@ from nst_lightning.run.closure import Evaluator
 from nst_lightning.run.losslog import LossLog, step_values
 from nst_lightning.run.plan import plan_run
 from nst_lightning.run.precision import SCALE_START, LossScaler, drop_lightning_scaler, float32_start
+from nst_lightning.run.runtime import return_freed_memory
 
 
 class StyleTransfer(L.LightningModule):
@@ -84,10 +86,11 @@ class StyleTransfer(L.LightningModule):
         float32_final_steps: under bf16-mixed or 16-mixed, the last this many iterations run in
             float32: mixed precision is the faster way down, float32 reaches the lower loss at the
             end (see the README's Mixed precision); 0 keeps mixed precision to the end.
-        tile_size: run the network over tiles of this many pixels a side (with a margin that covers its
-            receptive field, so the loss and gradient are the whole image's; see docs/print.md): what lets an
-            image larger than the network's activations allow run in the memory at hand. None (the default)
-            tiles only the sizes whose whole image would not fit, with the largest tiles that fit; 0 never tiles.
+        tile_size: run the network's early layers over tiles of this many pixels a side (with a margin that covers
+            their receptive field, so the loss and gradient are the whole image's; see docs/print.md), the later
+            ones over the whole image where they fit: what lets an image larger than the network's activations
+            allow run in the memory at hand. None (the default) tiles only the sizes whose whole image would not
+            fit, with the cheapest tiles that fit; 0 never tiles.
     """
 
     def __init__(
@@ -148,7 +151,7 @@ class StyleTransfer(L.LightningModule):
         self.evaluator = Evaluator(self.objective, self.manual_backward)
         self.images: ImageSource | None = None
         self.sizes: list[int] = []
-        self.tiles: list[int | None] = []  # the tile size of each scale (None: the whole image), from the memory
+        self.tiles: list[Tiling | None] = []  # the tiling of each scale (None: the whole image), from the memory
         self.history = lbfgs_history_size  # L-BFGS steps kept: fewer where the memory holds no more (plan.py)
         self._scale = 0  # index into self.sizes
         self._start: str | Tensor | None = None  # restart()'s init, else model.init
@@ -195,12 +198,15 @@ class StyleTransfer(L.LightningModule):
                 f"the memory at hand holds {self.history} of the {hp.lbfgs_history_size} L-BFGS steps "
                 "(model.lbfgs_history_size) at this size: a little slower to converge"
             )
-        tiled = [f"{size} px over {tile} px tiles" for size, tile in zip(self.sizes, self.tiles, strict=True) if tile]
+        if device.type == "cpu" and (any(self.tiles) or self.history < hp.lbfgs_history_size):
+            # A tight run hands freed memory back (runtime.return_freed_memory): a kept heap grows past its estimate.
+            return_freed_memory()
+        tiled = [f"{size} px over {tiling}" for size, tiling in zip(self.sizes, self.tiles, strict=True) if tiling]
         if tiled:  # a choice made for the user: say it
             note(f"the network runs over tiles (model.tile_size): {', '.join(tiled)}")
         if any(self.tiles) and str(self.trainer.precision) == "16-mixed":  # its loss scaler needs the whole image
             raise ConfigError("trainer.precision 16-mixed cannot run over tiles (model.tile_size): use bf16-mixed")
-        self.objective.tile_size = self.tiles[0]
+        self.objective.tiling = self.tiles[0]
         inputs = images.inputs(self.sizes[0])
         # setup() runs before Lightning moves the module: the targets are computed where the
         # optimisation will run rather than on the CPU.
@@ -264,7 +270,7 @@ class StyleTransfer(L.LightningModule):
         """Moves a coarse-to-fine run to scale ``index``: targets recomputed at the new size, the image
         upsampled into a new parameter."""
         inputs = self.images.inputs(self.sizes[index])
-        self.objective.tile_size = self.tiles[index]
+        self.objective.tiling = self.tiles[index]
         # DeviceLBFGS's image holds its next trial: the last accepted point goes on. The old size's L-BFGS
         # history is dropped before the new targets are computed (at print sizes, gigabytes: plan.py).
         image = last_accepted(self.image, self.trainer.optimizers).detach()
@@ -327,7 +333,8 @@ class StyleTransfer(L.LightningModule):
 
     def final_losses(self) -> dict[str, Tensor]:
         # Over the run's tiles where it has them: the whole image's activations at a print size are what did not fit.
-        return self.objective.evaluate(self.image, lambda _: None)
+        with torch.no_grad():
+            return self.objective.evaluate(self.image, lambda _: None)
 
     def output_size(self) -> tuple[int, int] | None:
         return None if self.images is None else self.images.content_size()

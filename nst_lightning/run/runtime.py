@@ -51,7 +51,11 @@ def set_default_threads() -> int | None:
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
+# Blocks from this size up get a mapping of their own once freed memory is returned (return_freed_memory).
+RETURNED_BLOCK_BYTES = 2**20
+_kept: list[object] = []  # glibc's mallopt, once keep_freed_memory has applied its setting
 # Environment variables through which a user tunes glibc's allocator (or replaces it) themselves.
 ALLOCATOR_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
 
@@ -80,7 +84,35 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    if not (mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)):
+        return False
+    _kept[:] = [libc]
+    return True
+
+
+def return_freed_memory() -> bool:
+    """Undoes :func:`keep_freed_memory` (until it is called again): each block of a MiB or more gets a mapping of
+    its own, unmapped when it is freed, and the heap's free top goes back to the system now and from then on.
+
+    For a tight run (``StyleTransfer.setup``: the plan tiles it or shortens its L-BFGS history). The kept heap never
+    shrinks, and its holes are the wrong sizes for later tensors: under ``ulimit -v 12000000`` the print config's
+    3000 px scale ran out of address space after its 2048 px scale, and a 3000 px run alone over 768 px tiles at its
+    second iteration, each estimated to fit; handed back, the same runs peaked gigabytes below their estimates. The
+    page faults come back, and with them the kernel's zeroing of every page (``benchmarks/allocator.py``: 1.3 times
+    the time of a tiled evaluation at 1536 px). Returns whether anything changed (only after
+    :func:`keep_freed_memory` applied its setting)."""
+    if not _kept:
+        return False
+    import ctypes
+
+    libc = _kept.pop()
+    mallopt = libc.mallopt
+    mallopt(_M_MMAP_THRESHOLD, RETURNED_BLOCK_BYTES)
+    mallopt(_M_MMAP_MAX, 65536)  # glibc's default
+    mallopt(_M_TRIM_THRESHOLD, 128 * 1024)  # glibc's default
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    libc.malloc_trim(0)
+    return True
 
 
 def cpu_has_amx_bf16() -> bool:
