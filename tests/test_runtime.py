@@ -12,7 +12,6 @@ from nst_lightning.run.runtime import (
     ALLOCATOR_VARIABLES,
     keep_freed_memory,
     physical_cores,
-    return_freed_memory,
     set_default_threads,
 )
 
