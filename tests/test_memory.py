@@ -187,6 +187,7 @@ def test_an_allocation_failure_becomes_one_line_naming_the_headroom(error, asked
     shortage = out_of_memory(error)
     assert shortage is not None and str(shortage).startswith("out of memory")
     assert "model.tile_size" in str(shortage) and "model.lbfgs_history_size" in str(shortage)
+    assert "data.image_size" in str(shortage) and "--" not in str(shortage), "keys: every form (fit, web app) has them"
     assert (f"asked for {asked} more" in str(shortage)) if asked else "asked for" not in str(shortage)
 
 

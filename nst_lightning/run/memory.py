@@ -313,6 +313,7 @@ def out_of_memory(err: BaseException) -> OutOfMemory | None:
     else:
         asked = f" (asked for {found.group(2)} more)"
     return OutOfMemory(
-        f"out of memory{asked}: the run needed more than the memory plan estimated; give it headroom with "
-        "--set model.tile_size=512 --set model.lbfgs_history_size=6, or a smaller --size (data.image_size)"
+        f"out of memory{asked}: the run needed more than the memory plan estimated; give it headroom with a "
+        "smaller model.tile_size than the plan chose (512 where it ran whole), a shorter model.lbfgs_history_size "
+        "(6, say) or a smaller data.image_size"
     )
