@@ -252,6 +252,31 @@ def test_sigterm_inside_a_frame_is_one_line_exit_143_and_keeps_the_frames_done(
     assert signal.getsignal(signal.SIGTERM) == before, "the previous handler is back"
 
 
+def test_out_of_memory_inside_a_frame_is_one_line_and_keeps_the_frames_done(tmp_path, clip, style, capsys, monkeypatch):
+    from nst_lightning.run.module import StyleTransfer
+
+    original, steps = StyleTransfer.training_step, []
+
+    def step(self, batch, batch_idx):
+        steps.append(batch_idx)
+        if len(steps) == 6 + 2:  # frame 2's second step (frame 1 has 6)
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 215808000 bytes.")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(StyleTransfer, "training_step", step)
+    with pytest.raises(SystemExit) as stopped:
+        cli_main(["video", str(clip), str(style), "-o", str(tmp_path / "out.mp4"), *FAST])
+    lines = said(capsys.readouterr().err)
+    errors = [line for line in lines if "Wrote the partial image" not in line]  # frame 2's, in the work folder
+    assert stopped.value.code == 1 and len(errors) == 1, lines
+    assert errors[0].startswith("nst-lightning: error: out of memory (asked for 206 MiB more)"), errors
+    assert "a smaller --size;" in errors[0], errors
+    assert errors[0].endswith(f"stopped at frame 2 of 6 (frame 1 kept in {tmp_path / 'out.mp4.parts'})"), errors
+    stylised = tmp_path / "out.mp4.parts" / "stylised"
+    done = sorted(p.name for p in stylised.glob("*.png") if ".partial" not in p.name)
+    assert done == ["000001.png"] and not (tmp_path / "out.mp4").exists()
+
+
 def _audio_only(path: Path) -> Path:
     with av.open(str(path), "w") as out:
         _tone(out, out.add_stream("aac", rate=8000, layout="mono"), 0.5)

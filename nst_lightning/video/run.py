@@ -30,6 +30,7 @@ from nst_lightning.io.files import file_kind
 from nst_lightning.io.image_io import fit_size, open_rgb, resized
 from nst_lightning.run import checks
 from nst_lightning.run.data import StyleTransferDataModule
+from nst_lightning.run.memory import out_of_memory
 from nst_lightning.run.plan import plan_run
 from nst_lightning.video import Stopped
 from nst_lightning.video.frames import FrameRunner, VideoPlan, WorkFolder, run_frames, save_pixels, segments, summary
@@ -236,7 +237,7 @@ def _shared(
         outcome = ("stopped", str(err), err.code)
     except NSTError as err:
         outcome = ("error", f"segment {rank + 1} (frames {layout[rank][0] + 1}-{layout[rank][1]}): {err}")
-    except Exception as err:  # a crash (out of memory...): the first process reports it
+    except Exception as err:  # a crash: the first process reports it
         outcome = ("error", f"segment {rank + 1}: {type(err).__name__}: {' '.join(str(err).split())}")
     gathered: list[Any] | None = [None] * world if rank == 0 else None
     dist.gather_object(outcome, gathered, dst=0)
@@ -278,19 +279,28 @@ def _segment(
         if isinstance(err, SystemExit) and not terminated and not isinstance(err.__context__, KeyboardInterrupt):
             raise
         name, code = ("SIGTERM", 143) if terminated else ("Ctrl-C", 130)
-        done = work.first_unfinished(end, first)
-        if done == first:
-            kept = "no frame was finished" if whole else "no frame of its segment was finished"
-        elif done == first + 1:
-            kept = f"frame {done} kept in {work.root}"
-        else:
-            kept = f"frames {first + 1}-{done} kept in {work.root}"
-        raise Stopped(
-            f"{name} at frame {done + 1} of {plan.frames} ({kept}): run the same command again to resume there", code
-        ) from None
+        where = _stopped_at(work, plan, first, end, whole)
+        raise Stopped(f"{name} at {where}: run the same command again to resume there", code) from None
+    except Exception as err:  # out of memory: one line saying where, anything else is a bug
+        if (shortage := out_of_memory(err)) is None:
+            raise
+        said = str(shortage).replace("data.image_size", "--size")  # as fit's checks are said here
+        raise ImageError(f"{said}; stopped at {_stopped_at(work, plan, first, end, whole)}") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
     return results, start - first
+
+
+def _stopped_at(work: Any, plan: Any, first: int, end: int, whole: bool) -> str:
+    """Where a segment stopped: ``frame 3 of 6 (frames 1-2 kept in FOLDER)``."""
+    done = work.first_unfinished(end, first)
+    if done == first:
+        kept = "no frame was finished" if whole else "no frame of its segment was finished"
+    elif done == first + 1:
+        kept = f"frame {done} kept in {work.root}"
+    else:
+        kept = f"frames {first + 1}-{done} kept in {work.root}"
+    return f"frame {done + 1} of {plan.frames} ({kept})"
 
 
 def _display_frames(work: Any, info: Any) -> Iterator[np.ndarray]:
