@@ -98,6 +98,12 @@ def test_a_halo_below_the_receptive_field_is_an_approximation():
     assert not torch.allclose(got["total"], expected["total"].detach(), rtol=2e-4)
 
 
+def test_a_halo_off_the_tiled_layers_grid_is_refused():
+    # Cores that did not meet on the deepest tiled layer's grid would cover some cells twice and others never.
+    with pytest.raises(ValueError, match="multiple of"):
+        whole_and_tiled(objective(), inputs(), tile=24, halo=5)
+
+
 @pytest.mark.slow
 def test_the_exact_halo_follows_the_receptive_field_of_a_vgg():
     body = objective(content=["conv4_2"], style=["conv5_1"]).extractor.body
@@ -353,11 +359,12 @@ def test_the_run_record_evaluates_the_final_image_over_the_runs_tiles(monkeypatc
 def test_a_tight_run_hands_freed_memory_back(tmp_path, images, monkeypatch):
     """Under ulimit -v 12000000 the print config's 3000 px scale ran out of address space after 2048 px, and a 3000 px
     run alone at its second iteration: the heap kept for speed (runtime.keep_freed_memory) never shrinks. A run the
-    plan tiles hands freed memory back; a run that fits whole keeps it."""
+    plan tiles hands freed memory back until its end (a batch's next pair may fit); a run that fits whole keeps it."""
     import nst_lightning.run.module as module_file
 
     calls: list[str] = []
     monkeypatch.setattr(module_file, "return_freed_memory", lambda: calls.append("returned") or True)
+    monkeypatch.setattr(module_file, "keep_freed_memory", lambda: calls.append("kept") or True)
     model = {"content_layers": ["conv2_2"], "style_layers": ["relu1_1", "relu2_1"], "scales": [48, 96]}
     model |= {"scale_steps": [2, 2]}
     for folder, tiles in (("whole", []), ("tiled", ["--model.tile_size", "64"])):
@@ -365,4 +372,12 @@ def test_a_tight_run_hands_freed_memory_back(tmp_path, images, monkeypatch):
         config = write_config(tmp_path / folder, images, model=model, data={"image_size": 96})
         calls.clear()
         cli_main(["fit", "--config", str(config), "--trainer.precision", "32-true", "--trainer.max_steps", "4", *tiles])
-        assert calls == ([] if folder == "whole" else ["returned"]), folder
+        assert calls == ([] if folder == "whole" else ["returned", "kept"]), folder  # kept again at its end
+
+
+def test_a_history_set_below_the_good_floor_still_gets_the_cheapest_tiling_that_fits_with_it():
+    cheap, dear = Tiling(1024, "pool2"), Tiling(512, "pool3")
+    holds = {cheap: 8, dear: 12}  # the most L-BFGS steps each fits with
+    cost = {cheap: 1.1, dear: 1.3}
+    chosen = plan._choose(lambda t, steps: steps <= holds[t], [cheap, dear], cost.get, history=8, shrink=True)
+    assert chosen == (cheap, 8)

@@ -149,11 +149,15 @@ def map_shapes(body: nn.Sequential, height: int, width: int) -> dict[str, tuple[
 
 def tiles_of(extractor: nn.Module, height: int, width: int, tiling: Tiling, halo: int | None = None):
     """The reach of every layer of ``extractor`` and the tiles of ``tiling`` over a ``height`` x ``width`` image, with
-    ``halo`` pixels (by default :func:`exact_halo` of the tiled layers)."""
+    ``halo`` pixels (by default :func:`exact_halo` of the tiled layers; a smaller one, as the benchmarks measure,
+    must be a multiple of the deepest tiled layer's stride, or the tiles' cores would not meet on its grid)."""
     reach = layer_reach(extractor.body)
     layers = tiled_layers(extractor.body, extractor.layers, tiling.split)
-    halo = exact_halo(reach, layers) if halo is None else halo
     align = max(reach[layer].jump for layer in layers)
+    if halo is None:
+        halo = exact_halo(reach, layers)
+    elif halo < 0 or halo % align:
+        raise ValueError(f"a tile's halo must be a multiple of {align} px (the tiled layers' stride), got {halo}")
     return reach, plan_tiles(height, width, tiling.tile, halo, align)
 
 

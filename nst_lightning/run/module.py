@@ -43,7 +43,7 @@ from nst_lightning.run.closure import Evaluator
 from nst_lightning.run.losslog import LossLog, step_values
 from nst_lightning.run.plan import plan_run
 from nst_lightning.run.precision import SCALE_START, LossScaler, drop_lightning_scaler, float32_start
-from nst_lightning.run.runtime import return_freed_memory
+from nst_lightning.run.runtime import keep_freed_memory, return_freed_memory
 
 
 class StyleTransfer(L.LightningModule):
@@ -154,6 +154,7 @@ class StyleTransfer(L.LightningModule):
         self.tiles: list[Tiling | None] = []  # the tiling of each scale (None: the whole image), from the memory
         self.history = lbfgs_history_size  # L-BFGS steps kept: fewer where the memory holds no more (plan.py)
         self._scale = 0  # index into self.sizes
+        self._returned_memory = False  # a tight run hands freed memory back until its end (setup, teardown)
         self._start: str | Tensor | None = None  # restart()'s init, else model.init
         self._origin = 0  # the trainer's global step where this image's steps began (see restart)
         self.losses = LossLog()  # each step's losses, kept on the device and logged a few steps later
@@ -198,14 +199,14 @@ class StyleTransfer(L.LightningModule):
                 f"the memory at hand holds {self.history} of the {hp.lbfgs_history_size} L-BFGS steps "
                 "(model.lbfgs_history_size) at this size: a little slower to converge"
             )
-        if device.type == "cpu" and (any(self.tiles) or self.history < hp.lbfgs_history_size):
-            # A tight run hands freed memory back (runtime.return_freed_memory): a kept heap grows past its estimate.
-            return_freed_memory()
         tiled = [f"{size} px over {tiling}" for size, tiling in zip(self.sizes, self.tiles, strict=True) if tiling]
         if tiled:  # a choice made for the user: say it
             note(f"the network runs over tiles (model.tile_size): {', '.join(tiled)}")
         if any(self.tiles) and str(self.trainer.precision) == "16-mixed":  # its loss scaler needs the whole image
             raise ConfigError("trainer.precision 16-mixed cannot run over tiles (model.tile_size): use bf16-mixed")
+        if device.type == "cpu" and (any(self.tiles) or self.history < hp.lbfgs_history_size):
+            # A tight run hands freed memory back (runtime.return_freed_memory): a kept heap grows past its estimate.
+            self._returned_memory = return_freed_memory()
         self.objective.tiling = self.tiles[0]
         inputs = images.inputs(self.sizes[0])
         # setup() runs before Lightning moves the module: the targets are computed where the
@@ -222,6 +223,11 @@ class StyleTransfer(L.LightningModule):
         # L-BFGS flattens the gradient with view(): the image must be contiguous.
         self.image = nn.Parameter(start.to(device).contiguous())
         self._scale = 0
+
+    def teardown(self, stage: str) -> None:
+        """The heap is kept again after a tight run (a batch's or the web app's next run in this process may fit)."""
+        if self._returned_memory:
+            self._returned_memory = not keep_freed_memory()
 
     def set_targets(self, inputs: Inputs, device: torch.device | str = "cpu") -> None:
         """The objective's targets from ``inputs`` (see :meth:`Objective.set_targets`): a new function to minimise."""

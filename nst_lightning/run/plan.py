@@ -129,7 +129,7 @@ def _choose(fits, candidates: list[Tiling | None], cost, history: int, shrink: b
     good = [tiling for tiling in candidates if cost(tiling) <= GOOD_COST] or candidates[:1]
     for group, floor in ((good, GOOD_HISTORY), (candidates, MIN_HISTORY)):
         for tiling in group:
-            if shrink and not fits(tiling, floor):  # not even with the fewest steps
+            if shrink and not fits(tiling, min(floor, history)):  # not even with the fewest steps
                 continue
             for kept in halved(floor):
                 if fits(tiling, kept):

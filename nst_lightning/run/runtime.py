@@ -55,7 +55,7 @@ _M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
 # Blocks from this size up get a mapping of their own once freed memory is returned (return_freed_memory).
 RETURNED_BLOCK_BYTES = 2**20
-_kept: list[object] = []  # glibc's mallopt, once keep_freed_memory has applied its setting
+_kept: list[object] = []  # glibc (its ctypes handle), once keep_freed_memory has applied its setting
 # Environment variables through which a user tunes glibc's allocator (or replaces it) themselves.
 ALLOCATOR_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
 
