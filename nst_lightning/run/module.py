@@ -225,7 +225,7 @@ class StyleTransfer(L.LightningModule):
         self._scale = 0
 
     def teardown(self, stage: str) -> None:
-        """The heap is kept again after a tight run (a batch's or the web app's next run in this process may fit)."""
+        """The heap is kept again after a tight run (a batch's next pair or a video's next frame may fit)."""
         if self._returned_memory:
             self._returned_memory = not keep_freed_memory()
 
