@@ -20,7 +20,7 @@ import sys
 import time
 
 import common
-from common import CONTENT, REPO, STYLE, median
+from common import REPO, median
 
 DEFAULT_WEIGHTS = REPO.parent / "shared" / "weights" / "vgg16_imagenet_keras.pth"
 MODES = ("kept", "returned")
@@ -29,23 +29,14 @@ MODES = ("kept", "returned")
 def measure(args) -> None:
     """One process: ``args.repeats`` evaluations after one warm-up, in ``args.mode``; prints one JSON line."""
     torch, _ = common.setup_torch(args.threads)  # keeps freed memory, as every run starts
-    from nst_lightning import StyleTransferDataModule
-    from nst_lightning.core.features import FeatureExtractor
-    from nst_lightning.core.objective import Objective
     from nst_lightning.core.tiles import Tiling
     from nst_lightning.core.tiling import evaluate_tiled
-    from nst_lightning.names import CONTENT_LAYERS, STYLE_LAYERS
     from nst_lightning.run.runtime import return_freed_memory
 
     if args.mode == "returned" and not return_freed_memory():
         raise SystemExit("allocator.py: glibc's setting could not be changed here (not glibc, or MALLOC_* set)")
-    extractor = FeatureExtractor(list(CONTENT_LAYERS) + list(STYLE_LAYERS), "vgg16", args.weights, normalize=True)
-    objective = Objective(extractor, CONTENT_LAYERS, STYLE_LAYERS, [1.0] * len(STYLE_LAYERS))
-    data = StyleTransferDataModule(str(CONTENT), str(STYLE), image_size=args.size)
-    data.setup("fit")
-    with torch.no_grad():
-        objective.set_targets(data.inputs(), "cpu")
-    image = torch.nn.Parameter(data.inputs().content.clone())
+    objective, content = common.sample_objective(args.weights, args.size)
+    image = torch.nn.Parameter(content.clone())
     split = None if args.split == "none" else args.split
     seconds, faults = [], []
     for _ in range(args.repeats + 1):

@@ -157,6 +157,25 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def sample_objective(weights: str, size: int, device: str = "cpu"):
+    """The default layers' objective on the VGG-16 of ``weights``, its targets from the sample pair at ``size``
+    px; and the content image (where a run starts): what the tiling benchmarks evaluate, whole or over tiles."""
+    import torch
+
+    from nst_lightning import StyleTransferDataModule
+    from nst_lightning.core.features import FeatureExtractor
+    from nst_lightning.core.objective import Objective
+    from nst_lightning.names import CONTENT_LAYERS, STYLE_LAYERS
+
+    extractor = FeatureExtractor([*CONTENT_LAYERS, *STYLE_LAYERS], "vgg16", weights, normalize=True).to(device)
+    objective = Objective(extractor, CONTENT_LAYERS, STYLE_LAYERS, [1.0] * len(STYLE_LAYERS)).to(device)
+    data = StyleTransferDataModule(str(CONTENT), str(STYLE), image_size=size)
+    data.setup("fit")
+    with torch.no_grad():
+        objective.set_targets(data.inputs(), device)
+    return objective, data.inputs().content.to(device)
+
+
 def accelerator(device: str) -> str:
     return "gpu" if device.startswith("cuda") else "cpu"
 

@@ -20,7 +20,7 @@ import time
 from contextlib import nullcontext
 
 import common
-from common import CONTENT, REPO, STYLE, median
+from common import REPO, median
 
 DEFAULT_WEIGHTS = REPO.parent / "shared" / "weights" / "vgg16_imagenet_keras.pth"
 
@@ -63,22 +63,12 @@ def main() -> None:
     args = parser.parse_args()
     torch, threads = common.setup_torch(args.threads, args.device)
 
-    from nst_lightning import StyleTransferDataModule
-    from nst_lightning.core.features import FeatureExtractor
     from nst_lightning.core.lbfgs import DeviceLBFGS, make_lbfgs
-    from nst_lightning.core.objective import Objective
     from nst_lightning.core.tiles import Tiling, exact_halo, layer_reach, relative_cost, tiled_layers
     from nst_lightning.core.tiling import evaluate_tiled
-    from nst_lightning.names import CONTENT_LAYERS, STYLE_LAYERS
 
-    layers = list(CONTENT_LAYERS) + list(STYLE_LAYERS)
-    extractor = FeatureExtractor(layers, "vgg16", args.weights, normalize=True).to(args.device)
-    objective = Objective(extractor, CONTENT_LAYERS, STYLE_LAYERS, [1.0] * len(STYLE_LAYERS)).to(args.device)
-    data = StyleTransferDataModule(str(CONTENT), str(STYLE), image_size=args.size)
-    data.setup("fit")
-    with torch.no_grad():
-        objective.set_targets(data.inputs(), args.device)
-    start = data.inputs().content.to(args.device)
+    objective, start = common.sample_objective(args.weights, args.size, args.device)
+    extractor, layers = objective.extractor, list(objective.extractor.layers)
     splits = [None if split == "none" else split for split in args.splits]
     exact = {
         split: exact_halo(layer_reach(extractor.body), tiled_layers(extractor.body, layers, split)) for split in splits

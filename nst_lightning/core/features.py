@@ -25,6 +25,7 @@ from nst_lightning.core.backbones import (
     load_backbone,
     resolve_backbone,
 )
+from nst_lightning.core.color import grey_rgb
 from nst_lightning.errors import ConfigError, ImageError, WeightsError
 from nst_lightning.io import cache
 from nst_lightning.io.files import file_stamp
@@ -249,10 +250,11 @@ class FeatureExtractor(nn.Module):
         return max(1, math.ceil(probe / out.shape[-1]))
 
     def run(self, x: Tensor, after: str | None = None, through: str | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """The layers after ``after`` (None: from the image in [0, 1], normalised here) through ``through`` (None:
-        the deepest) over ``x``: the last one's output and the requested layers' activations among them,
-        undivided (a VGG's divisors are folded in: the network in parts, for tiling.py)."""
+        """The layers after ``after`` (None: from the image in [0, 1], RGB or one grey channel, normalised here)
+        through ``through`` (None: the deepest) over ``x``: the last one's output and the requested layers'
+        activations among them, undivided (a VGG's divisors are folded in: the network in parts, for tiling.py)."""
         if after is None:
+            x = grey_rgb(x) if x.shape[1] == 1 else x  # a luminance-only run's image (model.preserve_color)
             x = ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
         out: dict[str, Tensor] = {}
         started = after is None

@@ -189,7 +189,7 @@ class Objective(nn.Module):
     def forward(self, image: Tensor) -> dict[str, Tensor]:
         """The weighted losses of ``image`` against the targets: total, content, style, style per
         layer (before the layer weight) and tv. All float32."""
-        features = self.extractor(grey_rgb(image) if image.shape[1] == 1 else image)
+        features = self.extractor(image)
         zero = image.new_zeros((), dtype=torch.float32)
         losses: dict[str, Tensor] = {}
         content = zero

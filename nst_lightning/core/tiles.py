@@ -22,16 +22,29 @@ class Reach:
     right: int
 
 
+# The layers that slide a window over the map (the rest of a VGG is point-wise), and of them the poolings.
+POOLS = (nn.MaxPool2d, nn.AvgPool2d)
+WINDOWS = (nn.Conv2d, *POOLS)
+
+
+def _window(layer: nn.Module) -> tuple[int, int, int]:
+    """(span, stride, padding) of a window layer along a side: ``span`` pixels beyond the first, ``dilation *
+    (kernel - 1)`` (square windows: a VGG's)."""
+    kernel, stride, padding, dilation = (
+        value if isinstance(value, int) else value[0]
+        for value in (layer.kernel_size, layer.stride, layer.padding, getattr(layer, "dilation", 1))
+    )
+    return dilation * (kernel - 1), stride, padding
+
+
 def layer_reach(body: nn.Sequential) -> dict[str, Reach]:
     """:class:`Reach` of every layer of a sequential network of convolutions, poolings and point-wise
     layers (a VGG); a ValueError names a layer of any other kind (a residual block: tiling needs a VGG)."""
     jump, left, right = 1, 0, 0
     reach: dict[str, Reach] = {}
     for name, layer in body.named_children():
-        if isinstance(layer, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-            kernel, stride, padding = (_pair(getattr(layer, k))[0] for k in ("kernel_size", "stride", "padding"))
-            dilation = _pair(getattr(layer, "dilation", 1))[0]
-            span = dilation * (kernel - 1)
+        if isinstance(layer, WINDOWS):
+            span, stride, padding = _window(layer)
             left, right = left + padding * jump, right + (span - padding) * jump
             jump *= stride
         elif not isinstance(layer, (nn.ReLU, nn.Identity, nn.Dropout)):
@@ -51,10 +64,6 @@ def can_tile(body: nn.Sequential) -> bool:
 
 # The tile sizes (pixels a side, the halo aside) a run that does not fit whole tries, largest first.
 TILE_SIDES = (4096, 3072, 2048, 1536, 1024, 768, 512, 384, 256, 192, 128)
-
-
-def _pair(value: int | tuple[int, ...]) -> tuple[int, ...]:
-    return value if isinstance(value, tuple) else (value, value)
 
 
 def exact_halo(reach: dict[str, Reach], layers: list[str]) -> int:
@@ -123,7 +132,7 @@ def split_points(body: nn.Sequential, layers: Sequence[str]) -> list[str]:
     about the same; its activations halve with each pooling)."""
     names = [name for name, _ in body.named_children()]
     deepest = max(names.index(layer) for layer in layers)
-    return [name for name in names[:deepest] if isinstance(body.get_submodule(name), (nn.MaxPool2d, nn.AvgPool2d))]
+    return [name for name in names[:deepest] if isinstance(body.get_submodule(name), POOLS)]
 
 
 def tiled_layers(body: nn.Sequential, layers: Sequence[str], split: str | None) -> list[str]:
@@ -138,9 +147,8 @@ def map_shapes(body: nn.Sequential, height: int, width: int) -> dict[str, tuple[
     """(height, width) of each layer's map over a ``height`` x ``width`` image."""
     shapes = {}
     for name, layer in body.named_children():
-        if isinstance(layer, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-            kernel, stride, padding = (_pair(getattr(layer, k))[0] for k in ("kernel_size", "stride", "padding"))
-            span = _pair(getattr(layer, "dilation", 1))[0] * (kernel - 1)
+        if isinstance(layer, WINDOWS):
+            span, stride, padding = _window(layer)
             rounding = math.ceil if getattr(layer, "ceil_mode", False) else math.floor
             height, width = (rounding((side + 2 * padding - span - 1) / stride) + 1 for side in (height, width))
         shapes[name] = (height, width)

@@ -44,7 +44,6 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import Tensor, nn
 
-from nst_lightning.core.color import grey_rgb
 from nst_lightning.core.losses import position_sums, temporal_loss, total_variation
 from nst_lightning.core.tiles import Tile, Tiling, map_shapes, tiled_layers, tiles_of
 
@@ -56,10 +55,15 @@ def _core_features(extractor: nn.Module, image: Tensor, tile: int):
     for part in tiles:
         pixels = image[..., part.rows, part.cols]
         with torch.no_grad():
-            out = extractor(grey_rgb(pixels) if pixels.shape[1] == 1 else pixels)
+            out = extractor(pixels)
         for layer, features in out.items():
             rows, cols, image_rows, image_cols = part.core_of(reach[layer], tuple(features.shape[-2:]))
             yield layer, features[..., rows, cols], image_rows, image_cols
+
+
+def _add_sums(sums: dict, key: object, part: Sequence[Tensor]) -> None:
+    """Adds a tile's position sums to the image's so far under ``key``."""
+    sums[key] = [a + b for a, b in zip(sums.get(key, [0.0] * len(part)), part, strict=True)]
 
 
 def tiled_maps(
@@ -76,9 +80,7 @@ def tiled_maps(
         total, count = means.get(layer, (0.0, 0))
         means[layer] = (total + float(core.clamp(min=0).sum(dtype=torch.float64)), count + core.numel())
         if layer in layers:
-            if layer not in maps:
-                maps[layer] = []
-            maps[layer].append((core.float(), rows, cols))
+            maps.setdefault(layer, []).append((core.float(), rows, cols))
     whole = {}
     for layer, parts in maps.items():
         channels = parts[0][0].shape[1]
@@ -102,9 +104,7 @@ def tiled_statistics(
         for layer, core, _, _ in _core_features(extractor, image, tile):
             if layer in layers:
                 centred = core if shift is None else core.float() - shift[layer].view(*shift[layer].shape, 1, 1)
-                part = position_sums(centred, first=shift is None and style_loss != "gram")
-                before = sums.get(layer, [0.0] * len(part))
-                sums[layer] = [a + b for a, b in zip(before, part, strict=True)]
+                _add_sums(sums, layer, position_sums(centred, first=shift is None and style_loss != "gram"))
 
     accumulate(None)
     if style_loss == "gram":
@@ -176,7 +176,7 @@ class _Evaluation:
         layer's core lies (:meth:`Tile.core_of`)."""
         pixels = self.image[..., part.rows, part.cols]
         with self.context():
-            last, out = self.extractor.run(grey_rgb(pixels) if pixels.shape[1] == 1 else pixels, through=self.split)
+            last, out = self.extractor.run(pixels, through=self.split)
         return last, out, lambda layer: part.core_of(self.reach[layer], tuple(out.get(layer, last).shape[-2:]))
 
     def first_pass_needed(self) -> bool:
@@ -212,8 +212,7 @@ class _Evaluation:
         content, sums = self._tile_terms(out, core)
         self.content = self.content + content
         for key, tile_sums in sums.items():
-            before = self.sums.get(key, [0.0] * len(tile_sums))
-            self.sums[key] = [a + b for a, b in zip(before, tile_sums, strict=True)]
+            _add_sums(self.sums, key, tile_sums)
         if self.split is not None:
             rows, cols, image_rows, image_cols = core(self.split)
             if self.whole_map is None:

@@ -167,13 +167,10 @@ def tile_extent(
     """(height, width) of the largest tile, halo included, that the network's layers through ``split`` (None: all)
     see in a tiled run over a ``height`` x ``width`` image with cores of ``tile`` pixels (see
     :mod:`nst_lightning.core.tiling`)."""
-    from nst_lightning.core.tiles import exact_halo, layer_reach, tiled_layers
+    from nst_lightning.core.tiles import Tiling, tiles_of
 
-    reach = layer_reach(extractor.body)
-    layers = tiled_layers(extractor.body, extractor.layers, split)
-    align = max(reach[layer].jump for layer in layers)
-    side = max(align, tile // align * align) + 2 * exact_halo(reach, layers)
-    return min(height, side), min(width, side)
+    _, tiles = tiles_of(extractor, height, width, Tiling(tile, split))
+    return max(t.rows.stop - t.rows.start for t in tiles), max(t.cols.stop - t.cols.start for t in tiles)
 
 
 def _content_maps(extractor: FeatureExtractor, height: int, width: int, layers: Any) -> int:

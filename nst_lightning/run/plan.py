@@ -95,8 +95,8 @@ def plan_run(
             return tiling
         if fits_in(run_at(side, history=history), free):
             return None
-        here = functools.cache(lambda tiling: relative_cost(extractor, height, width, tiling))
-        smaller = sorted((t for t in candidates if t is not None and t.tile < max(width, height)), key=here)
+        here = [t for t in candidates if t is not None and t.tile < max(width, height)]
+        smaller = sorted(here, key=lambda t: relative_cost(extractor, height, width, t))  # sorted costs each once
         return next((t for t in smaller if fits_in(run_at(side, tiling=t, history=history), free)), tiling)
 
     tiles = [at_scale(side) for side in sizes]
