@@ -86,6 +86,13 @@ def delete(job_id: str, state: Server = Depends(server)) -> dict[str, str]:
             if time.monotonic() > deadline:
                 raise ApiError(409, "the job's run did not stop in time: try again in a minute")
             time.sleep(jobs.POLL_SECONDS)
+    try:  # the files first: a job whose files could not go is kept (and named), not left behind unlisted
+        shutil.rmtree(store.folder(job_id))
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        detail = f"the job's files could not be deleted ({reason}): the job is kept; try again later"
+        raise ApiError(503, detail) from None
     store.remove(job_id)
-    shutil.rmtree(store.folder(job_id), ignore_errors=True)
     return {"deleted": job_id}

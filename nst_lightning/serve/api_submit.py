@@ -70,8 +70,11 @@ async def create_job(
     if len(style) > MAX_STYLES:
         raise ApiError(422, f"{len(style)} style images: send at most {MAX_STYLES}", "style")
     try:
-        chosen = json.loads(settings_json, parse_constant=_refuse_constant) if settings_json else {}
+        parse = {"parse_constant": _refuse_constant, "object_pairs_hook": settings.JsonObject}
+        chosen = json.loads(settings_json, **parse) if settings_json else {}
         chosen = settings.without_empty(chosen)  # an empty field means the default
+    except settings.SettingsError as err:  # a key given twice
+        raise ApiError(422, str(err), err.key) from None
     except ValueError as err:
         raise ApiError(422, f"settings is not valid JSON ({err}): send an object of config keys", "settings") from None
     try:

@@ -154,6 +154,9 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return max(found, key=lambda path: path.stat().st_mtime) if found else None
 
 
+NO_REASON = "the run stopped without a reason: see run.log in the job's folder"
+
+
 def last_error(folder: Path) -> str:
     """The run's own one-line reason (``nst-lightning: error: ...``) from its log, or a general one."""
     try:
@@ -164,7 +167,7 @@ def last_error(folder: Path) -> str:
         found = [line[len(prefix) :] for line in lines if line.startswith(prefix)]
         if found:
             return found[-1].replace(str(folder) + os.sep, "")
-    return "the run stopped without a reason: see run.log in the job's folder"
+    return NO_REASON
 
 
 def sse(name: str, data: Any) -> str:

@@ -42,15 +42,34 @@ class SettingsError(NSTError):
         self.key = key
 
 
+class JsonObject(dict):
+    """A JSON object as parsed (``json.loads(..., object_pairs_hook=JsonObject)``), with the keys it gave more
+    than once in ``repeated`` (a plain dict keeps the last one silently)."""
+
+    def __init__(self, pairs: list[tuple[str, Any]]) -> None:
+        super().__init__(pairs)
+        seen: set[str] = set()
+        self.repeated = [key for key, _ in pairs if key in seen or seen.add(key)]
+
+
+def _given_twice(key: str) -> SettingsError:
+    return SettingsError(f"{key} is given twice (nested or dotted): send each setting once", key)
+
+
 def flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"style_weight": 1e5}}`` (or ``{"model.style_weight": 1e5}``) as ``{"model.style_weight": 1e5}``."""
+    """``{"model": {"style_weight": 1e5}}`` (or ``{"model.style_weight": 1e5}``) as ``{"model.style_weight": 1e5}``.
+    Raises :class:`SettingsError` for a key given twice (in one object of a :class:`JsonObject`, or nested and
+    dotted), which would otherwise keep one of the values silently."""
+    if repeated := getattr(settings, "repeated", None):
+        raise _given_twice(f"{prefix}{repeated[0]}")
     flat: dict[str, Any] = {}
     for key, value in settings.items():
         name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and prefix == "" and "." not in key:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
+        nested = isinstance(value, Mapping) and prefix == "" and "." not in key
+        for inner, inner_value in (flatten(value, f"{name}.") if nested else {name: value}).items():
+            if inner in flat:
+                raise _given_twice(inner)
+            flat[inner] = inner_value
     return flat
 
 

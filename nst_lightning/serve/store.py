@@ -119,6 +119,7 @@ class DataLock:
     def __init__(self, data: Path) -> None:
         self.path = Path(data) / LOCK_FILE
         self.fd: int | None = None
+        self.folder_fd: int | None = None
         try:
             import fcntl
         except ImportError:  # no flock here (Windows): nothing is locked
@@ -138,12 +139,36 @@ class DataLock:
             if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 reason = err.strerror or err
                 raise StoreRefused(f"cannot lock {self.path} ({reason}): give another --data folder") from None
-            raise StoreRefused(
-                f"the --data folder {Path(data)} is in use by another nst-lightning server ({holder}): stop that "
-                "one first, or give this one another --data folder"
-            ) from None
+            raise self._in_use(data, holder) from None
         self.fd = fd
+        self.folder_fd = self._lock_folder(data)
         self.announce("")
+
+    @staticmethod
+    def _in_use(data: Path, holder: str) -> StoreRefused:
+        return StoreRefused(
+            f"the --data folder {Path(data)} is in use by another nst-lightning server ({holder}): stop that "
+            "one first, or give this one another --data folder"
+        )
+
+    def _lock_folder(self, data: Path) -> int | None:
+        """The data folder itself locked too: a ``server.lock`` that someone deleted (taking it for a stale lock)
+        would otherwise let a second server in, as its new file is not the one the first server holds."""
+        import fcntl
+
+        try:
+            fd = os.open(data, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                return None  # a file system that cannot lock a folder: the file's lock alone
+            self.release()
+            raise self._in_use(data, f"its {LOCK_FILE} was removed, so its address is unknown") from None
+        return fd
 
     @staticmethod
     def _holder(fd: int) -> str:
@@ -163,6 +188,7 @@ class DataLock:
             os.pwrite(self.fd, text.encode(), 0)
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the only descriptor releases the lock
-            self.fd = None
+        for fd in (self.fd, self.folder_fd):
+            if fd is not None:
+                os.close(fd)  # closing the only descriptor releases the lock
+        self.fd = self.folder_fd = None

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from nst_lightning.serve.jobs import POLL_SECONDS, RESULT_FILE, JobStore
-from nst_lightning.serve.progress import LOG_FILE, last_error, read_progress
+from nst_lightning.serve.progress import LOG_FILE, NO_REASON, last_error, read_progress
 from nst_lightning.serve.runner import SERVER_PID_VARIABLE
 from nst_lightning.serve.store import StoreUnavailable
 
@@ -158,7 +158,11 @@ class Worker(threading.Thread):
                 cancelled = self.store.cancel_requested(job_id)
         if cancelled:
             return {**values, "state": "cancelled"}
-        return {**values, "state": "failed", "error": last_error(folder)}
+        error = last_error(folder)
+        if error == NO_REASON and code is not None and code < 0:  # SIGKILL: the out-of-memory killer, a kill -9
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+            error = f"the run was killed ({name}: out of memory, or another program): see run.log in the job's folder"
+        return {**values, "state": "failed", "error": error}
 
     def _record_progress(self, job_id: str, folder: Path, seen: tuple[int, Any]) -> tuple[int, Any]:
         steps = [r for r in read_progress(folder) if "step" in r]
