@@ -270,6 +270,7 @@ function watch(id, pin = false) {
   if (source) source.close();
   current = { id, step: 0, max_steps: 0, state: "queued" };
   $("live").dataset.job = id;
+  $("stats").textContent = "Waiting for the job's first report…";  // not "No job yet" while one is named
   losses = [];
   drawCurve();
   showPreview(null);
