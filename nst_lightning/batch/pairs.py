@@ -12,6 +12,7 @@ from pathlib import Path
 from nst_lightning.cli import early
 from nst_lightning.errors import ConfigError, ImageError, Interrupted
 from nst_lightning.io.files import check_outputs_apart, file_kind, find_images
+from nst_lightning.io.text import duration
 from nst_lightning.run.checks import InputPath, check_batch
 
 
@@ -147,14 +148,6 @@ def pending_checkpoint(root: Path, pair: Pair) -> Path:
     return root / "lightning_logs" / "batch" / pair.run / INTERRUPTED_CHECKPOINT
 
 
-def seconds_text(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
-
-
 def resume_advice(pair: Pair, err: Interrupted, skip_existing: bool, done: int) -> str:
     """How to go on after an interruption during ``pair``: the same command resumes that pair from
     its checkpoint (:func:`pending_checkpoint`); skip_existing skips the pairs done."""
@@ -186,7 +179,7 @@ def summary(results: Sequence[PairResult], seconds: float, world_size: int, pair
     for status in ("interrupted", "not started"):
         if counts[status]:
             head += f", {counts[status]} {status}"
-    head += f", in {seconds_text(seconds)}"
+    head += f", in {duration(seconds)}"
     if world_size > 1:
         head += f" on {world_size} processes"
     lines = [head]
@@ -196,15 +189,13 @@ def summary(results: Sequence[PairResult], seconds: float, world_size: int, pair
         where = f", rank {r.rank}" if world_size > 1 else ""
         pair = f"{r.pair.n:>{width}}  {r.pair.content} x {r.pair.style}"
         if r.status == "done":
-            lines.append(f"  {'done':<{label}} {pair} -> {r.pair.output} ({seconds_text(r.seconds)}{where})")
+            lines.append(f"  {'done':<{label}} {pair} -> {r.pair.output} ({duration(r.seconds)}{where})")
         elif r.status == "skipped":
             lines.append(f"  {'skipped':<{label}} {pair} -> {r.pair.output} (exists{where})")
         elif r.status == "not started":
             lines.append(f"  {'not run':<{label}} {pair}: not started (the batch stopped before it)")
         else:
-            lines.append(
-                f"  {r.status.upper():<{label}} {pair}: {r.error or 'stopped'} ({seconds_text(r.seconds)}{where})"
-            )
+            lines.append(f"  {r.status.upper():<{label}} {pair}: {r.error or 'stopped'} ({duration(r.seconds)}{where})")
     return "\n".join(lines)
 
 

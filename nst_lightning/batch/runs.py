@@ -37,12 +37,12 @@ from nst_lightning.batch.pairs import (
     make_pairs,
     pending_checkpoint,
     resume_advice,
-    seconds_text,
     summary,
 )
 from nst_lightning.errors import ConfigError, Interrupted, NSTError
 from nst_lightning.io.files import check_outputs_apart, check_replaceable, file_kind, remove_file
 from nst_lightning.io.image_io import check_writable
+from nst_lightning.io.text import duration
 from nst_lightning.run.callbacks import partial_path
 from nst_lightning.run.memory import out_of_memory
 
@@ -228,7 +228,7 @@ def run_share(
                         err.advice = resume_advice(pair, err, settings.skip_existing, done)
                     raise
                 if result.status == "done":
-                    report(f"{prefix}pair {pair.n}/{total} done: {pair.output} ({seconds_text(result.seconds)})")
+                    report(f"{prefix}pair {pair.n}/{total} done: {pair.output} ({duration(result.seconds)})")
                 else:
                     where = f"{pair.content} x {pair.style}"
                     report(f"nst-lightning: {prefix}pair {pair.n}/{total} ({where}) failed: {result.error}")

@@ -20,6 +20,8 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities import rank_zero_only
 from tqdm import tqdm
 
+from nst_lightning.io.text import duration, shown_path
+
 LOGGER = logging.getLogger("nst_lightning")
 """The tool's own messages: :func:`note` (shown) and :func:`detail` (shown with ``--verbose``)."""
 PREFIX = "nst-lightning"
@@ -198,22 +200,6 @@ class LossPrinter(Callback):
             of = f" of {trainer.max_steps}" if trainer.max_steps > 0 else ""
             detail = f" ({', '.join(terms)})" if terms else ""
             tqdm.write(f"step {row.step}{of}: loss {row.loss:.4g}{detail}", file=sys.stderr)
-
-
-def shown_path(path: str | Path) -> str:
-    """A path as the user should type it: relative to the working directory when it lies inside it."""
-    path = Path(path)
-    with contextlib.suppress(ValueError, OSError):
-        return str(path.absolute().relative_to(Path.cwd()))
-    return str(path)
-
-
-def duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
 
 
 def summary_line(

@@ -355,7 +355,7 @@ def summary(
 ) -> str:
     """The last line of a video run; ``cold``: the first frame of each segment (several with ``--devices``),
     and ``resumed`` then counts the frames done before in all segments."""
-    from nst_lightning.io.console import duration, shown_path
+    from nst_lightning.io.text import duration, shown_path
 
     first = [r for r in results if r.index in cold]
     later = [r for r in results if r.index not in cold]
