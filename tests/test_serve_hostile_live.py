@@ -99,6 +99,20 @@ def test_near_miss_and_look_alike_keys_are_a_422_naming_the_key(idle, images, te
 
 
 @pytest.mark.parametrize(
+    "text, shown",
+    [
+        ('{"": 1}', '""'),
+        ('{"model.style_weight ": 1}', '"model.style_weight "'),
+        ('{"model.styl\\u0435_weight": 1}', '"model.styl\\u0435_weight"'),  # the Cyrillic e shows as its code point
+        ('{"model.style_weight\\u200b": 1}', '"model.style_weight\\u200b"'),
+    ],
+)
+def test_a_key_that_reads_wrong_is_shown_quoted_and_escaped(idle, images, text, shown):
+    answer = refused(idle, images, text)
+    assert answer["detail"].startswith(shown + " ") or answer["detail"].startswith(shown + ":"), answer
+
+
+@pytest.mark.parametrize(
     "text, key",
     [
         ('{"model.style_weight": 1, "model.style_weight": 2}', "model.style_weight"),

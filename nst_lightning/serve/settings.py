@@ -146,21 +146,23 @@ def settings_arguments(settings: Mapping[str, Any], weights: Mapping[str, str]) 
     arguments = []
     for key, value in flatten(settings).items():
         bare = key.rstrip("+")
+        # An empty or padded key, or one with a look-alike or invisible letter, shown quoted and escaped
+        shown = key if key and key.strip() == key and key.isascii() and key.isprintable() else json.dumps(key)
         if bare in SERVER_KEYS or key.split(".", 1)[0] == "output":
-            raise SettingsError(f"{key} is set by the server from the uploads: leave it out of the settings", key)
+            raise SettingsError(f"{shown} is set by the server from the uploads: leave it out of the settings", key)
         if not may_set(bare):
             raise SettingsError(
-                f"{key} is not a setting a job can change: use data.*, model.*, guard.*, "
+                f"{shown} is not a setting a job can change: use data.*, model.*, guard.*, "
                 f"{', '.join(TRAINER_KEYS)} or seed_everything",
                 key,
             )
         if key != bare:
-            raise SettingsError(f"{key}: the append form is not taken here: send the whole list as {bare}", key)
+            raise SettingsError(f"{shown}: the append form is not taken here: send the whole list as {bare}", key)
         if key not in known_keys():
-            raise SettingsError(f"{key}: unrecognized setting (nst-lightning fit --help lists every key)", key)
+            raise SettingsError(f"{shown}: unrecognized setting (nst-lightning fit --help lists every key)", key)
         _check_value(key, value)
         if isinstance(value, list) and not any(kind in known_keys()[key] for kind in ("list", "Sequence")):
-            raise SettingsError(f"{key} takes one value, not a list", key)
+            raise SettingsError(f"{shown} takes one value, not a list", key)
         if key == "model.weights":
             if not isinstance(value, str) or value not in weights:
                 raise SettingsError(f"model.weights {value!r} is not offered here: choose {', '.join(weights)}", key)
