@@ -5,6 +5,7 @@ and the hash check of cached weights. Tiny images, random weights, a few steps."
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,11 @@ def test_the_one_shot_command_writes_the_image_and_says_so_in_one_line(work):
     assert ".py:" not in err
     # The bar counts iterations and shows the loss and the time left (tqdm's "elapsed<remaining").
     assert "stylising" in err and "2/2 iterations [" in err and "<00:00, loss=" in err
+    # Not a terminal (a pipe here; a log file): the bar is a line at the start and one at the end, not a redraw
+    # per step, and its last line holds the summary's final loss.
+    bar = [line for line in err.splitlines() if line.startswith("stylising")]
+    assert "\r" not in err and len(bar) == 2 and "0/2 iterations" in bar[0], err
+    assert bar[1].endswith(f"loss={re.search(r'final loss ([0-9.e+-]+)', lines[0]).group(1)}]"), (bar, lines)
 
 
 @pytest.mark.slow

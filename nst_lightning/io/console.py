@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,11 +86,56 @@ def session(verbose: bool = False) -> Iterator[None]:
         LOGGER.setLevel(saved_level)
 
 
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no such method, or a closed stream
+        return False
+
+
 class _Bar(Tqdm):
-    """A bar whose description stays "stylising" (Lightning's says "Epoch 0": one epoch is the whole run)."""
+    """A bar whose description stays "stylising" (Lightning's says "Epoch 0": one epoch is the whole run).
+
+    On a terminal it redraws itself in place. Elsewhere (a log file, a pipe, ``nohup``) it is a line of its own
+    when the run starts, every :attr:`LINE_EVERY_S` seconds while it goes on, and once at its end with the final
+    figures: tqdm's redraws would otherwise fill the file with a copy of the bar per step."""
+
+    LINE_EVERY_S = 30.0
+
+    def __init__(self, *args: Any, file: Any = None, **kwargs: Any) -> None:
+        self._as_lines = not _is_terminal(file if file is not None else sys.stderr)
+        self._last_line: tuple[int, float, str] | None = None  # its step, its time and its text
+        super().__init__(*args, file=file, **kwargs)
 
     def set_description(self, desc: str | None = None, refresh: bool = True) -> None:
         super().set_description("stylising", refresh)
+
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        if not self._as_lines:
+            return super().display(msg, pos)
+        if msg is not None:  # clearing the bar (see clear)
+            return False
+        last, now = self._last_line, time.monotonic()
+        if last is None or (self.n != last[0] and now - last[1] >= self.LINE_EVERY_S):
+            self._write_line(now)
+        return True
+
+    def clear(self, nolock: bool = False) -> None:
+        if not self._as_lines:  # a log has nothing to take back before a message above the bar
+            super().clear(nolock)
+
+    def close(self) -> None:
+        if self._as_lines and not self.disable:
+            if self._last_line is None or str(self) != self._last_line[2]:
+                self._write_line(time.monotonic())  # the last figures, once
+            self.leave = False  # each line ended itself: nothing to end or clear
+        super().close()
+
+    def _write_line(self, now: float) -> None:
+        text = str(self)
+        self.fp.write(text + "\n")
+        self.fp.flush()
+        self._last_line = (self.n, now, text)
 
 
 class ProgressBar(TQDMProgressBar):
