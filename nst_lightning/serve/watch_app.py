@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import threading
 from collections.abc import Iterator
@@ -113,6 +114,10 @@ def create_watch_app(hub: Hub) -> FastAPI:
     return app
 
 
+def _client_fault(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    logging.getLogger("nst_lightning").debug(f"watch page: {context.get('message')}: {context.get('exception')!r}")
+
+
 class WatchServer:
     """uvicorn serving :func:`create_watch_app` on ``listener`` in a daemon thread, until :meth:`stop`."""
 
@@ -126,7 +131,14 @@ class WatchServer:
         self.thread = threading.Thread(target=self._serve, name="nst-watch", daemon=True)
 
     def _serve(self) -> None:
-        self.server.run(sockets=[self.listener])
+        asyncio.run(self._serve_quietly())
+
+    async def _serve_quietly(self) -> None:
+        # A client that goes on sending a body after its answer trips uvicorn's h11 protocol ("can't handle event
+        # type Response when state=MUST_CLOSE"), and asyncio's loop, not uvicorn's loggers, would print that
+        # traceback on the user's terminal: such faults are --verbose's business.
+        asyncio.get_running_loop().set_exception_handler(_client_fault)
+        await self.server.serve(sockets=[self.listener])
 
     def start(self) -> None:
         self.thread.start()
