@@ -88,6 +88,7 @@ def test_the_page_uploads_shows_the_image_forming_and_downloads_the_result(serve
         browser = driver.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 820}, accept_downloads=True)
+            page.on("filechooser", lambda chooser: None)  # choosers intercepted from the start, not from each wait
             page.goto(url)
             page.wait_for_function("document.querySelector('#weights').options.length > 0")
             no_broken_images(page)  # the empty preview is a placeholder, not a broken image
@@ -104,7 +105,6 @@ def test_the_page_uploads_shows_the_image_forming_and_downloads_the_result(serve
                 page.keyboard.press("Tab")
                 assert page.evaluate("document.activeElement.closest('.drop') !== null"), "Tab reaches the zone"
                 with page.expect_file_chooser() as chooser:
-                    page.wait_for_timeout(300)  # Playwright's interception of the chooser is set up by then
                     page.keyboard.press(key)
                 chooser.value.set_files(str(chosen))
                 assert page.is_hidden("#message"), "the banner goes once the image is chosen"
@@ -140,6 +140,7 @@ def test_the_page_uploads_shows_the_image_forming_and_downloads_the_result(serve
             # A reload keeps the settings, the images chosen and the running job in the panel.
             page.reload()
             page.wait_for_function("document.querySelectorAll('#style-thumbs img').length == 1")
+            page.wait_for_function("document.querySelector('#weights').options.length > 0")  # then the fields
             assert page.input_value("#size") == "64" and page.input_value("#steps") == "400"
             assert page.locator("#content-thumbs img").count() == 1
             page.wait_for_function(f"document.querySelector('#live').dataset.job == '{first}'")
@@ -152,7 +153,8 @@ def test_the_page_uploads_shows_the_image_forming_and_downloads_the_result(serve
             page.wait_for_function("document.querySelector('#stats').textContent.startsWith('step ')")
 
             # The first one done, the panel follows the queue to the second.
-            link = page.wait_for_selector(f"#gallery .card[data-id='{first}'] a.download", timeout=180_000)
+            link = page.locator(f"#gallery .card[data-id='{first}'] a.download")  # found again at the click:
+            link.wait_for(timeout=180_000)  # the gallery is redrawn while a job runs
             with page.expect_download() as download:
                 link.click()
             assert download.value.suggested_filename == "content_tubingen-x-style_starry_night.png"
@@ -164,7 +166,8 @@ def test_the_page_uploads_shows_the_image_forming_and_downloads_the_result(serve
             page.click("#cancel")
             page.wait_for_function("document.querySelector('#live-state').textContent == 'cancelled'", timeout=60_000)
             # A cancelled job's last image can be downloaded, named after its images.
-            link = page.wait_for_selector(f"#gallery .card[data-id='{second}'] a.download", timeout=30_000)
+            link = page.locator(f"#gallery .card[data-id='{second}'] a.download")
+            link.wait_for(timeout=30_000)
             with page.expect_download() as download:
                 link.click()
             assert download.value.suggested_filename == "content_tubingen-x-style_starry_night-partial.png"
@@ -178,7 +181,7 @@ def test_the_page_uploads_shows_the_image_forming_and_downloads_the_result(serve
             page.fill("#size", "512")
             page.click(f"#gallery .card[data-id='{first}'] button:has-text('Run again')")
             page.wait_for_function("document.querySelector('#size').value == '64'")
-            assert page.locator("#content-thumbs img").count() == 1
+            page.wait_for_function("document.querySelectorAll('#content-thumbs img').length == 1")  # fetched after
 
             # The API link works offline: the routes, read from /openapi.json.
             page.click("header a:has-text('API')")
@@ -205,7 +208,9 @@ def test_the_watch_page_of_a_command_line_run_follows_it_to_the_end(tmp_path):
             try:
                 page = browser.new_page(viewport={"width": 1200, "height": 820})
                 page.goto(url)
-                page.wait_for_function("/step [1-9]/.test(document.querySelector('#stats').textContent)")
+                page.wait_for_function(
+                    "/step [1-9]/.test(document.querySelector('#stats').textContent)", timeout=120_000
+                )  # the command imports torch and builds its model first
                 assert not page.is_visible("#start") and not page.is_visible("#cancel")
                 assert "Command-line run" in page.inner_text("#live h2")
                 page.wait_for_function("document.querySelector('#live-state').textContent === 'done'", timeout=90_000)

@@ -63,19 +63,24 @@ def test_a_locked_store_is_a_503_and_the_worker_carries_on(tmp_path, monkeypatch
     with TestClient(create_app(data)) as client:
         worker = client.app.state.workers[0]
 
-        def locked(seconds: float) -> None:
-            """Another program holds the store's write lock for ``seconds``."""
+        release = threading.Event()
+
+        def locked(seconds: float | None) -> None:
+            """Another program holds the store's write lock for ``seconds`` (None: until ``release``)."""
             blocker = sqlite3.connect(data / store.STORE_FILE, isolation_level=None)
             blocker.execute("BEGIN EXCLUSIVE")
             try:
                 wait_for(lambda: worker.store_trouble is not None, 30, "the worker to meet the lock")
-                time.sleep(seconds)  # it meets it again and again meanwhile
+                if seconds is None:
+                    release.wait(60)
+                else:
+                    time.sleep(seconds)  # it meets it again and again meanwhile
             finally:
                 blocker.execute("ROLLBACK")
                 blocker.close()
 
         # Idle: the worker's claim meets the lock; a new job is a 503 with the reason, and nothing is kept.
-        blocker = threading.Thread(target=locked, args=(1.5,))
+        blocker = threading.Thread(target=locked, args=(None,))
         blocker.start()
         wait_for(lambda: worker.store_trouble is not None, 30, "the lock")
         refused = post(client, files)
@@ -83,6 +88,7 @@ def test_a_locked_store_is_a_503_and_the_worker_carries_on(tmp_path, monkeypatch
         assert refused.headers["retry-after"] and str(tmp_path) not in refused.text
         assert list((data / "jobs").iterdir()) == [], "no half-made job"
         assert client.get("/api/jobs").json() == [], "reads go on"
+        release.set()
         blocker.join()
         # The lock is gone: the same worker takes the next job; locked again during its run, it still finishes.
         created = post(client, files, {**TINY, "trainer": {"max_steps": 12}})

@@ -194,6 +194,7 @@ def test_killed_run_resumes_at_the_next_frame_and_gives_the_same_frames(tmp_path
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: os.nice(19),  # this process, polling, gets the CPU before the run can finish
     )
     try:
         wait_for(lambda: (parts / "stylised" / "000002.png").exists(), what="frame 2", timeout=120)
