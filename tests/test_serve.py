@@ -186,12 +186,14 @@ def test_jobs_queue_run_stream_their_progress_survive_a_restart_and_are_deleted(
         stream = events(client, job_id)
         states = [data["state"] for name, data in stream if name == "state"]
         assert states[-1] == "done" and "running" in states
-        steps = [step for name, data in stream if name == "progress" for step, _ in data["losses"]]
-        assert steps == [1, 2, 3, 4], "every step once, in order"
+        losses = [pair for name, data in stream if name == "progress" for pair in data["losses"]]
+        assert [step for step, _ in losses] == [1, 2, 3, 4, 4], "every step once, in order; the last again, finished"
+        log = (data / "jobs" / job_id / "run.log").read_text()
+        assert f"final loss {losses[-1][1]:.4g}," in log, (losses, log)  # the finished image's, as the run says
         assert any(name == "preview" for name, _ in stream)
 
         shown = job(client, job_id)
-        assert shown["step"] == shown["max_steps"] == 4 and shown["loss"] > 0 and shown["error"] is None
+        assert shown["step"] == shown["max_steps"] == 4 and shown["loss"] == losses[-1][1] and shown["error"] is None
         assert shown["position"] is None and shown["settings"]["data.image_size"] == 32
         assert shown["names"]["content"] == "../../etc/passwd"  # shown, never a path:
         folder = data / "jobs" / job_id

@@ -130,7 +130,10 @@ def test_a_watched_run_is_live_in_the_browser_and_read_only(tmp_path, pair):
     assert {"progress", "preview"} <= set(names) and names[-1] == "state", names
     assert seen[-1][1]["state"] == "done" and seen[-1][1]["step"] == last
     losses = [pair for name, data in seen if name == "progress" for pair in data["losses"]]
-    assert [step for step, _ in losses] == list(range(1, last + 1)) and all(loss > 0 for _, loss in losses)
+    assert [step for step, _ in losses] == [*range(1, last + 1), last] and all(loss > 0 for _, loss in losses)
+    # The last record repeats the last step with the finished image's loss: the page ends on the summary's.
+    final = re.search(r"final loss ([0-9.e+-]+)", stdout).group(1)
+    assert f"{losses[-1][1]:.4g}" == final and f"{seen[-1][1]['loss']:.4g}" == final, (losses[-2:], stdout)
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(url, timeout=5)  # the server stopped with the command
 

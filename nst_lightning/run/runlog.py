@@ -130,10 +130,15 @@ class RunRecord(L.Callback):
                 logger.log_hyperparams(settings, metrics)
 
 
+def final_losses(trainer: L.Trainer) -> dict[str, float]:
+    """The finished image's losses (``total`` among them), once the run's :class:`RunRecord` has them; else empty."""
+    record = next((c for c in trainer.callbacks if isinstance(c, RunRecord)), None)
+    return record.final_losses if record is not None else {}
+
+
 def run_summary(trainer: L.Trainer, seconds: float) -> str | None:
     """The summary line of a finished run (see :func:`~nst_lightning.io.console.summary_line`); None where the run
     wrote no image of its own."""
-    record = next((c for c in trainer.callbacks if isinstance(c, RunRecord)), None)
     writer = next((c for c in trainer.callbacks if isinstance(c, ImageWriter)), None)
     if writer is None or not trainer.is_global_zero:
         return None
@@ -142,7 +147,7 @@ def run_summary(trainer: L.Trainer, seconds: float) -> str | None:
         writer.path,
         trainer.global_step,
         trainer.max_steps,
-        record.final_losses.get("total") if record is not None else None,
+        final_losses(trainer).get("total"),
         seconds,
         trainer.log_dir if logger is not None else None,
         logger.root_dir if isinstance(logger, TensorBoardLogger) else None,

@@ -19,6 +19,7 @@ from nst_lightning.io.files import file_stamp
 from nst_lightning.io.image_io import save_image
 from nst_lightning.run.guard import INTERRUPTED_CHECKPOINT
 from nst_lightning.run.losslog import LoggedStep
+from nst_lightning.run.runlog import final_losses
 
 PROGRESS_FILE = "progress.jsonl"
 PREVIEW_FILE = "preview.png"
@@ -93,6 +94,16 @@ class JobProgress(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             self._preview(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The last step's record again, with the finished image's loss (the summary's "final loss"): the records
+        before hold the loss where each step started, so the page would end a step behind the terminal. After
+        every ``on_train_end``, the lagged losses' last hand-on among them."""
+        final = final_losses(trainer).get("total")
+        if trainer.is_global_zero and final is not None and math.isfinite(final):
+            self._write(
+                {"step": trainer.global_step, "max_steps": trainer.max_steps, "time": time.time(), "loss": final}
+            )
 
 
 # The last read of each job's progress file, by its stamp: the page's event streams, the worker and GET /api/jobs

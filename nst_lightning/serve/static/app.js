@@ -285,7 +285,10 @@ function watch(id, pin = false) {
   source.addEventListener("progress", (event) => {
     if (source !== mine) return;
     const data = JSON.parse(event.data);
-    losses.push(...data.losses);
+    for (const point of data.losses) {  // the run's last record repeats its last step with the finished image's loss
+      if (losses.length && losses[losses.length - 1][0] === point[0]) losses[losses.length - 1] = point;
+      else losses.push(point);
+    }
     Object.assign(current, { step: data.step, max_steps: data.max_steps, loss: data.loss, eta_s: data.eta_s,
       elapsed_s: data.elapsed_s });
     showStats(current);
