@@ -252,9 +252,14 @@ function showStats(job) {
   const state = $("live-state");
   state.textContent = job.state;
   state.className = "state " + job.state;
+  if (!WATCHED) {  // the panel keeps a finished job until another starts
+    const title = { queued: "Next up ", running: "Now running " }[job.state] || "Last run ";
+    document.querySelector("#live h2").firstChild.textContent = title;
+  }
   if (job.names) $("live-name").textContent = `${job.names.content} × ${job.names.styles.join(" + ")}`;
   const eta = job.eta_s == null ? "" : ` · about ${Math.ceil(job.eta_s)} s left`;
-  const elapsed = job.elapsed_s == null ? "" : ` · ${Math.round(job.elapsed_s)} s so far`;
+  const seconds = Math.round(job.elapsed_s);
+  const elapsed = job.elapsed_s == null ? "" : ACTIVE.includes(job.state) ? ` · ${seconds} s so far` : ` · in ${seconds} s`;
   const loss = job.loss == null ? "" : ` · loss ${Number(job.loss).toPrecision(4)}`;
   const queue = job.state === "queued" && job.position ? ` · number ${job.position} in the queue` : "";
   const error = job.error ? ` · ${job.error}` : "";
