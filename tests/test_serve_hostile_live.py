@@ -4,6 +4,7 @@ deleted ``server.lock``, and runs killed outright; through the app's test client
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -322,3 +323,25 @@ def test_settings_json_is_one_object_of_unique_keys():
     }
     with pytest.raises(SettingsError, match="model.a is given twice"):
         flatten(json.loads('{"model.a": 1, "model": {"a": 1}}', object_pairs_hook=JsonObject))
+
+
+def test_the_event_loops_own_faults_are_one_line_not_a_traceback():
+    """uvicorn's h11 protocol fails on a body sent on after its answer, and the transport reports that to the event
+    loop, whose default handler printed a traceback (seen in CI on ``--watch``'s terminal): one line instead."""
+    from nst_lightning.serve.guards import serve_quietly
+
+    class Faulty:  # a server whose connection fails as uvicorn's did
+        async def serve(self, sockets):
+            try:
+                raise RuntimeError("can't handle event type Response when role=SERVER and state=MUST_CLOSE")
+            except RuntimeError as err:
+                asyncio.get_running_loop().call_exception_handler(
+                    {"message": "Fatal error: protocol.data_received() call failed.", "exception": err}
+                )
+
+    said: list[str] = []
+    asyncio.run(serve_quietly(Faulty(), [], said.append))
+    assert said == [
+        "Fatal error: protocol.data_received() call failed. "
+        "(RuntimeError: can't handle event type Response when role=SERVER and state=MUST_CLOSE)"
+    ]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import ipaddress
+import logging
 import math
 import socket
 import sys
@@ -108,6 +110,7 @@ def serve_main(argv: list[str]) -> None:
         import uvicorn
 
         from nst_lightning.serve.app import create_app
+        from nst_lightning.serve.guards import serve_quietly
     except ImportError as err:
         sys.stderr.write(f"nst-lightning: error: the web app needs {err.name}: pip install 'nst-lightning[web]'\n")
         raise SystemExit(1) from None
@@ -153,4 +156,5 @@ def serve_main(argv: list[str]) -> None:
     print(f"nst-lightning: serving on {first}{query} (jobs in {data.resolve()}{elsewhere}; Ctrl-C stops)", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises the Ctrl-C again once it has shut down
-        server.run(sockets=[listener])
+        # uvicorn's own log for a client's broken connection is one line; asyncio's loop printed a traceback
+        asyncio.run(serve_quietly(server, [listener], logging.getLogger("uvicorn.error").warning))

@@ -1,13 +1,15 @@
 """The web app's outer walls: which Host and Origin headers it answers (DNS rebinding, cross-site pages), how
-many bytes a request may send (counted as they arrive, whatever the framing), and messages without server paths.
+many bytes a request may send (counted as they arrive, whatever the framing), messages without server paths, and
+a client's broken connection logged in one line.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -162,3 +164,18 @@ class BodyLimit:
             if started:
                 raise
             await _refuse(413, err.detail)(scope, receive, send)
+
+
+async def serve_quietly(server: Any, sockets: list[Any], log: Callable[[str], None]) -> None:
+    """``server.serve(sockets)`` (a ``uvicorn.Server``) with the event loop's own faults in one line to ``log``.
+
+    A client that goes on sending a body after its answer trips uvicorn's h11 protocol ("can't handle event type
+    Response when role=SERVER and state=MUST_CLOSE", about 1 such body in 80 here); the connection's transport
+    reports it to asyncio's loop, whose default handler prints a traceback, past uvicorn's loggers."""
+
+    def one_line(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        log(f"{context.get('message', 'event loop fault')}" + (f" ({type(error).__name__}: {error})" if error else ""))
+
+    asyncio.get_running_loop().set_exception_handler(one_line)
+    await server.serve(sockets=sockets)

@@ -22,6 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from nst_lightning.serve import progress
+from nst_lightning.serve.guards import serve_quietly
 from nst_lightning.serve.watch import JOB_ID, Hub, finished_state
 from nst_lightning.serve.watch_feed import WatchFeed
 
@@ -114,10 +115,6 @@ def create_watch_app(hub: Hub) -> FastAPI:
     return app
 
 
-def _client_fault(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    logging.getLogger("nst_lightning").debug(f"watch page: {context.get('message')}: {context.get('exception')!r}")
-
-
 class WatchServer:
     """uvicorn serving :func:`create_watch_app` on ``listener`` in a daemon thread, until :meth:`stop`."""
 
@@ -131,14 +128,8 @@ class WatchServer:
         self.thread = threading.Thread(target=self._serve, name="nst-watch", daemon=True)
 
     def _serve(self) -> None:
-        asyncio.run(self._serve_quietly())
-
-    async def _serve_quietly(self) -> None:
-        # A client that goes on sending a body after its answer trips uvicorn's h11 protocol ("can't handle event
-        # type Response when state=MUST_CLOSE"), and asyncio's loop, not uvicorn's loggers, would print that
-        # traceback on the user's terminal: such faults are --verbose's business.
-        asyncio.get_running_loop().set_exception_handler(_client_fault)
-        await self.server.serve(sockets=[self.listener])
+        # A client's broken connection: --verbose's business, not a traceback amid the run's lines.
+        asyncio.run(serve_quietly(self.server, [self.listener], logging.getLogger("nst_lightning").debug))
 
     def start(self) -> None:
         self.thread.start()
