@@ -1,6 +1,7 @@
 """Tiled evaluation against the whole image's: the same losses and gradient (exact halo), every loss term,
 masks and colour modes; the tile plan covers each activation once."""
 
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -381,3 +382,57 @@ def test_a_history_set_below_the_good_floor_still_gets_the_cheapest_tiling_that_
     cost = {cheap: 1.1, dear: 1.3}
     chosen = plan._choose(lambda t, steps: steps <= holds[t], [cheap, dear], cost.get, history=8, shrink=True)
     assert chosen == (cheap, 8)
+
+
+@pytest.mark.slow
+def test_batch_and_the_web_app_take_tiles_through_the_same_path(tmp_path, images, monkeypatch, capsys):
+    """A batch pair and a web job with model.tile_size run over tiles, as fit does, and end on the untiled image."""
+    import numpy as np
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from nst_lightning.serve.app import create_app
+    from tests.test_serve import wait_state
+
+    monkeypatch.setattr(sys, "argv", ["cli.py"])
+    model = {"content_layers": ["conv2_2"], "style_layers": ["relu1_1", "relu2_1"]}
+    config = write_config(tmp_path, images, model=model, data={"image_size": 96})
+
+    def batch(folder: str, *args: str) -> np.ndarray:
+        out = tmp_path / folder
+        cli_main(
+            [
+                "batch",
+                "--config",
+                str(config),
+                "--batch.contents",
+                str(images["content"]),
+                "--batch.styles",
+                str(images["style"]),
+                "--batch.output_dir",
+                str(out),
+                "--trainer.precision",
+                "32-true",
+                *args,
+            ]
+        )
+        (image,) = out.glob("*.png")
+        return np.asarray(Image.open(image), dtype=np.int16)
+
+    whole = batch("whole")
+    capsys.readouterr()
+    tiled = batch("tiled", "--model.tile_size", "64")
+    assert "96 px over 64 px tiles through pool1" in capsys.readouterr().err
+    assert np.abs(tiled - whole).max() <= 2, "the tiled pair's image is the whole one's, to rounding"
+
+    data = tmp_path / "data"
+    settings = {"data": {"image_size": 96}, "trainer": {"max_steps": 4, "precision": "32-true"}}
+    settings["model"] = {**model, "weights": "random", "init": "noise", "tile_size": 64}
+    files = [(name, (path.name, path.read_bytes(), "image/png")) for name, path in images.items()]
+    with TestClient(create_app(data)) as client:
+        created = client.post("/api/jobs", files=files, data={"settings": json.dumps(settings)})
+        assert created.status_code == 201, created.text
+        done = wait_state(client, created.json()["id"], "done", "failed", "cancelled")
+        assert done["state"] == "done", done
+        log = (data / "jobs" / done["id"] / "run.log").read_text()
+    assert "the network runs over tiles (model.tile_size): 96 px over 64 px tiles through pool1" in log, log

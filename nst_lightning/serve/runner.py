@@ -39,8 +39,11 @@ def main(argv: list[str]) -> None:
     server can tell its runs from other processes."""
     stop_with_server()
     from nst_lightning.cli.fit import fit_main
+    from nst_lightning.io.console import session
 
-    fit_main(argv[1:])
+    sys.argv = sys.argv[:1]  # the run's arguments are fit_main's: Lightning's CLI warns where argv has others too
+    with session(verbose=True):  # run.log: the tool's notes (the tiles, the history chosen), Lightning's lines
+        fit_main(argv[1:])
 
 
 if __name__ == "__main__":
