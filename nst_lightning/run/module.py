@@ -24,7 +24,7 @@ from nst_lightning.core.features import FeatureExtractor, Pooling
 from nst_lightning.core.inputs import ImageSource, Inputs
 from nst_lightning.core.lbfgs import DeviceLBFGS, last_accepted, make_lbfgs
 from nst_lightning.core.objective import Objective
-from nst_lightning.core.tiles import Tiling
+from nst_lightning.core.tiles import Tiling, relative_cost
 from nst_lightning.errors import ConfigError, NumericalError
 from nst_lightning.io.console import detail, note
 from nst_lightning.io.image_io import load_image
@@ -153,6 +153,7 @@ class StyleTransfer(L.LightningModule):
         self.sizes: list[int] = []
         self.tiles: list[Tiling | None] = []  # the tiling of each scale (None: the whole image), from the memory
         self.history = lbfgs_history_size  # L-BFGS steps kept: fewer where the memory holds no more (plan.py)
+        self.step_costs: list[float] = [1.0]  # each scale's arithmetic a step, relative (see work)
         self._scale = 0  # index into self.sizes
         self._returned_memory = False  # a tight run hands freed memory back until its end (setup, teardown)
         self._start: str | Tensor | None = None  # restart()'s init, else model.init
@@ -199,6 +200,10 @@ class StyleTransfer(L.LightningModule):
                 f"the memory at hand holds {self.history} of the {hp.lbfgs_history_size} L-BFGS steps "
                 "(model.lbfgs_history_size) at this size: a little slower to converge"
             )
+        self.step_costs = []
+        for size, tiling in zip(self.sizes, self.tiles, strict=True):
+            width, height = images.content_size(size)
+            self.step_costs.append(width * height * relative_cost(extractor, height, width, tiling))
         tiled = [f"{size} px over {tiling}" for size, tiling in zip(self.sizes, self.tiles, strict=True) if tiling]
         if tiled:  # a choice made for the user: say it
             note(f"the network runs over tiles (model.tile_size): {', '.join(tiled)}")
@@ -322,6 +327,12 @@ class StyleTransfer(L.LightningModule):
         # DeviceLBFGS's non-finite evaluations are recorded on the device: at the latest the last step raises them.
         if 0 <= self.trainer.max_steps <= self.global_step or self.trainer.should_stop:
             self.evaluator.check(self.image)
+
+    def work(self, start: int, end: int) -> float:
+        """The arithmetic of the trainer's steps ``start`` to ``end - 1``, in pixels a whole evaluation (each step's
+        scale's pixels times its tiling's cost): the progress bar's time left, where a coarse-to-fine run's last
+        scales cost many times its first's a step."""
+        return schedule.work(self.hparams.scale_steps, self.step_costs, start - self._origin, end - self._origin)
 
     def output_image(self) -> Tensor:
         """The current image as RGB in [0, 1] (see :meth:`Objective.to_rgb`): under DeviceLBFGS, the last point it
