@@ -1,4 +1,5 @@
-"""Coarse to fine, alone: which size each step runs at, and what the steps cost (the progress bar's time left)."""
+"""Coarse to fine, alone: which size each step runs at, and what the steps cost (the time left the progress bar and
+the web page show)."""
 
 import io
 
@@ -6,6 +7,7 @@ import pytest
 
 from nst_lightning.core.schedule import scale_at, sizes, work
 from nst_lightning.io.console import Pace, ProgressBar, _Bar
+from nst_lightning.serve.progress import eta_seconds
 
 
 def test_one_size_without_scales():
@@ -47,3 +49,17 @@ def test_the_bar_shows_the_time_left_it_is_given():
     bar.seconds_left = 125.0
     assert "<02:05]" in str(bar)
     bar.close()
+
+
+def test_the_web_pages_time_left_is_this_scales_pace_times_the_work_left():
+    scale_steps, costs, end = [4, 2], [1.0, 4.0], 6
+    records, now = [{"start": 0, "max_steps": end, "time": 100.0}], 100.0
+    for step in range(5):  # the job's records as JobProgress writes them: a second a unit of work
+        cost = work(scale_steps, costs, step, step + 1)
+        now += cost
+        left = work(scale_steps, costs, step + 1, end)
+        records.append({"step": step + 1, "max_steps": end, "time": now, "cost": cost, "work_left": left})
+    assert eta_seconds(records[:5]) == 8.0  # after the 512 px steps (the mean pace of the steps: 2 s)
+    assert eta_seconds(records) == 4.0  # at 1024 px, at its own pace
+    plain = [{k: v for k, v in r.items() if k not in ("cost", "work_left")} for r in records[:5]]
+    assert eta_seconds(plain) == 2.0, "records without the work: the mean pace times the steps left"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -67,19 +68,23 @@ class JobProgress(L.Callback):
 
     def on_losses(self, trainer: L.Trainer, pl_module: L.LightningModule, rows: list[LoggedStep]) -> None:
         """The steps' records, from the module's loss log (a few steps late, at once), the step being the number of
-        steps done: a row is the loss where its step started."""
-        if trainer.is_global_zero:
-            self._write(
-                *(
-                    {
-                        "step": row.step + 1,
-                        "max_steps": trainer.max_steps,
-                        "time": row.time,
-                        "loss": row.loss if math.isfinite(row.loss) else None,
-                    }
-                    for row in rows
-                )
-            )
+        steps done: a row is the loss where its step started. Where the module reckons its work (``work``), a
+        record has its step's ``cost`` and the ``work_left`` after it too, for :func:`eta_seconds`."""
+        if not trainer.is_global_zero:
+            return
+        work, end = getattr(pl_module, "work", None), trainer.max_steps
+        records = []
+        for row in rows:
+            record = {
+                "step": row.step + 1,
+                "max_steps": end,
+                "time": row.time,
+                "loss": row.loss if math.isfinite(row.loss) else None,
+            }
+            if callable(work) and end > 0:
+                record.update(cost=work(row.step, row.step + 1), work_left=work(row.step + 1, end))
+            records.append(record)
+        self._write(*records)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -138,16 +143,24 @@ def read_progress(folder: Path) -> list[dict[str, Any]]:
 
 
 def eta_seconds(records: list[dict[str, Any]]) -> float | None:
-    """Seconds left, from the pace of the steps since the run (or its resumption) started."""
+    """Seconds left, from the pace of the steps since the run (or its resumption) started: where the records
+    reckon the work (a coarse-to-fine run's larger scales cost many times its first's a step), the current
+    scale's pace times the work left; else the mean pace times the steps left."""
     start = next((r for r in reversed(records) if "start" in r), None)
     steps = [r for r in records if "step" in r and start is not None and r["time"] >= start["time"]]
     if start is None or not steps:
         return None
-    done = steps[-1]["step"] - start["start"]
+    last = steps[-1]
+    if "work_left" in last:
+        scale = list(itertools.takewhile(lambda r: r.get("cost") == last["cost"], reversed(steps)))
+        began = steps[-len(scale) - 1]["time"] if len(scale) < len(steps) else start["time"]
+        work = sum(r["cost"] for r in scale)
+        return max(0.0, (last["time"] - began) / work * last["work_left"]) if work > 0 else None
+    done = last["step"] - start["start"]
     if done < 1:
         return None
-    pace = (steps[-1]["time"] - start["time"]) / done
-    return max(0.0, pace * (steps[-1]["max_steps"] - steps[-1]["step"]))
+    pace = (last["time"] - start["time"]) / done
+    return max(0.0, pace * (last["max_steps"] - last["step"]))
 
 
 def elapsed_seconds(records: list[dict[str, Any]]) -> float | None:
