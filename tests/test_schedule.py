@@ -61,5 +61,6 @@ def test_the_web_pages_time_left_is_this_scales_pace_times_the_work_left():
         records.append({"step": step + 1, "max_steps": end, "time": now, "cost": cost, "work_left": left})
     assert eta_seconds(records[:5]) == 8.0  # after the 512 px steps (the mean pace of the steps: 2 s)
     assert eta_seconds(records) == 4.0  # at 1024 px, at its own pace
+    assert eta_seconds([*records, {**records[-1], "final": True}]) == 0.0, "a run stopped early has nothing left"
     plain = [{k: v for k, v in r.items() if k not in ("cost", "work_left")} for r in records[:5]]
     assert eta_seconds(plain) == 2.0, "records without the work: the mean pace times the steps left"

@@ -106,11 +106,13 @@ def test_near_miss_and_look_alike_keys_are_a_422_naming_the_key(idle, images, te
         ('{"model.style_weight ": 1}', '"model.style_weight "'),
         ('{"model.styl\\u0435_weight": 1}', '"model.styl\\u0435_weight"'),  # the Cyrillic e shows as its code point
         ('{"model.style_weight\\u200b": 1}', '"model.style_weight\\u200b"'),
+        ('{"model.style_layers\\u200b+": [1]}', '"model.style_layers\\u200b+"'),  # and its whole list's key too
     ],
 )
 def test_a_key_that_reads_wrong_is_shown_quoted_and_escaped(idle, images, text, shown):
     answer = refused(idle, images, text)
     assert answer["detail"].startswith(shown + " ") or answer["detail"].startswith(shown + ":"), answer
+    assert "\u200b" not in answer["detail"], "no invisible letter in what the message says to send"
 
 
 @pytest.mark.parametrize(
@@ -325,23 +327,39 @@ def test_settings_json_is_one_object_of_unique_keys():
         flatten(json.loads('{"model.a": 1, "model": {"a": 1}}', object_pairs_hook=JsonObject))
 
 
-def test_the_event_loops_own_faults_are_one_line_not_a_traceback():
+def test_a_broken_client_connection_is_one_line_and_other_loop_faults_keep_their_traceback(caplog):
     """uvicorn's h11 protocol fails on a body sent on after its answer, and the transport reports that to the event
-    loop, whose default handler printed a traceback (seen in CI on ``--watch``'s terminal): one line instead."""
-    from nst_lightning.serve.guards import serve_quietly
+    loop, whose default handler printed a traceback (seen in CI on ``--watch``'s terminal): one line instead. Any
+    other fault of the loop (a bug of the app's own) still goes to the default handler."""
+    import h11
 
-    class Faulty:  # a server whose connection fails as uvicorn's did
-        async def serve(self, sockets):
-            try:
-                raise RuntimeError("can't handle event type Response when role=SERVER and state=MUST_CLOSE")
-            except RuntimeError as err:
-                asyncio.get_running_loop().call_exception_handler(
-                    {"message": "Fatal error: protocol.data_received() call failed.", "exception": err}
-                )
+    from nst_lightning.serve.guards import quiet_protocol_faults
+
+    class Server:  # uvicorn.Server's part: run() calls serve() in its own loop
+        def run(self, sockets=None):
+            asyncio.run(self.serve(sockets=sockets))
+
+        async def serve(self, sockets=None):
+            loop = asyncio.get_running_loop()
+            for error in (h11.LocalProtocolError("can't handle event type Response"), ValueError("a bug")):
+                try:
+                    raise error
+                except Exception as caught:  # noqa: BLE001 - reported to the loop, as a transport does
+                    loop.call_exception_handler(
+                        {
+                            "message": "Fatal error: protocol.data_received() call failed."
+                            if isinstance(caught, h11.LocalProtocolError)
+                            else "Task failed",
+                            "exception": caught,
+                        }
+                    )
 
     said: list[str] = []
-    asyncio.run(serve_quietly(Faulty(), [], said.append))
+    server = Server()
+    quiet_protocol_faults(server, said.append)
+    server.run(sockets=[])
     assert said == [
-        "Fatal error: protocol.data_received() call failed. "
-        "(RuntimeError: can't handle event type Response when role=SERVER and state=MUST_CLOSE)"
+        "Fatal error: protocol.data_received() call failed. (LocalProtocolError: can't handle event type Response)"
     ]
+    (record,) = [r for r in caplog.records if r.name == "asyncio"]  # the loop's default handler: logged whole
+    assert record.getMessage() == "Task failed" and isinstance(record.exc_info[1], ValueError), record

@@ -82,14 +82,16 @@ def test_a_locked_store_is_a_503_and_the_worker_carries_on(tmp_path, monkeypatch
         # Idle: the worker's claim meets the lock; a new job is a 503 with the reason, and nothing is kept.
         blocker = threading.Thread(target=locked, args=(None,))
         blocker.start()
-        wait_for(lambda: worker.store_trouble is not None, 30, "the lock")
-        refused = post(client, files)
-        assert refused.status_code == 503 and "database is locked" in refused.json()["detail"], refused.text
-        assert refused.headers["retry-after"] and str(tmp_path) not in refused.text
-        assert list((data / "jobs").iterdir()) == [], "no half-made job"
-        assert client.get("/api/jobs").json() == [], "reads go on"
-        release.set()
-        blocker.join()
+        try:
+            wait_for(lambda: worker.store_trouble is not None, 30, "the lock")
+            refused = post(client, files)
+            assert refused.status_code == 503 and "database is locked" in refused.json()["detail"], refused.text
+            assert refused.headers["retry-after"] and str(tmp_path) not in refused.text
+            assert list((data / "jobs").iterdir()) == [], "no half-made job"
+            assert client.get("/api/jobs").json() == [], "reads go on"
+        finally:
+            release.set()
+            blocker.join()
         # The lock is gone: the same worker takes the next job; locked again during its run, it still finishes.
         created = post(client, files, {**TINY, "trainer": {"max_steps": 12}})
         assert created.status_code == 201, created.text

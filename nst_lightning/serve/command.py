@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import ipaddress
 import logging
@@ -110,7 +109,7 @@ def serve_main(argv: list[str]) -> None:
         import uvicorn
 
         from nst_lightning.serve.app import create_app
-        from nst_lightning.serve.guards import serve_quietly
+        from nst_lightning.serve.guards import quiet_protocol_faults
     except ImportError as err:
         sys.stderr.write(f"nst-lightning: error: the web app needs {err.name}: pip install 'nst-lightning[web]'\n")
         raise SystemExit(1) from None
@@ -155,6 +154,6 @@ def serve_main(argv: list[str]) -> None:
     elsewhere = f"; from other machines {', '.join(url + query for url in others)}" if others else ""
     print(f"nst-lightning: serving on {first}{query} (jobs in {data.resolve()}{elsewhere}; Ctrl-C stops)", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    quiet_protocol_faults(server, logging.getLogger("uvicorn.error").warning)  # one line, as uvicorn's own warnings
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises the Ctrl-C again once it has shut down
-        # uvicorn's own log for a client's broken connection is one line; asyncio's loop printed a traceback
-        asyncio.run(serve_quietly(server, [listener], logging.getLogger("uvicorn.error").warning))
+        server.run(sockets=[listener])

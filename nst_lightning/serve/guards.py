@@ -166,16 +166,25 @@ class BodyLimit:
             await _refuse(413, err.detail)(scope, receive, send)
 
 
-async def serve_quietly(server: Any, sockets: list[Any], log: Callable[[str], None]) -> None:
-    """``server.serve(sockets)`` (a ``uvicorn.Server``) with the event loop's own faults in one line to ``log``.
+def quiet_protocol_faults(server: Any, log: Callable[[str], None]) -> None:
+    """Has ``server`` (a ``uvicorn.Server``; run it as usual, with its own event loop) log a client's broken HTTP
+    connection in one line to ``log``; any other fault of its event loop goes to the loop's default handler.
 
     A client that goes on sending a body after its answer trips uvicorn's h11 protocol ("can't handle event type
-    Response when role=SERVER and state=MUST_CLOSE", about 1 such body in 80 here); the connection's transport
-    reports it to asyncio's loop, whose default handler prints a traceback, past uvicorn's loggers."""
+    Response when role=SERVER and state=MUST_CLOSE": 1 such body in 80 to 300 on this machine); the connection's
+    transport reports it to asyncio's loop, whose default handler prints a traceback, past uvicorn's loggers."""
+    serve = server.serve
 
-    def one_line(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         error = context.get("exception")
-        log(f"{context.get('message', 'event loop fault')}" + (f" ({type(error).__name__}: {error})" if error else ""))
+        message = str(context.get("message", ""))
+        if "protocol.data_received" not in message and not type(error).__module__.startswith("h11"):
+            loop.default_exception_handler(context)
+            return
+        log(message + (f" ({type(error).__name__}: {error})" if error is not None else ""))
 
-    asyncio.get_running_loop().set_exception_handler(one_line)
-    await server.serve(sockets=sockets)
+    async def serve_quietly(sockets: list[Any] | None = None) -> None:  # Server.run's own call, in its loop
+        asyncio.get_running_loop().set_exception_handler(handler)
+        await serve(sockets=sockets)
+
+    server.serve = serve_quietly

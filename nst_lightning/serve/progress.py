@@ -32,7 +32,9 @@ KEEPALIVE = ": keep-alive\n\n"
 
 
 class JobProgress(L.Callback):
-    """Appends one JSON line per step (``step``, ``max_steps``, ``loss``, ``time``) to ``folder/progress.jsonl``
+    """Appends one JSON line per step (``step``, ``max_steps``, ``loss``, ``time``; ``cost`` and ``work_left``
+    where the module reckons them; the last step again with the finished image's loss and ``final``, once the fit
+    ends) to ``folder/progress.jsonl``
     (those of a few steps at once, as the module's :class:`~nst_lightning.run.losslog.LossLog` hands them on)
     and writes the current image to ``folder/preview.png`` (atomically) every ``preview_every_n_steps`` steps,
     at the first step and at the end. The server reads both; the run itself is the command line's.
@@ -106,9 +108,8 @@ class JobProgress(L.Callback):
         every ``on_train_end``, the lagged losses' last hand-on among them."""
         final = final_losses(trainer).get("total")
         if trainer.is_global_zero and final is not None and math.isfinite(final):
-            self._write(
-                {"step": trainer.global_step, "max_steps": trainer.max_steps, "time": time.time(), "loss": final}
-            )
+            end = {"step": trainer.global_step, "max_steps": trainer.max_steps, "time": time.time(), "loss": final}
+            self._write({**end, "final": True})
 
 
 # The last read of each job's progress file, by its stamp: the page's event streams, the worker and GET /api/jobs
@@ -151,6 +152,8 @@ def eta_seconds(records: list[dict[str, Any]]) -> float | None:
     if start is None or not steps:
         return None
     last = steps[-1]
+    if last.get("final"):  # the run is over (a guard may stop it before max_steps)
+        return 0.0
     if "work_left" in last:
         scale = list(itertools.takewhile(lambda r: r.get("cost") == last["cost"], reversed(steps)))
         began = steps[-len(scale) - 1]["time"] if len(scale) < len(steps) else start["time"]

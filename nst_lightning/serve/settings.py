@@ -52,8 +52,14 @@ class JsonObject(dict):
         self.repeated = [key for key, _ in pairs if key in seen or seen.add(key)]
 
 
+def shown_key(key: str) -> str:
+    """A key as a message shows it: quoted, with its code points, where it is empty or padded or has a look-alike
+    or invisible letter."""
+    return key if key and key.strip() == key and key.isascii() and key.isprintable() else json.dumps(key)
+
+
 def _given_twice(key: str) -> SettingsError:
-    return SettingsError(f"{key} is given twice (nested or dotted): send each setting once", key)
+    return SettingsError(f"{shown_key(key)} is given twice (nested or dotted): send each setting once", key)
 
 
 def flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -146,8 +152,7 @@ def settings_arguments(settings: Mapping[str, Any], weights: Mapping[str, str]) 
     arguments = []
     for key, value in flatten(settings).items():
         bare = key.rstrip("+")
-        # An empty or padded key, or one with a look-alike or invisible letter, shown quoted and escaped
-        shown = key if key and key.strip() == key and key.isascii() and key.isprintable() else json.dumps(key)
+        shown = shown_key(key)
         if bare in SERVER_KEYS or key.split(".", 1)[0] == "output":
             raise SettingsError(f"{shown} is set by the server from the uploads: leave it out of the settings", key)
         if not may_set(bare):
@@ -157,7 +162,9 @@ def settings_arguments(settings: Mapping[str, Any], weights: Mapping[str, str]) 
                 key,
             )
         if key != bare:
-            raise SettingsError(f"{shown}: the append form is not taken here: send the whole list as {bare}", key)
+            raise SettingsError(
+                f"{shown}: the append form is not taken here: send the whole list as {shown_key(bare)}", key
+            )
         if key not in known_keys():
             raise SettingsError(f"{shown}: unrecognized setting (nst-lightning fit --help lists every key)", key)
         _check_value(key, value)

@@ -22,7 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from nst_lightning.serve import progress
-from nst_lightning.serve.guards import serve_quietly
+from nst_lightning.serve.guards import quiet_protocol_faults
 from nst_lightning.serve.watch import JOB_ID, Hub, finished_state
 from nst_lightning.serve.watch_feed import WatchFeed
 
@@ -124,12 +124,12 @@ class WatchServer:
         # uvicorn would log it with a traceback on the user's terminal, amid the run's own lines.
         quiet = {"log_config": None, "log_level": "critical", "access_log": False}
         self.server = uvicorn.Server(uvicorn.Config(app, lifespan="off", timeout_graceful_shutdown=1, **quiet))
+        quiet_protocol_faults(self.server, logging.getLogger("nst_lightning").debug)  # for --verbose only
         self.listener = listener
         self.thread = threading.Thread(target=self._serve, name="nst-watch", daemon=True)
 
     def _serve(self) -> None:
-        # A client's broken connection: --verbose's business, not a traceback amid the run's lines.
-        asyncio.run(serve_quietly(self.server, [self.listener], logging.getLogger("nst_lightning").debug))
+        self.server.run(sockets=[self.listener])
 
     def start(self) -> None:
         self.thread.start()
