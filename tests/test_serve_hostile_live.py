@@ -307,7 +307,7 @@ def test_a_slow_chunked_body_is_stopped_at_the_limit(served):
 def test_a_body_that_lies_about_its_length_keeps_nothing(served, headers, body, status):
     port, data, server = served
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        with contextlib.suppress(OSError):  # the server may answer and close first
             sock.sendall(f"{HEAD}{headers}\r\n".encode() + body)
             sock.shutdown(socket.SHUT_WR)
         answer = answer_of(sock)

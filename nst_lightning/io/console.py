@@ -132,7 +132,7 @@ class _Bar(Tqdm):
 
     def close(self) -> None:
         if self._as_lines and not self.disable:
-            with self._lock:  # tqdm.write from another thread (--watch's server logging) redraws under it
+            with self.get_lock():  # tqdm.write from another thread (--watch's server logging) redraws under it
                 if self._last_line is None or str(self) != self._last_line[2]:
                     self._write_line(time.monotonic())  # the last figures, once
             self.leave = False  # each line ended itself: nothing to end or clear
